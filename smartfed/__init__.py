@@ -1,0 +1,1 @@
+"""SmartFed: federated fine-tuning by reuse of public LoRA adapters as rank-wise experts."""

@@ -1,0 +1,32 @@
+"""`smartfed` console script: each subcommand lives in its own module.
+
+A subcommand module exposes ``configure_parser(parser)`` and ``run(args) -> int``; it is imported
+only when its subcommand runs, so ``smartfed bench`` never pays for the federated stack.
+"""
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "bench": ("smartfed.bench", "check every MoRE provider against the reference and time them"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="smartfed", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text)
+        sub.set_defaults(module_name=module_name)
+        importlib.import_module(module_name).configure_parser(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(importlib.import_module(args.module_name).run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
