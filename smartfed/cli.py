@@ -1,7 +1,7 @@
 """`smartfed` console script: each subcommand lives in its own module.
 
-A subcommand module exposes ``configure_parser(parser)`` and ``run(args) -> int``; it is imported
-only when its subcommand runs, so ``smartfed bench`` never pays for the federated stack.
+A subcommand module exposes ``configure_parser(parser)`` and ``run(args) -> int`` and imports its
+heavy dependencies inside ``run``, so building the parser stays cheap for every subcommand.
 """
 
 import argparse

@@ -1,0 +1,209 @@
+"""Put MoRE layers into any PyTorch / transformers model in place of the Linears a LoRA pool adapts.
+
+Pool module names (peft's, e.g. ``model.layers.0.self_attn.q_proj``) are matched to
+``model.named_modules()`` exactly, or by dotted suffix when the model wraps them under an extra
+prefix (``backbone.model.layers.0...``); a name matching several modules or none is an error.
+"""
+
+import fnmatch
+import zlib
+from dataclasses import asdict, dataclass
+from typing import Dict, Mapping, Optional, Sequence, Union
+
+from torch import nn
+
+from smartfed.layer import ROUTER_INITS, MoRELinear, check_choice
+from smartfed.pool import LoRAPool
+from smartfed_kernels.dispatch import BACKENDS
+from smartfed_kernels.validation import GATES, ROUTERS, resolve_gamma
+
+TopK = Union[int, Mapping[str, int]]
+
+
+@dataclass(frozen=True)
+class MoREConfig:
+    """How :func:`inject_more` builds the MoRE layers.
+
+    ``top_k``: one k for every module, or a mapping whose keys are module names (pool or model
+    names) or fnmatch globs; an exact name wins over globs, then the first matching glob in
+    mapping order. ``target_modules``: pool module names or globs (None: every pool module).
+    ``seed`` seeds ``router_init="normal"`` per module (stable whatever the injection order).
+    """
+
+    top_k: TopK = 8
+    router: str = "linear"
+    gate: str = "topk_softmax"
+    gamma: Optional[float] = None
+    router_init: str = "normal"
+    router_bias: bool = True
+    train_experts: bool = False
+    target_modules: Optional[Sequence[str]] = None
+    backend: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self):
+        check_choice("router", self.router, ROUTERS)
+        check_choice("gate", self.gate, GATES)
+        check_choice("router_init", self.router_init, ROUTER_INITS)
+        check_choice("backend", self.backend, BACKENDS)
+        if self.gamma is not None:
+            resolve_gamma(self.gamma, 1)
+        if isinstance(self.top_k, Mapping):
+            if not self.top_k:
+                raise ValueError("top_k: expected a non-empty mapping module name/glob -> int")
+            for key, value in self.top_k.items():
+                _check_k(f"top_k[{key!r}]", value)
+        else:
+            _check_k("top_k", self.top_k)
+        if isinstance(self.target_modules, str):
+            object.__setattr__(self, "target_modules", [self.target_modules])
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TypeError(f"seed: expected an int, got {type(self.seed).__name__}")
+
+    def to_dict(self) -> dict:
+        config = asdict(self)
+        if isinstance(self.top_k, Mapping):
+            config["top_k"] = dict(self.top_k)
+        if self.target_modules is not None:
+            config["target_modules"] = list(self.target_modules)
+        return config
+
+
+def _check_k(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name}: expected k >= 1, got {value}")
+
+
+def more_layers(model: nn.Module) -> Dict[str, MoRELinear]:
+    """Every MoRE layer of ``model`` by its qualified name in ``model.named_modules()``."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, MoRELinear)}
+
+
+def resolve_module_names(model: nn.Module, pool_names: Sequence[str]) -> Dict[str, str]:
+    """pool module name -> model module name (exact, else unique dotted-suffix match)."""
+    model_names = [name for name, _ in model.named_modules()]
+    present = set(model_names)
+    resolved = {}
+    for pool_name in pool_names:
+        if pool_name in present:
+            resolved[pool_name] = pool_name
+            continue
+        candidates = [name for name in model_names if name.endswith("." + pool_name)]
+        if not candidates:
+            raise ValueError(f"pool module {pool_name!r}: no module of the model has this name or ends with it")
+        if len(candidates) > 1:
+            raise ValueError(f"pool module {pool_name!r}: ambiguous, it matches {len(candidates)} modules "
+                             f"of the model: {candidates}")
+        resolved[pool_name] = candidates[0]
+    return resolved
+
+
+def resolve_top_k(top_k: TopK, targets: Dict[str, str], num_experts: Dict[str, int]) -> Dict[str, int]:
+    """Per pool module k from an int or a mapping of names/globs (keys: pool or model names)."""
+    if not isinstance(top_k, Mapping):
+        chosen = {pool_name: top_k for pool_name in targets}
+        source = {pool_name: "top_k" for pool_name in targets}
+    else:
+        chosen, source, used = {}, {}, set()
+        for pool_name, model_name in targets.items():
+            names = (pool_name, model_name)
+            exact = [key for key in top_k if key in names]
+            matches = exact or [key for key in top_k if any(fnmatch.fnmatchcase(n, key) for n in names)]
+            if not matches:
+                raise ValueError(f"top_k: no key matches module {pool_name!r} "
+                                 f"(keys: {list(top_k)}; add a '*' entry for a default)")
+            used.add(matches[0])
+            chosen[pool_name] = top_k[matches[0]]
+            source[pool_name] = f"top_k[{matches[0]!r}]"
+        unused = [key for key in top_k if key not in used]
+        if unused:
+            raise ValueError(f"top_k: keys {unused} match no targeted module (or are shadowed by earlier keys)")
+    for pool_name, k in chosen.items():
+        if k > num_experts[pool_name]:
+            raise ValueError(f"{source[pool_name]}: k={k} exceeds the N={num_experts[pool_name]} experts "
+                             f"of module {pool_name!r}")
+    return chosen
+
+
+def _target_pool_modules(pool: LoRAPool, target_modules) -> list:
+    if target_modules is None:
+        return list(pool.modules)
+    unmatched = [pattern for pattern in target_modules if not pool.select([pattern])]
+    if unmatched:
+        raise ValueError(f"target_modules: {unmatched} match no module of the pool "
+                         f"(pool modules: {list(pool.modules)[:6]}...)")
+    return pool.select(target_modules)
+
+
+def _module_seed(seed: int, pool_name: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(pool_name.encode("utf-8"))) % (2**63)
+
+
+def inject_more(model: nn.Module, pool: LoRAPool, config: Optional[MoREConfig] = None) -> nn.Module:
+    """Replace the pool's target Linears of ``model`` by :class:`MoRELinear`, in place.
+
+    Every parameter is frozen except the routers (and the experts if ``config.train_experts``).
+    Checks everything before changing the model. Returns ``model``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    if not isinstance(pool, LoRAPool):
+        raise TypeError(f"pool: expected a smartfed.LoRAPool, got {type(pool).__name__}")
+    config = MoREConfig() if config is None else config
+    if not isinstance(config, MoREConfig):
+        raise TypeError(f"config: expected a smartfed.MoREConfig, got {type(config).__name__}")
+    if more_layers(model):
+        raise ValueError("model: already holds MoRE layers; inject_more into a fresh model")
+
+    pool_names = _target_pool_modules(pool, config.target_modules)
+    targets = resolve_module_names(model, pool_names)
+    modules = dict(model.named_modules())
+    for pool_name, model_name in targets.items():
+        module, experts = modules[model_name], pool.modules[pool_name]
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"model module {model_name!r}: expected an nn.Linear to replace, "
+                            f"got {type(module).__name__}")
+        if (module.out_features, module.in_features) != (experts.d_out, experts.d_in):
+            raise ValueError(
+                f"model module {model_name!r}: Linear weight is [{module.out_features}, {module.in_features}] "
+                f"but the pool's experts for {pool_name!r} need [{experts.d_out}, {experts.d_in}] "
+                "(was the pool made for another base model?)"
+            )
+    top_k = resolve_top_k(config.top_k, targets, {name: pool.modules[name].num_experts for name in targets})
+
+    model.requires_grad_(False)
+    for pool_name, model_name in targets.items():
+        experts = pool.modules[pool_name]
+        layer = MoRELinear(
+            modules[model_name], experts.expert_a, experts.expert_b, top_k[pool_name],
+            router=config.router, gate=config.gate, gamma=config.gamma, router_init=config.router_init,
+            router_bias=config.router_bias, train_experts=config.train_experts, backend=config.backend,
+            origins=experts.origins, seed=_module_seed(config.seed, pool_name),
+        )
+        layer.pool_module_name = pool_name
+        layer.pool_fingerprint = pool.fingerprint
+        parent_name, _, child_name = model_name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child_name, layer)
+    model.more_config = config
+    return model
+
+
+def describe(model: nn.Module) -> str:
+    """One line per MoRE layer and the model's trainable parameter count."""
+    layers = more_layers(model)
+    lines = [f"{len(layers)} MoRE layers"]
+    for name, layer in layers.items():
+        gamma = "k" if layer.gamma is None else f"{layer.gamma:g}"
+        lines.append(
+            f"  {name}: [{layer.out_features} x {layer.in_features}] N={layer.num_experts} k={layer.top_k} "
+            f"router={layer.router} gate={layer.gate} gamma={gamma} "
+            f"router parameters={layer.num_router_parameters()}"
+        )
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    share = 100.0 * trainable / total if total else 0.0
+    lines.append(f"trainable parameters: {trainable} of {total} ({share:.4f}%)")
+    return "\n".join(lines)

@@ -1,0 +1,200 @@
+"""MoRELinear: a drop-in replacement for ``nn.Linear`` that adds a routed mixture of rank-wise experts.
+
+    y = base(x) + gamma * sum_{i in topk(z)} g_i (A_i . x) B_i       (DESIGN.md section 2)
+
+The base Linear stays frozen and its weight and bias feed the fused op; only the router trains
+(and the experts, if ``train_experts``). The forward is one call to
+:func:`smartfed_kernels.more_linear`; while observers are attached it splits into ``base(x)``
+and the expert contribution so that observers (EEQA importance) can see both.
+"""
+
+from collections import OrderedDict
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+import smartfed_kernels
+from smartfed_kernels.dispatch import BACKENDS
+from smartfed_kernels.validation import GATES, ROUTERS, resolve_gamma
+
+ROUTER_INITS = ("zeros", "normal", "affinity")
+NORMAL_INIT_STD = 1e-3
+
+Observer = Callable[["MoRELinear", torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {choices}, got {value!r}")
+
+
+def initial_router_weight(router: str, router_init: str, expert_a: torch.Tensor,
+                          generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Router weight [N, d_in] (linear) or [N, N] (expert_space) in float32 for ``router_init``."""
+    num_experts, d_in = expert_a.shape
+    width = d_in if router == "linear" else num_experts
+    if router_init == "zeros":
+        return torch.zeros(num_experts, width)
+    if router_init == "normal":
+        return torch.randn(num_experts, width, generator=generator) * NORMAL_INIT_STD
+    if router == "linear":
+        # Affinity: the logit of expert i is the cosine-scaled response of its A row to x.
+        rows = expert_a.detach().float().cpu()
+        return rows / rows.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    return torch.eye(num_experts)
+
+
+class MoRELinear(nn.Module):
+    """``nn.Linear`` plus a top-k routed mixture of frozen rank-one experts.
+
+    ``expert_a [N, d_in]``, ``expert_b [d_out, N]`` (scale already folded in, as in
+    :class:`smartfed.LoRAPool`) are copied to the base weight's device and dtype.
+    ``top_k`` may be changed at any time (1..N); ``gamma=None`` means k at call time.
+    ``seed`` makes ``router_init="normal"`` reproducible (None: the global RNG).
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        expert_a: torch.Tensor,
+        expert_b: torch.Tensor,
+        top_k: int,
+        *,
+        router: str = "linear",
+        gate: str = "topk_softmax",
+        gamma: Optional[float] = None,
+        router_init: str = "normal",
+        router_bias: bool = True,
+        train_experts: bool = False,
+        backend: str = "auto",
+        origins: Optional[Sequence[Tuple[str, int]]] = None,
+        seed: Optional[int] = None,
+    ):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"base: expected an nn.Linear, got {type(base).__name__}")
+        check_choice("router", router, ROUTERS)
+        check_choice("gate", gate, GATES)
+        check_choice("router_init", router_init, ROUTER_INITS)
+        check_choice("backend", backend, BACKENDS)
+        for name, tensor in (("expert_a", expert_a), ("expert_b", expert_b)):
+            if not isinstance(tensor, torch.Tensor) or tensor.dim() != 2:
+                raise ValueError(f"{name}: expected a 2-D tensor, got {getattr(tensor, 'shape', type(tensor))}")
+        num_experts = expert_a.shape[0]
+        expected_a = (num_experts, base.in_features)
+        expected_b = (base.out_features, num_experts)
+        if num_experts < 1 or tuple(expert_a.shape) != expected_a:
+            raise ValueError(f"expert_a: expected shape [N, d_in={base.in_features}] with N >= 1, "
+                             f"got {tuple(expert_a.shape)}")
+        if tuple(expert_b.shape) != expected_b:
+            raise ValueError(f"expert_b: expected shape {expected_b} (d_out from base, N from expert_a), "
+                             f"got {tuple(expert_b.shape)}")
+        if origins is not None and len(origins) != num_experts:
+            raise ValueError(f"origins: expected {num_experts} entries (one per expert), got {len(origins)}")
+
+        self.base = base
+        base.requires_grad_(False)
+        self.router = router
+        self.gate = gate
+        self.gamma = None if gamma is None else resolve_gamma(gamma, 1)
+        self.router_init = router_init
+        self.backend = backend
+        self.origins: Optional[List[Tuple[str, int]]] = None if origins is None else [tuple(o) for o in origins]
+        self.pool_module_name: Optional[str] = None
+        self.pool_fingerprint: Optional[str] = None
+
+        place = {"device": base.weight.device, "dtype": base.weight.dtype}
+        experts = [expert_a.detach().to(copy=True, **place), expert_b.detach().to(copy=True, **place)]
+        for name, tensor in zip(("expert_a", "expert_b"), experts):
+            if train_experts:
+                self.register_parameter(name, nn.Parameter(tensor))
+            else:
+                self.register_buffer(name, tensor)
+
+        generator = None if seed is None else torch.Generator().manual_seed(seed)
+        weight = initial_router_weight(router, router_init, expert_a, generator)
+        self.router_weight = nn.Parameter(weight.to(**place))
+        if router_bias:
+            self.router_bias = nn.Parameter(torch.zeros(num_experts, **place))
+        else:
+            self.register_parameter("router_bias", None)
+        self._top_k = 0
+        self.top_k = top_k
+        self._observers: "OrderedDict[int, Observer]" = OrderedDict()
+
+    @property
+    def num_experts(self) -> int:
+        return self.expert_a.shape[0]
+
+    @property
+    def top_k(self) -> int:
+        return self._top_k
+
+    @top_k.setter
+    def top_k(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"top_k: expected an int, got {type(value).__name__}")
+        if not 1 <= value <= self.num_experts:
+            raise ValueError(f"top_k: expected 1 <= top_k <= N={self.num_experts}, got {value}")
+        self._top_k = value
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base weight, so code that reads ``module.weight`` (dtype, device) keeps working."""
+        return self.base.weight
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return self.base.bias
+
+    def add_observer(self, fn: Observer) -> RemovableHandle:
+        """Call ``fn(layer, x, y0, delta)`` on every forward until the handle's ``remove()``.
+
+        While any observer is attached the forward computes ``y0 = base(x)`` and the expert
+        contribution ``delta`` separately (``delta`` keeps its autograd graph) and returns
+        ``y0 + delta``.
+        """
+        if not callable(fn):
+            raise TypeError(f"fn: expected a callable(layer, x, y0, delta), got {type(fn).__name__}")
+        handle = RemovableHandle(self._observers)
+        self._observers[handle.id] = fn
+        return handle
+
+    def _routing_tensors(self, dtype: torch.dtype):
+        tensors = (self.router_weight, self.router_bias, self.expert_a, self.expert_b)
+        return [t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        router_weight, router_bias, expert_a, expert_b = self._routing_tensors(x.dtype)
+        options = {"gate": self.gate, "gamma": self.gamma, "router": self.router, "backend": self.backend}
+        if not self._observers:
+            return smartfed_kernels.more_linear(
+                x, self.base.weight, self.base.bias, router_weight, router_bias,
+                expert_a, expert_b, self.top_k, **options,
+            )
+        y0 = self.base(x)
+        delta = smartfed_kernels.more_linear(
+            x, None, None, router_weight, router_bias, expert_a, expert_b, self.top_k, **options
+        )
+        for observer in list(self._observers.values()):
+            observer(self, x, y0, delta)
+        return y0 + delta
+
+    def num_router_parameters(self) -> int:
+        return self.router_weight.numel() + (0 if self.router_bias is None else self.router_bias.numel())
+
+    def extra_repr(self) -> str:
+        gamma = "k" if self.gamma is None else f"{self.gamma:g}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"num_experts={self.num_experts}, top_k={self.top_k}, router={self.router!r}, "
+                f"gate={self.gate!r}, gamma={gamma}, router_bias={self.router_bias is not None}")

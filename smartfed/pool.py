@@ -1,0 +1,380 @@
+"""LoRA pool: load peft LoRA adapter folders, validate them, split them into rank-wise experts.
+
+For a module targeted by adapters e = 1..E (each ``A_e [r_e, d_in]``, ``B_e [d_out, r_e]``, scale
+``s_e = alpha_e / r_e``, or ``alpha_e / sqrt(r_e)`` with rslora) the pool stacks
+
+    A = [A_1; ...; A_E]              [N, d_in],  N = sum r_e
+    B = [s_1 B_1 | ... | s_E B_E]    [d_out, N]  (scale folded in once, here)
+
+and remembers each expert's origin (adapter name, rank index). Only adapters whose weights hold
+a module contribute experts to it. Tensors are kept in float32 whatever the file's dtype.
+"""
+
+import fnmatch
+import hashlib
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import safetensors.torch
+import torch
+from safetensors import SafetensorError
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+LORA_A_SUFFIX = ".lora_A.weight"
+LORA_B_SUFFIX = ".lora_B.weight"
+# Tensor names that mark a LoRA variant whose update is not x -> B A x on a Linear.
+FOREIGN_LORA_MARKERS = {
+    "lora_embedding_A": "an embedding LoRA (lora_embedding_A/B); only LoRA on Linear layers splits into experts",
+    "lora_embedding_B": "an embedding LoRA (lora_embedding_A/B); only LoRA on Linear layers splits into experts",
+    "lora_magnitude_vector": "a DoRA adapter (lora_magnitude_vector); DoRA's magnitude rescaling is not rank-wise",
+}
+
+
+class AdapterError(ValueError):
+    """An adapter folder that cannot become rank-wise experts; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """Provenance of one adapter of the pool."""
+
+    name: str
+    path: str
+    sha256: str
+    base_model: Optional[str]
+    r: int
+    lora_alpha: float
+    use_rslora: bool
+    target_modules: Union[List[str], str, None]
+    rank_pattern: Dict[str, int]
+    alpha_pattern: Dict[str, float]
+    module_ranks: Dict[str, int]
+    module_scales: Dict[str, float]
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "path": self.path,
+            "sha256": self.sha256,
+            "base_model": self.base_model,
+            "r": self.r,
+            "lora_alpha": self.lora_alpha,
+            "use_rslora": self.use_rslora,
+            "target_modules": self.target_modules,
+            "rank_pattern": dict(self.rank_pattern),
+            "alpha_pattern": dict(self.alpha_pattern),
+            "module_ranks": dict(self.module_ranks),
+            "module_scales": dict(self.module_scales),
+        }
+
+
+@dataclass
+class ModuleExperts:
+    """The rank-wise experts of one adapted module: ``expert_a [N, d_in]``, ``expert_b [d_out, N]``."""
+
+    name: str
+    expert_a: torch.Tensor
+    expert_b: torch.Tensor
+    origins: List[Tuple[str, int]] = field(default_factory=list)
+
+    @property
+    def num_experts(self) -> int:
+        return self.expert_a.shape[0]
+
+    @property
+    def d_in(self) -> int:
+        return self.expert_a.shape[1]
+
+    @property
+    def d_out(self) -> int:
+        return self.expert_b.shape[0]
+
+    def sources(self) -> List[Tuple[str, int]]:
+        """(adapter name, number of experts it gives) in stacking order."""
+        counts: Dict[str, int] = {}
+        for adapter_name, _ in self.origins:
+            counts[adapter_name] = counts.get(adapter_name, 0) + 1
+        return list(counts.items())
+
+
+def _natural_key(name: str):
+    """Sort key that orders layer 2 before layer 10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def _pattern_value(patterns: Dict[str, float], module: str, default):
+    """peft's rank_pattern / alpha_pattern lookup: first key matching a dotted suffix of the module."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _read_config(folder: Path) -> dict:
+    config_path = folder / CONFIG_FILE
+    if not config_path.is_file():
+        raise AdapterError(f"{config_path}: missing {CONFIG_FILE} (expected a peft adapter folder)")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise AdapterError(f"{config_path}: not valid JSON ({error})") from error
+    if not isinstance(config, dict):
+        raise AdapterError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
+    peft_type = config.get("peft_type")
+    if peft_type != "LORA":
+        raise AdapterError(
+            f"{config_path}: peft_type is {peft_type!r}, expected 'LORA' "
+            "(only LoRA adapters split into rank-wise experts)"
+        )
+    if config.get("use_dora"):
+        raise AdapterError(f"{config_path}: use_dora is true; DoRA adapters are not supported "
+                           "(the magnitude rescaling is not rank-wise)")
+    if config.get("lora_bias"):
+        raise AdapterError(f"{config_path}: lora_bias is true; a bias on lora_B is not a rank-wise expert")
+    if config.get("bias", "none") != "none":
+        raise AdapterError(f"{config_path}: bias is {config['bias']!r}, expected 'none' "
+                           "(trained base biases are not rank-wise experts)")
+    if config.get("target_parameters"):
+        raise AdapterError(f"{config_path}: target_parameters is set; LoRA on raw parameters "
+                           "is not LoRA on a Linear layer")
+    for key in ("r", "lora_alpha"):
+        value = config.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise AdapterError(f"{config_path}: {key} must be a positive number, got {value!r}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(config.get(key) or {}, dict):
+            raise AdapterError(f"{config_path}: {key} must be a JSON object, got {config[key]!r}")
+    return config
+
+
+def _read_weights(folder: Path) -> Tuple[Dict[str, torch.Tensor], str]:
+    weights_path = folder / WEIGHTS_FILE
+    if not weights_path.is_file():
+        other = [p.name for p in folder.glob("adapter_model.*")]
+        hint = f" (found {other}; re-save with safe_serialization=True)" if other else ""
+        raise AdapterError(f"{weights_path}: missing {WEIGHTS_FILE}{hint}")
+    data = weights_path.read_bytes()
+    try:
+        tensors = safetensors.torch.load(data)
+    except SafetensorError as error:
+        raise AdapterError(f"{weights_path}: corrupt or truncated safetensors file ({error})") from error
+    return tensors, hashlib.sha256(data).hexdigest()
+
+
+def _split_lora_tensors(tensors: Dict[str, torch.Tensor], weights_path: Path):
+    """module name -> (lora_A [r, d_in], lora_B [d_out, r]), validated."""
+    for key in tensors:
+        for marker, problem in FOREIGN_LORA_MARKERS.items():
+            if f".{marker}" in key:
+                raise AdapterError(f"{weights_path}: tensor {key!r} shows {problem}")
+    pairs: Dict[str, Dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        module_key = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        if module_key.endswith(LORA_A_SUFFIX):
+            pairs.setdefault(module_key[: -len(LORA_A_SUFFIX)], {})["A"] = tensor
+        elif module_key.endswith(LORA_B_SUFFIX):
+            pairs.setdefault(module_key[: -len(LORA_B_SUFFIX)], {})["B"] = tensor
+        else:
+            raise AdapterError(f"{weights_path}: unexpected tensor {key!r} "
+                               "(expected only <module>.lora_A.weight / <module>.lora_B.weight)")
+    if not pairs:
+        raise AdapterError(f"{weights_path}: no lora_A/lora_B tensors found")
+    modules = {}
+    for module, pair in sorted(pairs.items(), key=lambda item: _natural_key(item[0])):
+        for part, other in (("A", "B"), ("B", "A")):
+            if part not in pair:
+                raise AdapterError(f"{weights_path}: module {module!r} has lora_{other} but no lora_{part}")
+        lora_a, lora_b = pair["A"], pair["B"]
+        if lora_a.dim() != 2 or lora_b.dim() != 2:
+            raise AdapterError(
+                f"{weights_path}: module {module!r} has lora_A of shape {tuple(lora_a.shape)} and lora_B of "
+                f"shape {tuple(lora_b.shape)}; expected 2-D (non-Linear LoRA such as conv is not supported)"
+            )
+        if lora_a.shape[0] != lora_b.shape[1]:
+            raise AdapterError(
+                f"{weights_path}: module {module!r}: rank mismatch, lora_A {tuple(lora_a.shape)} has rank "
+                f"{lora_a.shape[0]} but lora_B {tuple(lora_b.shape)} has rank {lora_b.shape[1]}"
+            )
+        for part, tensor in (("lora_A", lora_a), ("lora_B", lora_b)):
+            if not tensor.is_floating_point():
+                raise AdapterError(f"{weights_path}: module {module!r}: {part} has dtype {tensor.dtype}, "
+                                   "expected a floating dtype")
+            if not torch.isfinite(tensor).all():
+                raise AdapterError(f"{weights_path}: module {module!r}: {part} holds non-finite values (NaN or inf)")
+        modules[module] = (lora_a.float(), lora_b.float())
+    return modules
+
+
+def _load_adapter(folder: Path, name: str):
+    """(AdapterInfo, module name -> (A, B with the scale folded in))."""
+    if not folder.is_dir():
+        raise AdapterError(f"{folder}: not a directory (expected a peft adapter folder)")
+    config = _read_config(folder)
+    tensors, sha256 = _read_weights(folder)
+    weights_path = folder / WEIGHTS_FILE
+    modules = _split_lora_tensors(tensors, weights_path)
+    rank_pattern = dict(config.get("rank_pattern") or {})
+    alpha_pattern = dict(config.get("alpha_pattern") or {})
+    use_rslora = bool(config.get("use_rslora", False))
+    ranks, scales, experts = {}, {}, {}
+    for module, (lora_a, lora_b) in modules.items():
+        rank = lora_a.shape[0]
+        expected_rank = _pattern_value(rank_pattern, module, config["r"])
+        if rank != expected_rank:
+            raise AdapterError(
+                f"{weights_path}: module {module!r}: lora_A has rank {rank} but {CONFIG_FILE} "
+                f"(r / rank_pattern) says {expected_rank}"
+            )
+        alpha = _pattern_value(alpha_pattern, module, config["lora_alpha"])
+        scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
+        ranks[module], scales[module] = rank, float(scale)
+        experts[module] = (lora_a, lora_b * scale)
+    info = AdapterInfo(
+        name=name,
+        path=str(folder.resolve()),
+        sha256=sha256,
+        base_model=config.get("base_model_name_or_path"),
+        r=int(config["r"]),
+        lora_alpha=config["lora_alpha"],
+        use_rslora=use_rslora,
+        target_modules=config.get("target_modules"),
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+        module_ranks=dict(sorted(ranks.items(), key=lambda item: _natural_key(item[0]))),
+        module_scales=dict(sorted(scales.items(), key=lambda item: _natural_key(item[0]))),
+    )
+    return info, experts
+
+
+def _adapter_names(paths: Sequence[Path], names: Optional[Sequence[str]]) -> List[str]:
+    if names is None:
+        names = [path.resolve().name for path in paths]
+    else:
+        names = list(names)
+        if len(names) != len(paths):
+            raise ValueError(f"names: expected {len(paths)} names (one per path), got {len(names)}")
+        for name in names:
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"names: expected non-empty strings, got {name!r}")
+    first_path: Dict[str, Path] = {}
+    for name, path in zip(names, paths):
+        if name in first_path:
+            raise AdapterError(
+                f"{path}: duplicate adapter name {name!r} (also used by {first_path[name]}); "
+                "pass distinct names= to LoRAPool.from_pretrained"
+            )
+        first_path[name] = path
+    return names
+
+
+class LoRAPool:
+    """Frozen rank-wise experts from a set of peft LoRA adapters, with their provenance."""
+
+    def __init__(self, adapters: Sequence[AdapterInfo], modules: Dict[str, ModuleExperts]):
+        self.adapters = list(adapters)
+        self.modules = dict(modules)
+
+    @classmethod
+    def from_pretrained(cls, paths, names: Optional[Sequence[str]] = None) -> "LoRAPool":
+        """Load adapter folders (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+        ``paths``: one folder or a sequence of folders; ``names``: one name per folder (default:
+        the folder names). Experts are stacked in the order of ``paths``. Raises
+        :class:`AdapterError` naming the file and the problem on any unusable adapter.
+        """
+        if isinstance(paths, (str, os.PathLike)):
+            paths = [paths]
+        paths = [Path(path) for path in paths]
+        if not paths:
+            raise ValueError("paths: expected at least one adapter folder, got none")
+        names = _adapter_names(paths, names)
+        adapters: List[AdapterInfo] = []
+        parts: Dict[str, List[Tuple[str, torch.Tensor, torch.Tensor]]] = {}
+        for path, name in zip(paths, names):
+            info, experts = _load_adapter(path, name)
+            adapters.append(info)
+            for module, (lora_a, lora_b) in experts.items():
+                _check_same_shape(parts.get(module), module, lora_a, lora_b, path, adapters)
+                parts.setdefault(module, []).append((name, lora_a, lora_b))
+        modules = {}
+        for module in sorted(parts, key=_natural_key):
+            entries = parts[module]
+            origins = [(name, index) for name, lora_a, _ in entries for index in range(lora_a.shape[0])]
+            modules[module] = ModuleExperts(
+                name=module,
+                expert_a=torch.cat([lora_a for _, lora_a, _ in entries], dim=0).contiguous(),
+                expert_b=torch.cat([lora_b for _, _, lora_b in entries], dim=1).contiguous(),
+                origins=origins,
+            )
+        return cls(adapters, modules)
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 over (name, weights sha256) of every adapter, in order: identifies the expert layout."""
+        identity = json.dumps([[info.name, info.sha256] for info in self.adapters])
+        return hashlib.sha256(identity.encode("utf-8")).hexdigest()
+
+    @property
+    def num_experts(self) -> int:
+        return sum(experts.num_experts for experts in self.modules.values())
+
+    def select(self, patterns) -> List[str]:
+        """Module names matching any of ``patterns`` (exact names or fnmatch globs), in pool order."""
+        return [name for name in self.modules if any(fnmatch.fnmatchcase(name, p) for p in patterns)]
+
+    def provenance(self) -> dict:
+        """JSON-able record of where every expert comes from."""
+        return {
+            "fingerprint": self.fingerprint,
+            "adapters": [info.to_dict() for info in self.adapters],
+            "modules": {
+                name: {
+                    "d_in": experts.d_in,
+                    "d_out": experts.d_out,
+                    "num_experts": experts.num_experts,
+                    "sources": [list(source) for source in experts.sources()],
+                }
+                for name, experts in self.modules.items()
+            },
+        }
+
+    def describe(self) -> str:
+        lines = [
+            f"LoRAPool {self.fingerprint[:16]}: {len(self.adapters)} adapters, "
+            f"{len(self.modules)} modules, {self.num_experts} experts"
+        ]
+        for info in self.adapters:
+            scaling = "rslora alpha/sqrt(r)" if info.use_rslora else "alpha/r"
+            lines.append(
+                f"  adapter {info.name}: r={info.r} alpha={info.lora_alpha} scale={scaling} "
+                f"modules={len(info.module_ranks)} base={info.base_model} "
+                f"sha256={info.sha256[:12]} path={info.path}"
+            )
+        for name, experts in self.modules.items():
+            sources = ", ".join(f"{adapter}:{count}" for adapter, count in experts.sources())
+            lines.append(f"  {name}: [{experts.d_out} x {experts.d_in}] N={experts.num_experts} ({sources})")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return (f"LoRAPool(adapters={[info.name for info in self.adapters]}, "
+                f"modules={len(self.modules)}, experts={self.num_experts})")
+
+
+def _check_same_shape(previous, module, lora_a, lora_b, path, adapters):
+    if not previous:
+        return
+    first_name, first_a, first_b = previous[0]
+    if first_a.shape[1] != lora_a.shape[1] or first_b.shape[0] != lora_b.shape[0]:
+        first_path = next(info.path for info in adapters if info.name == first_name)
+        raise AdapterError(
+            f"{Path(path) / WEIGHTS_FILE}: module {module!r} has d_in={lora_a.shape[1]}, "
+            f"d_out={lora_b.shape[0]} but adapter {first_name!r} ({first_path}) has "
+            f"d_in={first_a.shape[1]}, d_out={first_b.shape[0]} for the same module"
+        )

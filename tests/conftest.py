@@ -1,0 +1,85 @@
+"""Shared fixtures: a tiny random Llama and real peft LoRA adapters trained and saved on it.
+
+- ``make_tiny_llama(seed=0, **config_overrides)``: a fresh fp32 ``LlamaForCausalLM`` in eval
+  mode (hidden 32, 2 layers, vocab 100); the same seed always gives the same weights.
+- ``tiny_llama``: ``make_tiny_llama()``.
+- ``make_lora_adapter(name, target_modules=("q_proj", "v_proj"), r=4, lora_alpha=8, steps=3,
+  seed=1, model_overrides=None, **lora_kwargs)``: wraps a fresh tiny Llama (built with
+  ``model_overrides``) with peft, trains it ``steps`` AdamW steps on random tokens so lora_B is
+  non-zero, saves it with ``save_pretrained`` under ``tmp_path / name`` and returns that folder.
+- ``random_token_ids``: a fixed [2, 12] batch of token ids for the tiny Llama.
+
+transformers and peft are imported inside the fixtures so test files that never use them do not
+pay for the import.
+"""
+
+import warnings
+
+import pytest
+import torch
+
+TINY_LLAMA = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 100,
+    "max_position_embeddings": 64,
+}
+
+
+def build_tiny_llama(seed=0, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, **overrides}))
+    return model.float().eval()
+
+
+@pytest.fixture
+def make_tiny_llama():
+    return build_tiny_llama
+
+
+@pytest.fixture
+def tiny_llama():
+    return build_tiny_llama()
+
+
+@pytest.fixture
+def random_token_ids():
+    generator = torch.Generator().manual_seed(1234)
+    return torch.randint(0, TINY_LLAMA["vocab_size"], (2, 12), generator=generator)
+
+
+@pytest.fixture
+def make_lora_adapter(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    def make(name="adapter", *, target_modules=("q_proj", "v_proj"), r=4, lora_alpha=8, steps=3,
+             seed=1, model_overrides=None, **lora_kwargs):
+        base = build_tiny_llama(**(model_overrides or {}))
+        config = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=list(target_modules),
+                            lora_dropout=0.0, **lora_kwargs)
+        torch.manual_seed(seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = get_peft_model(base, config)
+        if steps:
+            model.train()
+            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+            generator = torch.Generator().manual_seed(seed)
+            vocab = model.config.vocab_size
+            for _ in range(steps):
+                tokens = torch.randint(0, vocab, (2, 12), generator=generator)
+                model(input_ids=tokens, labels=tokens).loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+        folder = tmp_path / name
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.save_pretrained(folder)
+        return folder
+
+    return make
