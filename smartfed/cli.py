@@ -10,6 +10,7 @@ import sys
 
 SUBCOMMANDS = {
     "bench": ("smartfed.bench", "check every MoRE provider against the reference and time them"),
+    "train": ("smartfed.federated.runner", "run a federated experiment (in-process simulation) from a YAML config"),
 }
 
 

@@ -1,0 +1,126 @@
+"""The frozen base model and the public LoRA pool of a run.
+
+``build_base_model`` makes the tiny random Llama of a config (same weights for the same seed,
+in every process) or loads a pretrained one. ``build_tiny_pool`` trains one peft LoRA adapter per
+synthetic source task on that base and saves each with ``save_pretrained``; the result is cached
+under a key of everything that determines it, written atomically so that concurrent runs never
+see a half-built pool.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from smartfed.federated.data import answer_logits, answer_loss, batch_indices, generate_examples, make_layout
+from smartfed.federated.seeding import STREAM_BASE_MODEL, STREAM_LAYOUT, STREAM_POOL, derived_seed
+
+POOL_COMPLETE = "pool.json"
+
+
+def build_base_model(model_config, seed):
+    """A frozen causal LM in eval mode (no dropout): tiny random Llama or pretrained."""
+    if model_config.tiny is not None:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derived_seed(seed, STREAM_BASE_MODEL))
+            model = LlamaForCausalLM(LlamaConfig(**model_config.tiny))
+    else:
+        from transformers import AutoModelForCausalLM
+
+        kwargs = {"gguf_file": model_config.gguf_file} if model_config.gguf_file else {}
+        model = AutoModelForCausalLM.from_pretrained(model_config.pretrained, **kwargs)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def task_layout(config):
+    vocab_size = base_vocab_size(config.model)
+    return make_layout(
+        vocab_size, config.task.num_labels, config.pool.source_tasks,
+        config.task.signal_tokens_per_class, seed=derived_seed(config.seed, STREAM_LAYOUT),
+    )
+
+
+def base_vocab_size(model_config):
+    if model_config.tiny is not None:
+        from transformers import LlamaConfig
+
+        return LlamaConfig(**model_config.tiny).vocab_size
+    from transformers import AutoConfig
+
+    kwargs = {"gguf_file": model_config.gguf_file} if model_config.gguf_file else {}
+    return AutoConfig.from_pretrained(model_config.pretrained, **kwargs).vocab_size
+
+
+def _pool_key(config):
+    pool = {k: v for k, v in vars(config.pool).items() if k not in ("cache_dir", "paths")}
+    key = {"model": vars(config.model), "seed": config.seed, "task": vars(config.task), "pool": pool}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def default_cache_dir():
+    return Path(os.environ.get("SMARTFED_CACHE", Path.home() / ".cache" / "smartfed")) / "pools"
+
+
+def _train_source_adapter(config, layout, task_index, directory):
+    from peft import LoraConfig, get_peft_model
+
+    pool = config.pool
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derived_seed(config.seed, STREAM_POOL, task_index, 2))
+        model = get_peft_model(
+            build_base_model(config.model, config.seed),
+            LoraConfig(
+                r=pool.rank, lora_alpha=pool.lora_alpha, target_modules=list(pool.target_modules),
+                lora_dropout=0.0,
+            ),
+        )
+    examples = generate_examples(
+        layout, task_index, max(pool.batch_size * 8, 256), seq_len=config.task.seq_len,
+        signals_per_example=config.task.signals_per_example,
+        seed=derived_seed(config.seed, STREAM_POOL, task_index, 0),
+    )
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=pool.lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(derived_seed(config.seed, STREAM_POOL, task_index, 1))
+    model.train()
+    for _ in range(pool.train_steps):
+        index = batch_indices(len(examples), pool.batch_size, generator)
+        logits = answer_logits(model, examples.input_ids[index])
+        loss = answer_loss(logits, examples.labels[index], layout.label_token_ids)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    model.save_pretrained(str(directory))
+    return float(loss.detach())
+
+
+def build_tiny_pool(config, *, progress=True):
+    """Paths of the pool's adapter directories: ``config.pool.paths`` when given, else adapters
+    trained on the synthetic source tasks (cached)."""
+    if config.pool.paths:
+        return [Path(p) for p in config.pool.paths]
+    root = Path(config.pool.cache_dir) if config.pool.cache_dir else default_cache_dir()
+    target = root / _pool_key(config)
+    names = [f"source_{index}" for index in range(config.pool.source_tasks)]
+    if not (target / POOL_COMPLETE).is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".pool-", dir=root))
+        layout = task_layout(config)
+        final_losses = {}
+        for index, name in enumerate(tqdm(names, desc="training pool adapters", disable=not progress)):
+            final_losses[name] = _train_source_adapter(config, layout, index, staging / name)
+        (staging / POOL_COMPLETE).write_text(json.dumps({"adapters": names, "final_loss": final_losses}))
+        try:
+            os.replace(staging, target)
+        except OSError:
+            # Another process finished the same pool first; its copy is identical by construction.
+            shutil.rmtree(staging, ignore_errors=True)
+    return [target / name for name in names]

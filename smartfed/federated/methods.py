@@ -1,0 +1,129 @@
+"""What a federated method is to the harness: how to build the trainable model from the frozen
+base and the pool, which tensors travel, how to aggregate them, what the adapter path costs.
+
+SmartFed (MoRE routers over the pool's rank-wise experts, EEQA quotas) lives here; the baselines
+(smartfed.baselines) implement the same interface so they run through the same simulation,
+serialization and accounting.
+"""
+
+import importlib
+from abc import ABC, abstractmethod
+
+from smartfed.federated.accounting import more_forward_flops_per_token
+from smartfed.federated.seeding import STREAM_ROUTER_INIT, derived_seed
+from smartfed.federated.server import fedavg
+
+# method name -> (module, class); imported on use so that the baselines' imports stay out of
+# runs that do not need them.
+METHOD_CLASSES = {
+    "smartfed": ("smartfed.federated.methods", "SmartFedMethod"),
+    "fedit": ("smartfed.baselines.fedit", "FedITMethod"),
+    "ffa_lora": ("smartfed.baselines.ffa_lora", "FFALoRAMethod"),
+    "adapter_mixture": ("smartfed.baselines.adapter_mixture", "AdapterMixtureMethod"),
+    "linear_merge": ("smartfed.baselines.linear_merge", "LinearMergeMethod"),
+}
+
+
+class FederatedMethod(ABC):
+    """Subclasses set ``name`` and implement the abstract methods."""
+
+    name = ""
+    uses_quotas = False
+
+    def __init__(self, config):
+        self.config = config
+
+    @abstractmethod
+    def build(self, base_model, pool):
+        """Make ``base_model`` (frozen) trainable in place by this method; returns the model."""
+
+    @abstractmethod
+    def trainable_state(self, model):
+        """name -> detached clone of every tensor that travels (the trainable ones)."""
+
+    @abstractmethod
+    def load_trainable_state(self, model, state):
+        """Copy ``state`` into the model (strict on names and shapes)."""
+
+    @abstractmethod
+    def forward_flops_per_token(self, model):
+        """Forward FLOPs per token of the trainable adapter path (the frozen base excluded)."""
+
+    def aggregate(self, states, weights):
+        """FedAvg of every travelling tensor, weighted by ``weights`` (examples per client)."""
+        return fedavg(states, weights)
+
+    def max_per_matrix(self, model):
+        """module -> number of experts, for methods with EEQA quotas (else None)."""
+        return None
+
+    def apply_quotas(self, model, quotas):
+        if quotas is not None:
+            raise ValueError(f"method {self.name!r} has no expert quotas, got quotas for {len(quotas)} modules")
+
+    def importance_tracker(self, model):
+        """An EEQA ImportanceTracker to attach during local training, or None."""
+        return None
+
+
+class SmartFedMethod(FederatedMethod):
+    """MoRE routers over the pool's rank-wise experts; only router tensors travel."""
+
+    name = "smartfed"
+    uses_quotas = True
+
+    def build(self, base_model, pool):
+        from smartfed import MoREConfig, inject_more
+
+        more = self.config.more
+        options = MoREConfig(
+            top_k=more.top_k, router=more.router, gate=more.gate, router_init=more.router_init,
+            router_bias=more.router_bias, gamma=more.gamma, backend=more.backend,
+            seed=derived_seed(self.config.seed, STREAM_ROUTER_INIT) % (2**31),
+        )
+        return inject_more(base_model, pool, options)
+
+    def trainable_state(self, model):
+        from smartfed import router_state_dict
+
+        return router_state_dict(model)
+
+    def load_trainable_state(self, model, state):
+        from smartfed import load_router_state_dict
+
+        load_router_state_dict(model, state)
+
+    def forward_flops_per_token(self, model):
+        from smartfed import more_layers
+
+        return sum(
+            more_forward_flops_per_token(
+                layer.in_features, layer.out_features, layer.num_experts, layer.top_k, layer.router
+            )
+            for layer in more_layers(model).values()
+        )
+
+    def max_per_matrix(self, model):
+        from smartfed import more_layers
+
+        return {name: layer.num_experts for name, layer in more_layers(model).items()}
+
+    def apply_quotas(self, model, quotas):
+        from smartfed.eeqa import apply_quotas
+
+        if quotas is not None:
+            apply_quotas(model, quotas)
+
+    def importance_tracker(self, model):
+        from smartfed.eeqa import ImportanceTracker
+
+        if not self.config.eeqa.enabled:
+            return None
+        return ImportanceTracker(model, self.config.eeqa.importance)
+
+
+def build_method(config) -> FederatedMethod:
+    if config.method not in METHOD_CLASSES:
+        raise ValueError(f"method must be one of {sorted(METHOD_CLASSES)}, got {config.method!r}")
+    module_name, class_name = METHOD_CLASSES[config.method]
+    return getattr(importlib.import_module(module_name), class_name)(config)

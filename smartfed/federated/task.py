@@ -1,0 +1,126 @@
+"""Client-side training and evaluation in plain PyTorch (no Flower import): the piece a
+simulation, a Flower ClientApp and a Flower ServerApp's evaluation all call.
+
+``ClientTrainer`` builds the frozen base model, the pool and the method's trainable model ONCE;
+each ``train`` call loads the server's state and quotas into it, so one instance can serve any
+number of clients and rounds (in a simulation, every simulated client in turn).
+"""
+
+import contextlib
+import time
+
+import torch
+
+from smartfed.federated.accounting import PeakMemory
+from smartfed.federated.assets import build_base_model, build_tiny_pool, task_layout
+from smartfed.federated.data import answer_accuracy_count, answer_logits, answer_loss, batch_indices
+from smartfed.federated.methods import build_method
+from smartfed.federated.protocol import ClientResult
+
+
+class ClientTimeout(RuntimeError):
+    """A client ran past its wall-clock limit (checked after every local step)."""
+
+
+class ClientTrainer:
+    def __init__(self, config, *, device="cpu", progress=False):
+        from smartfed import LoRAPool
+
+        self.config = config
+        self.device = torch.device(device)
+        self.method = build_method(config)
+        self.pool = LoRAPool.from_pretrained(build_tiny_pool(config, progress=progress))
+        base = build_base_model(config.model, config.seed)
+        self.model = self.method.build(base, self.pool).to(self.device)
+        self.layout = task_layout(config)
+        self._initial_state = self.method.trainable_state(self.model)
+
+    def initial_state(self):
+        """The trainable state right after building (the server's round-0 global state)."""
+        return {name: tensor.clone() for name, tensor in self._initial_state.items()}
+
+    def max_per_matrix(self):
+        return self.method.max_per_matrix(self.model)
+
+    def _load(self, state, quotas):
+        self.method.load_trainable_state(self.model, {k: v.to(self.device) for k, v in state.items()})
+        self.method.apply_quotas(self.model, quotas)
+
+    def _trainable_parameters(self):
+        return [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
+
+    def train(self, instructions, examples, *, time_limit_s=None):
+        """Train from ``instructions`` on ``examples`` for ``local_steps`` AdamW steps (a fresh
+        optimizer, so nothing but the server's state carries between rounds); returns a
+        ``ClientResult``. Raises ``ClientTimeout`` once ``time_limit_s`` is exceeded."""
+        if len(examples) == 0:
+            raise ValueError("examples must hold at least one example to train on")
+        started = time.perf_counter()
+        self._load(instructions.state, instructions.quotas)
+        named = self._trainable_parameters()
+        anchors = [p.detach().clone() for _, p in named] if instructions.fedprox_mu > 0 else None
+        optimizer = torch.optim.AdamW(
+            [p for _, p in named], lr=instructions.lr, weight_decay=instructions.weight_decay
+        )
+        generator = torch.Generator().manual_seed(instructions.seed)
+        tracker = self.method.importance_tracker(self.model)
+        losses, tokens = [], 0
+        self.model.train()
+        with PeakMemory(self.device) as memory, torch.random.fork_rng(devices=[]):
+            torch.manual_seed(instructions.seed)
+            with tracker if tracker is not None else contextlib.nullcontext():
+                for step in range(instructions.local_steps):
+                    index = batch_indices(len(examples), instructions.batch_size, generator)
+                    input_ids = examples.input_ids[index].to(self.device)
+                    labels = examples.labels[index].to(self.device)
+                    loss = answer_loss(answer_logits(self.model, input_ids), labels, self.layout.label_token_ids)
+                    objective = loss
+                    if anchors is not None:
+                        drift = sum(((p - a) ** 2).sum() for (_, p), a in zip(named, anchors))
+                        objective = loss + 0.5 * instructions.fedprox_mu * drift
+                    optimizer.zero_grad(set_to_none=True)
+                    objective.backward()
+                    optimizer.step()
+                    losses.append(float(loss.detach()))
+                    tokens += input_ids.numel()
+                    elapsed = time.perf_counter() - started
+                    if time_limit_s is not None and elapsed > time_limit_s:
+                        raise ClientTimeout(
+                            f"timeout: {elapsed:.3f} s after {step + 1} of {instructions.local_steps} "
+                            f"local steps exceeds the {time_limit_s} s limit"
+                        )
+        self.model.eval()
+        compute_s = time.perf_counter() - started
+        metrics = {
+            "loss": sum(losses) / len(losses),
+            "final_loss": losses[-1],
+            "compute_s": compute_s,
+            "step_time_s": compute_s / len(losses),
+            "peak_memory_bytes": memory.peak_bytes,
+            "peak_memory_source": memory.source,
+            "active_flops": self.method.forward_flops_per_token(self.model) * tokens,
+            "tokens": tokens,
+        }
+        return ClientResult(
+            state=self.method.trainable_state(self.model),
+            num_examples=len(examples),
+            importance=None if tracker is None else tracker.stats().to_dict(),
+            metrics=metrics,
+        )
+
+    @torch.no_grad()
+    def evaluate(self, state, quotas, examples, *, batch_size=64):
+        """Loss (cross-entropy at the answer) and accuracy (argmax over label tokens) of the
+        model with ``state`` and ``quotas`` on ``examples``."""
+        if len(examples) == 0:
+            raise ValueError("examples must hold at least one example to evaluate on")
+        self._load(state, quotas)
+        self.model.eval()
+        loss_sum, correct = 0.0, 0
+        for start in range(0, len(examples), batch_size):
+            input_ids = examples.input_ids[start:start + batch_size].to(self.device)
+            labels = examples.labels[start:start + batch_size].to(self.device)
+            logits = answer_logits(self.model, input_ids)
+            loss_sum += float(answer_loss(logits, labels, self.layout.label_token_ids)) * len(labels)
+            correct += answer_accuracy_count(logits, labels, self.layout.label_token_ids)
+        return {"loss": loss_sum / len(examples), "accuracy": correct / len(examples), "num_examples": len(examples)}
