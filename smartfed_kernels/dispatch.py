@@ -6,10 +6,11 @@ runs the plain definition. Every backend exposes ``more_linear_checked(x, weight
 router_weight, router_bias, expert_a, expert_b, spec, return_routing)`` on validated inputs.
 """
 
-import importlib
 import os
 
 import torch
+
+from smartfed_kernels import reference, torch_ops
 
 BACKENDS = ("auto", "torch", "triton", "reference")
 
@@ -19,7 +20,10 @@ def triton_interpreting() -> bool:
 
 
 def _import_triton_backend():
-    return importlib.import_module("smartfed_kernels.triton")
+    # A plain import statement (not importlib) so that torch.compile(fullgraph=True) traces it.
+    import smartfed_kernels.triton as triton_backend
+
+    return triton_backend
 
 
 def triton_available() -> bool:
@@ -52,6 +56,4 @@ def backend_module(name: str):
     """The module implementing ``more_linear_checked`` for a resolved backend name."""
     if name == "triton":
         return _import_triton_backend()
-    return importlib.import_module(
-        "smartfed_kernels.torch_ops" if name == "torch" else "smartfed_kernels.reference"
-    )
+    return torch_ops if name == "torch" else reference

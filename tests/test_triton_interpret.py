@@ -1,0 +1,149 @@
+"""Triton MoRE kernels under Triton's CPU interpreter against the reference (DESIGN 2, 4).
+
+The interpreter is set before triton is first imported; it computes bf16 ``tl.dot`` wrongly,
+so bf16 is checked on GPU only (tests/test_triton_cuda.py).
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from smartfed_kernels import more_linear  # noqa: E402
+from smartfed_kernels.triton import configs  # noqa: E402
+
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2}
+DENSE_POOL = 19
+STREAMING_POOL = configs.DENSE_MAX_EXPERTS + 5
+
+
+def make_inputs(tokens, d_in, d_out, num_experts, *, router="linear", dtype=torch.float32, base=True,
+                router_bias=True, train_experts=False, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=generator) * scale).to(dtype)
+
+    router_in = d_in if router == "linear" else num_experts
+    return dict(
+        x=randn(*tokens, d_in).requires_grad_(),
+        weight=randn(d_out, d_in, scale=d_in ** -0.5) if base else None,
+        bias=randn(d_out) if base else None,
+        router_weight=randn(num_experts, router_in, scale=router_in ** -0.5).requires_grad_(),
+        router_bias=randn(num_experts).requires_grad_() if router_bias else None,
+        expert_a=randn(num_experts, d_in, scale=d_in ** -0.5).requires_grad_(train_experts),
+        expert_b=randn(d_out, num_experts, scale=0.3).requires_grad_(train_experts),
+    )
+
+
+def run(inputs, top_k, backend, *, upcast=False, **options):
+    """Output, routing and the gradients of every trainable input under a fixed random gy."""
+    tensors = {name: None if t is None else (t.detach().double() if upcast else t.detach()).requires_grad_(t.requires_grad)
+               for name, t in inputs.items()}
+    y, indices, gates = more_linear(*tensors.values(), top_k, backend=backend, return_routing=True, **options)
+    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype)
+    trainable = [name for name, t in tensors.items() if t is not None and t.requires_grad]
+    grads = torch.autograd.grad(y, [tensors[name] for name in trainable], grad_y) if y.numel() else []
+    return y, indices, gates, dict(zip(trainable, grads))
+
+
+def relative_error(actual, expected):
+    scale = expected.double().abs().max().clamp_min(1e-12)
+    return ((actual.double() - expected.double()).abs().max() / scale).item()
+
+
+def assert_matches_reference(inputs, top_k, **options):
+    dtype = inputs["x"].dtype
+    tolerance = TOLERANCE[dtype]
+    # fp32 against a float64 reference; fp16 against the reference on the same fp16 inputs.
+    expected = run(inputs, top_k, "reference", upcast=dtype == torch.float32, **options)
+    actual = run(inputs, top_k, "triton", **options)
+    y, indices, gates, grads = actual
+    assert y.dtype == dtype and y.shape == expected[0].shape
+    assert indices.dtype == torch.int64 and gates.dtype == torch.float32
+    assert torch.equal(indices, expected[1])
+    assert relative_error(gates, expected[2]) < tolerance
+    assert relative_error(y, expected[0]) < tolerance
+    assert grads.keys() == expected[3].keys()
+    for name, grad in grads.items():
+        assert grad.dtype == dtype and grad.shape == inputs[name].shape, name
+        assert relative_error(grad, expected[3][name]) < tolerance, name
+
+
+@pytest.mark.parametrize("num_experts", [DENSE_POOL, STREAMING_POOL], ids=["dense", "streaming"])
+@pytest.mark.parametrize("router", ["linear", "expert_space"])
+@pytest.mark.parametrize("gate", ["topk_softmax", "softmax_topk"])
+def test_forward_routing_and_every_gradient_match_reference(num_experts, router, gate):
+    # Odd sizes everywhere; train_experts adds dA and dB.
+    inputs = make_inputs((11,), 37, 29, num_experts, router=router, train_experts=True, seed=num_experts)
+    assert_matches_reference(inputs, 3, router=router, gate=gate)
+
+
+@pytest.mark.parametrize("num_experts", [DENSE_POOL, STREAMING_POOL], ids=["dense", "streaming"])
+def test_leading_dims_non_contiguous_x_and_no_base(num_experts):
+    inputs = make_inputs((4, 3), 21, 18, num_experts, base=False, router_bias=False, seed=3)
+    inputs["x"] = inputs["x"].detach().transpose(0, 1).requires_grad_()
+    assert not inputs["x"].is_contiguous()
+    assert_matches_reference(inputs, 2, gamma=0.7)
+
+
+@pytest.mark.parametrize("router", ["linear", "expert_space"])
+def test_float16(router):
+    inputs = make_inputs((13,), 40, 24, DENSE_POOL, router=router, dtype=torch.float16, seed=5)
+    assert_matches_reference(inputs, 4, router=router, gate="softmax_topk" if router == "linear" else "topk_softmax")
+
+
+@pytest.mark.parametrize("top_k", [1, DENSE_POOL], ids=["k=1", "k=N"])
+def test_extreme_k(top_k):
+    inputs = make_inputs((9,), 16, 20, DENSE_POOL, train_experts=True, seed=top_k)
+    assert_matches_reference(inputs, top_k)
+
+
+def test_streaming_k_at_bucket_edge():
+    k_max = configs.STREAM_K_BUCKETS[0]
+    inputs = make_inputs((5,), 17, 16, STREAMING_POOL, seed=8)
+    assert_matches_reference(inputs, k_max, gate="softmax_topk")
+
+
+def test_zero_tokens():
+    inputs = make_inputs((0,), 16, 12, DENSE_POOL, train_experts=True)
+    y, indices, gates = more_linear(*inputs.values(), 3, backend="triton", return_routing=True)
+    assert y.shape == (0, 12) and indices.shape == (0, 3) and gates.shape == (0, 3)
+    y.sum().backward()
+    assert inputs["x"].grad.shape == (0, 16)
+    assert torch.count_nonzero(inputs["router_weight"].grad) == 0
+
+
+def test_expert_gradients_absent_when_frozen():
+    inputs = make_inputs((6,), 16, 12, DENSE_POOL)
+    more_linear(*inputs.values(), 3, backend="triton").sum().backward()
+    assert inputs["expert_a"].grad is None and inputs["expert_b"].grad is None
+    assert inputs["router_weight"].grad is not None
+
+
+def test_streaming_rejects_k_above_largest_bucket():
+    top_k = configs.STREAM_K_BUCKETS[-1] + 1
+    inputs = make_inputs((2,), 16, 16, top_k + 1)
+    with pytest.raises(ValueError, match="top_k: the Triton streaming layout"):
+        more_linear(*inputs.values(), top_k, backend="triton")
+
+
+@settings(max_examples=6, deadline=None)
+@given(
+    tokens=st.integers(1, 20),
+    d_in=st.integers(1, 40),
+    d_out=st.integers(1, 40),
+    num_experts=st.integers(1, 24),
+    k_fraction=st.floats(0.0, 1.0),
+    router=st.sampled_from(["linear", "expert_space"]),
+    gate=st.sampled_from(["topk_softmax", "softmax_topk"]),
+    seed=st.integers(0, 2**16),
+)
+def test_random_shapes_match_reference(tokens, d_in, d_out, num_experts, k_fraction, router, gate, seed):
+    top_k = max(1, round(k_fraction * num_experts))
+    inputs = make_inputs((tokens,), d_in, d_out, num_experts, router=router, train_experts=True, seed=seed)
+    assert_matches_reference(inputs, top_k, router=router, gate=gate)
