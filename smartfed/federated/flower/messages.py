@@ -1,0 +1,180 @@
+"""Flower records <-> the protocol objects of smartfed.federated.protocol, both directions.
+
+Server -> client (train, evaluate): ``ArrayRecord "state"`` (global trainable tensors in the
+wire dtype), ``ConfigRecord "instructions"`` (round, local training settings, seed) and, for
+methods with EEQA quotas, ``ConfigRecord "quotas"`` (module -> k).
+Client -> server (train): ``ArrayRecord "state"`` (trained tensors, wire dtype), ``MetricRecord
+"metrics"`` (``num-examples``, the numeric training metrics, importance sums and token counts per
+module under ``importance-sum.<module>`` / ``importance-count.<module>``) and ``ConfigRecord
+"info"`` (the non-numeric metrics and the importance estimator).
+
+fp32 tensors travel as numpy arrays (Flower's own format); bf16 has no numpy dtype, so its raw
+little-endian bytes travel with ``stype = RAW_STYPE`` and dtype ``"bfloat16"``. Either way the
+receiver gets float32 tensors, as from ``smartfed.federated.serialization.decode_payload``.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from smartfed.federated.protocol import ClientInstructions, ClientResult
+from smartfed.federated.serialization import WIRE_DTYPES
+
+STATE = "state"
+INSTRUCTIONS = "instructions"
+QUOTAS = "quotas"
+METRICS = "metrics"
+INFO = "info"
+NUM_EXAMPLES = "num-examples"
+IMPORTANCE_SUM = "importance-sum."
+IMPORTANCE_COUNT = "importance-count."
+IMPORTANCE_ESTIMATOR = "importance-estimator"
+RAW_STYPE = "raw-little-endian"
+NUMPY_STYPE = "numpy.ndarray"
+
+
+@dataclass(frozen=True)
+class WireSize:
+    """Bytes of one message as Flower counts them (``count_bytes`` of its records); quacks like
+    ``serialization.Payload`` for ``accounting.RoundAccounting``."""
+
+    tensor_bytes: int
+    meta_bytes: int
+
+    @property
+    def num_bytes(self) -> int:
+        return self.tensor_bytes + self.meta_bytes
+
+
+def wire_size(content: RecordDict) -> WireSize:
+    tensor_bytes = sum(record.count_bytes() for record in content.array_records.values())
+    meta_bytes = sum(record.count_bytes() for record in content.config_records.values())
+    meta_bytes += sum(record.count_bytes() for record in content.metric_records.values())
+    return WireSize(tensor_bytes=tensor_bytes, meta_bytes=meta_bytes)
+
+
+def state_to_record(state, wire_dtype) -> ArrayRecord:
+    """``state`` (name -> floating tensor) as an ArrayRecord in ``wire_dtype`` ("fp32" or "bf16")."""
+    if wire_dtype not in WIRE_DTYPES:
+        raise ValueError(f"wire_dtype must be one of {sorted(WIRE_DTYPES)}, got {wire_dtype!r}")
+    dtype = WIRE_DTYPES[wire_dtype]
+    arrays = {}
+    for name, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+            raise TypeError(f"tensor {name!r} must be a floating torch.Tensor, got {type(tensor).__name__}")
+        converted = tensor.detach().to("cpu", dtype).contiguous()
+        if dtype == torch.float32:
+            arrays[name] = Array(converted.numpy())
+        else:
+            raw = converted.view(torch.int16).numpy().tobytes()
+            arrays[name] = Array(dtype="bfloat16", shape=tuple(converted.shape), stype=RAW_STYPE, data=raw)
+    return ArrayRecord(arrays)
+
+
+def record_to_state(record: ArrayRecord) -> dict:
+    """Inverse of ``state_to_record``: name -> float32 tensor."""
+    state = {}
+    for name, array in record.items():
+        if array.stype == NUMPY_STYPE:
+            state[name] = torch.from_numpy(array.numpy()).to(torch.float32)
+        elif array.stype == RAW_STYPE and array.dtype == "bfloat16":
+            raw = torch.frombuffer(bytearray(array.data), dtype=torch.bfloat16)
+            state[name] = raw.reshape(array.shape).to(torch.float32)
+        else:
+            raise ValueError(
+                f"tensor {name!r}: expected stype {NUMPY_STYPE!r} or {RAW_STYPE!r} with dtype 'bfloat16', "
+                f"got stype {array.stype!r} with dtype {array.dtype!r}"
+            )
+    return state
+
+
+def _quotas_record(quotas):
+    return ConfigRecord({name: int(k) for name, k in quotas.items()})
+
+
+def _quotas_from(content: RecordDict):
+    if QUOTAS not in content.config_records:
+        return None
+    return {name: int(k) for name, k in content.config_records[QUOTAS].items()}
+
+
+def instructions_to_content(instructions: ClientInstructions, wire_dtype) -> RecordDict:
+    settings = instructions.settings()
+    quotas = settings.pop("quotas")
+    content = RecordDict({
+        STATE: state_to_record(instructions.state, wire_dtype),
+        INSTRUCTIONS: ConfigRecord(settings),
+    })
+    if quotas is not None:
+        content[QUOTAS] = _quotas_record(quotas)
+    return content
+
+
+def content_to_instructions(content: RecordDict) -> ClientInstructions:
+    for name in (STATE, INSTRUCTIONS):
+        if name not in content:
+            raise ValueError(f"a train message needs the record {name!r}; it has {sorted(content)}")
+    settings = dict(content.config_records[INSTRUCTIONS])
+    return ClientInstructions(state=record_to_state(content.array_records[STATE]), quotas=_quotas_from(content), **settings)
+
+
+def evaluation_to_content(state, quotas, wire_dtype) -> RecordDict:
+    content = RecordDict({STATE: state_to_record(state, wire_dtype)})
+    if quotas is not None:
+        content[QUOTAS] = _quotas_record(quotas)
+    return content
+
+
+def content_to_evaluation(content: RecordDict):
+    """(state, quotas) of an evaluate message."""
+    if STATE not in content:
+        raise ValueError(f"an evaluate message needs the record {STATE!r}; it has {sorted(content)}")
+    return record_to_state(content.array_records[STATE]), _quotas_from(content)
+
+
+def result_to_content(result: ClientResult, wire_dtype) -> RecordDict:
+    numbers = {NUM_EXAMPLES: int(result.num_examples)}
+    info = {}
+    for key, value in result.metrics.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            numbers[key] = value
+        else:
+            info[key] = value
+    if result.importance is not None:
+        info[IMPORTANCE_ESTIMATOR] = result.importance["estimator"]
+        for module, total in result.importance["sums"].items():
+            numbers[IMPORTANCE_SUM + module] = float(total)
+        for module, count in result.importance["counts"].items():
+            numbers[IMPORTANCE_COUNT + module] = int(count)
+    return RecordDict({
+        STATE: state_to_record(result.state, wire_dtype),
+        METRICS: MetricRecord(numbers),
+        INFO: ConfigRecord(info),
+    })
+
+
+def content_to_result(content: RecordDict) -> ClientResult:
+    for name in (STATE, METRICS, INFO):
+        if name not in content:
+            raise ValueError(f"a train reply needs the record {name!r}; it has {sorted(content)}")
+    numbers = dict(content.metric_records[METRICS])
+    info = dict(content.config_records[INFO])
+    if NUM_EXAMPLES not in numbers:
+        raise ValueError(f"the {METRICS!r} record of a train reply needs {NUM_EXAMPLES!r}; it has {sorted(numbers)}")
+    num_examples = numbers.pop(NUM_EXAMPLES)
+    sums, counts, metrics = {}, {}, {}
+    for key, value in numbers.items():
+        if key.startswith(IMPORTANCE_SUM):
+            sums[key[len(IMPORTANCE_SUM):]] = value
+        elif key.startswith(IMPORTANCE_COUNT):
+            counts[key[len(IMPORTANCE_COUNT):]] = value
+        else:
+            metrics[key] = value
+    estimator = info.pop(IMPORTANCE_ESTIMATOR, None)
+    importance = None if estimator is None else {"estimator": estimator, "sums": sums, "counts": counts}
+    metrics.update(info)
+    return ClientResult(
+        state=record_to_state(content.array_records[STATE]), num_examples=num_examples,
+        importance=importance, metrics=metrics,
+    )
