@@ -1,123 +1,151 @@
-"""Fast PyTorch MoRE path for CPU (and any device without Triton): a few large GEMMs.
+"""Fast PyTorch MoRE path for CPU (and any device without Triton): big GEMMs, a sparse expand.
 
 Forward, per flattened token block X [T, d_in]:
 
-    [Y0 | L | H] = X @ [W0; Wr; A]^T + [b0; br; 0]    one GEMM (router="linear")
-    [Y0 | H]     = X @ [W0; A]^T + [b0; 0]            router="expert_space",
-    L            = H @ Wr^T + br                      then one small [N, N] product
-    M            = top-k mask of L (ties to the lower index), G = gates on M, zero elsewhere
-    Y            = Y0 + gamma * (G * H) @ B^T          dense-masked expand, added in place
+    [L | H] = X @ [Wr; A]^T + [br; 0]                  router="linear": one [T, 2N] GEMM
+    H       = X @ A^T,  L = H @ Wr^T + br              router="expert_space"
+    I, Lk   = top-k of L [T, k] (ties to the lower index)
+    g       = softmax(Lk)                              gate="topk_softmax"
+    g       = P[I], P = softmax(L)                     gate="softmax_topk"
+    c       = gamma * g * H[I]                         [T, k]
+    Y       = sum_j c[:, j] B[:, I[:, j]]^T + b0       sparse expand (embedding_bag over B^T)
+    Y      += X @ W0^T                                 the base GEMM accumulates in place
 
-Backward with gY [T, d_out] (A and B frozen unless they require grad):
+The expand reads only the k selected columns of B per token (T*k*d_out multiply-adds instead of
+a dense-masked T*N*d_out), the bias rides along as one more row of the embedding table, and the
+base GEMM adds onto the expand's output with beta=1, so no pass over Y is spent on adds or
+copies, and W0 is never copied (a stacked [W0; Wr; A] GEMM would copy W0 on every call).
+``torch.topk`` breaks ties arbitrarily, so rows whose k-th logit ties with an unselected one are
+re-selected by a stable sort; only those rows pay for it.
 
-    U   = gY @ B                         [T, N]
-    dG  = gamma * H * U,  dH = gamma * G * U
-    dL  = G * (dG - rowsum(G * dG))                      gate="topk_softmax"
-    dL  = P * (M * dG - rowsum(G * dG))                  gate="softmax_topk", P = softmax(L)
+Backward with gY [T, d_out] (A and B frozen unless they require grad), u = gY . B[:, I]:
+
+    dg  = gamma * H[I] * u,  dh = gamma * g * u                        [T, k]
+    dL  = scatter(I, g * (dg - rowsum(g * dg)))                       gate="topk_softmax"
+    dL  = scatter_add(-P * rowsum(g * dg), I, g * dg)                 gate="softmax_topk"
+    dH  = scatter(I, dh)                                              [T, N]
     linear:       dX = gY @ W0 + [dL | dH] @ [Wr; A],   dWr = dL^T X
     expert_space: dX = gY @ W0 + (dL @ Wr + dH) @ A,    dWr = dL^T H
-    dbr = colsum(dL); dA = dH_total^T X; dB = gamma * gY^T (G * H)
+    dbr = colsum(dL); dA = dH_total^T X; dB = gY^T scatter(I, c)
 
-The autograd Function saves X, H, G (and P for softmax_topk): [T, N] each besides X, so backward
+The autograd Function saves X, H [T, N], I and g [T, k] (and P for softmax_topk), so backward
 never re-runs the router.
 """
 
 import torch
+import torch.nn.functional as F
 
 from smartfed_kernels.validation import check_more_inputs
 
-def top_k_mask(logits: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Boolean [T, N] mask of the k largest logits per row, ties resolved to the lower index.
 
-    ``torch.topk`` gives the k-th value; every logit above it is in, and the ties at it are
-    filled from the lowest index up, which is what a stable descending sort would select.
+def select_top_k(logits: torch.Tensor, top_k: int):
+    """Indices and logits [T, k] of the k largest logits per row (unordered), ties to lower index.
+
+    Matches a stable descending sort's first k: ``torch.topk`` picks an arbitrary member of a tie,
+    so the rows where more than k logits reach the k-th value are redone with a stable sort.
+    Under torch.compile every row takes the stable sort (no data-dependent branch).
     """
-    kth = logits.topk(top_k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
-    above = logits > kth
-    at_kth = logits == kth
-    room = top_k - above.sum(dim=-1, keepdim=True)
-    return above | (at_kth & (at_kth.cumsum(dim=-1) <= room))
+    if torch.compiler.is_compiling():
+        # The tie repair below branches on data, which fullgraph tracing cannot follow.
+        indices = torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, :top_k]
+        return logits.gather(1, indices), indices
+    values, indices = logits.topk(top_k, dim=-1, sorted=False)
+    if top_k == logits.shape[-1] or logits.shape[0] == 0:
+        return values, indices
+    reached = logits >= values.amin(dim=-1, keepdim=True)
+    if reached.sum() == top_k * logits.shape[0]:
+        return values, indices
+    tied_rows = (reached.sum(dim=-1) > top_k).nonzero().flatten()
+    if tied_rows.numel():  # NaN logits can also break the count above, with no tie to fix
+        order = torch.sort(logits[tied_rows], dim=-1, descending=True, stable=True).indices
+        indices[tied_rows] = order[:, :top_k]
+        values[tied_rows] = logits[tied_rows].gather(1, indices[tied_rows])
+    return values, indices
 
 
-def dense_gates(logits: torch.Tensor, mask: torch.Tensor, gate: str):
-    """Gates [T, N] (zero outside the mask) and, for softmax_topk, the full softmax P."""
-    if gate == "topk_softmax":
-        return torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1), None
-    probs = torch.softmax(logits, dim=-1)
-    return probs * mask, probs
-
-
-def routing_from_dense(gates: torch.Tensor, mask: torch.Tensor, top_k: int):
+def routing_order(indices: torch.Tensor, gates: torch.Tensor):
     """Indices and gates [T, k] in the reference order: largest gate first, ties to lower index."""
-    keyed = gates.masked_fill(~mask, -1.0)
-    indices = torch.sort(keyed, dim=-1, descending=True, stable=True).indices[:, :top_k]
-    return indices, gates.gather(1, indices)
+    by_index = indices.sort(dim=-1)
+    gates = gates.gather(1, by_index.indices)
+    by_gate = torch.sort(gates, dim=-1, descending=True, stable=True)
+    return by_index.values.gather(1, by_gate.indices), by_gate.values
 
 
-def _forward(x2, weight, bias, router_weight, router_bias, expert_a, spec):
-    """One GEMM over the stacked rows; returns (fused [T, cols], base column count, H, L)."""
-    blocks = []
+def _routing_product(x2, router_weight, router_bias, expert_a, spec):
+    """Router logits [T, N] (contiguous, for topk) and shrink values H [T, N]."""
+    num_experts = spec.num_experts
+    if spec.router == "linear":
+        routed = x2 @ torch.cat([router_weight, expert_a]).t()
+        logits, shrink = routed[:, :num_experts], routed[:, num_experts:]
+        # Adding the bias is also the copy that makes the logits contiguous.
+        return (logits.contiguous() if router_bias is None else logits + router_bias), shrink
+    shrink = x2 @ expert_a.t()
+    if router_bias is None:
+        return shrink @ router_weight.t(), shrink
+    return torch.addmm(router_bias, shrink, router_weight.t()), shrink
+
+
+def _gates(logits, selected_logits, indices, gate):
+    """Gates [T, k] on the selected experts and, for softmax_topk, the full softmax P [T, N]."""
+    if gate == "topk_softmax":
+        return torch.softmax(selected_logits, dim=-1), None
+    probs = torch.softmax(logits, dim=-1)
+    return probs.gather(1, indices), probs
+
+
+def _expand_and_base(x2, weight, bias, expert_b, indices, coefficients):
+    """``x2 W0^T + b0 + sum_j coefficients[:, j] B[:, indices[:, j]]`` as a fresh [T, d_out].
+
+    The sparse expand runs first (embedding_bag over the rows of B^T; the bias rides along as
+    one more row with coefficient 1), then the base GEMM accumulates onto it in place, so the
+    output is written by the GEMM itself rather than by a separate add pass.
+    """
+    table = expert_b.t()
+    if bias is not None:
+        table = torch.cat([table, bias[None]])
+        indices = torch.cat([indices, indices.new_full((indices.shape[0], 1), expert_b.shape[1])], dim=1)
+        coefficients = torch.cat([coefficients, coefficients.new_ones(coefficients.shape[0], 1)], dim=1)
+    # embedding_bag takes its fast (FBGEMM) kernel only for a contiguous table.
+    out = F.embedding_bag(indices, table.contiguous(), per_sample_weights=coefficients, mode="sum")
     if weight is not None:
-        blocks.append((weight, bias))
-    if spec.router == "linear":
-        blocks.append((router_weight, router_bias))
-    blocks.append((expert_a, None))
-    stacked = torch.cat([rows for rows, _ in blocks]) if len(blocks) > 1 else expert_a
-    if all(b is None for _, b in blocks):
-        fused = x2 @ stacked.t()
-    else:
-        stacked_bias = torch.cat([
-            b if b is not None else x2.new_zeros(rows.shape[0]) for rows, b in blocks
-        ])
-        fused = torch.addmm(stacked_bias, x2, stacked.t())
-    base_cols = spec.d_out if weight is not None else 0
-    shrink = fused[:, fused.shape[1] - spec.num_experts:]
-    if spec.router == "linear":
-        logits = fused[:, base_cols:base_cols + spec.num_experts]
-    else:
-        logits = shrink @ router_weight.t()
-        if router_bias is not None:
-            logits = logits + router_bias
-    return fused, base_cols, shrink, logits
+        out.addmm_(x2, weight.t())
+    return out
 
 
 class MoRELinearFunction(torch.autograd.Function):
-    """Autograd for the dense-masked path; backward follows the formulas in the module docstring."""
+    """Autograd for the sparse-expand path; backward follows the formulas in the module docstring."""
 
     @staticmethod
     def forward(ctx, x2, weight, bias, router_weight, router_bias, expert_a, expert_b, spec):
-        fused, base_cols, shrink, logits = _forward(
-            x2, weight, bias, router_weight, router_bias, expert_a, spec
-        )
-        mask = top_k_mask(logits, spec.top_k)
-        gates, probs = dense_gates(logits, mask, spec.gate)
-        coefficients = gates * shrink
-        if base_cols:
-            y = fused[:, :base_cols].addmm(coefficients, expert_b.t(), alpha=spec.gamma)
-        else:
-            y = (coefficients @ expert_b.t()).mul_(spec.gamma)
-        shrink = shrink.contiguous()
+        logits, shrink = _routing_product(x2, router_weight, router_bias, expert_a, spec)
+        selected_logits, indices = select_top_k(logits, spec.top_k)
+        gates, probs = _gates(logits, selected_logits, indices, spec.gate)
+        coefficients = gates * shrink.gather(1, indices)
+        coefficients.mul_(spec.gamma)
+        y = _expand_and_base(x2, weight, bias, expert_b, indices, coefficients)
         ctx.spec = spec
-        ctx.save_for_backward(x2, weight, router_weight, expert_a, expert_b, shrink, gates, mask, probs)
-        ctx.mark_non_differentiable(mask, gates)
-        return y, mask, gates
+        ctx.save_for_backward(x2, weight, router_weight, expert_a, expert_b, shrink, indices, gates, probs)
+        ctx.mark_non_differentiable(indices, gates)
+        return y, indices, gates
 
     @staticmethod
-    def backward(ctx, grad_y, _grad_mask, _grad_gates):
-        x2, weight, router_weight, expert_a, expert_b, shrink, gates, mask, probs = ctx.saved_tensors
+    def backward(ctx, grad_y, _grad_indices, _grad_gates):
+        x2, weight, router_weight, expert_a, expert_b, shrink, indices, gates, probs = ctx.saved_tensors
         spec = ctx.spec
         needs = ctx.needs_input_grad
         grad_y = grad_y.contiguous()
         gamma = spec.gamma
 
-        per_expert = grad_y @ expert_b
-        grad_gate = per_expert * shrink * gamma
-        grad_shrink = per_expert * gates * gamma
-        weighted = (gates * grad_gate).sum(dim=-1, keepdim=True)
+        per_expert = (grad_y @ expert_b).gather(1, indices)
+        selected_shrink = shrink.gather(1, indices)
+        grad_gate = per_expert * selected_shrink * gamma
+        weighted_gate = gates * grad_gate
+        weighted = weighted_gate.sum(dim=-1, keepdim=True)
         if spec.gate == "topk_softmax":
-            grad_logits = gates * (grad_gate - weighted)
+            grad_logits = torch.zeros_like(shrink).scatter_(1, indices, weighted_gate - gates * weighted)
         else:
-            grad_logits = probs * (grad_gate * mask - weighted)
+            grad_logits = (probs * -weighted).scatter_add_(1, indices, weighted_gate)
+        grad_shrink = torch.zeros_like(shrink).scatter_(1, indices, per_expert * gates * gamma)
 
         grad_x = grad_weight = grad_bias = grad_router_w = grad_router_b = grad_a = grad_b = None
         if spec.router == "linear":
@@ -128,7 +156,7 @@ class MoRELinearFunction(torch.autograd.Function):
             if needs[3]:
                 grad_router_w = grad_logits.t() @ x2
         else:
-            grad_shrink_total = grad_shrink + grad_logits @ router_weight
+            grad_shrink_total = grad_shrink.addmm_(grad_logits, router_weight)
             if needs[0]:
                 grad_x = grad_shrink_total @ expert_a
             if needs[3]:
@@ -144,7 +172,8 @@ class MoRELinearFunction(torch.autograd.Function):
         if needs[5]:
             grad_a = grad_shrink_total.t() @ x2
         if needs[6]:
-            grad_b = (grad_y.t() @ (gates * shrink)).mul_(gamma)
+            coefficients = torch.zeros_like(shrink).scatter_(1, indices, gates * selected_shrink)
+            grad_b = (grad_y.t() @ coefficients).mul_(gamma)
         return (
             grad_x,          # x2
             grad_weight,     # weight
@@ -187,16 +216,13 @@ def more_linear_checked(x, weight, bias, router_weight, router_bias, expert_a, e
     """Fast path on already validated inputs (the dispatcher validates once for all backends)."""
     lead_shape = x.shape[:-1]
     x2 = x.reshape(-1, spec.d_in)
-    low_precision = x.dtype in (torch.float16, torch.bfloat16) and x.device.type == "cpu"
-    if low_precision:
+    args = [x2, weight, bias, router_weight, router_bias, expert_a, expert_b]
+    if x.dtype in (torch.float16, torch.bfloat16) and x.device.type == "cpu":
         # CPU half GEMMs are slow and accumulate poorly; compute in fp32 and cast back.
-        args = [t if t is None else t.float() for t in
-                (x2, weight, bias, router_weight, router_bias, expert_a, expert_b)]
-    else:
-        args = [x2, weight, bias, router_weight, router_bias, expert_a, expert_b]
-    y, mask, gates = MoRELinearFunction.apply(*args, spec)
+        args = [t if t is None else t.float() for t in args]
+    y, indices, gates = MoRELinearFunction.apply(*args, spec)
     y = y.to(x.dtype).reshape(*lead_shape, spec.d_out)
     if not return_routing:
         return y
-    indices, top_gates = routing_from_dense(gates, mask, spec.top_k)
-    return y, indices.reshape(*lead_shape, spec.top_k), top_gates.reshape(*lead_shape, spec.top_k)
+    indices, gates = routing_order(indices, gates)
+    return y, indices.reshape(*lead_shape, spec.top_k), gates.reshape(*lead_shape, spec.top_k)

@@ -77,3 +77,24 @@ def test_fullgraph_compile_of_more_linear_module_uses_custom_op():
     op = torch.ops.smartfed.more_forward
     assert any(node.target in (op, op.default) for node in counter.graphs[0].graph.nodes)
     assert layer.router_weight.grad is not None and layer.router_weight.grad.abs().sum() > 0
+
+
+def test_fullgraph_compile_of_more_linear_module_on_the_torch_path_keeps_tie_order():
+    from smartfed import MoRELinear
+    from smartfed_kernels import reference
+
+    generator = torch.Generator().manual_seed(2)
+    base = torch.nn.Linear(16, 12)
+    layer = MoRELinear(base, torch.randn(6, 16, generator=generator) / 4,
+                       torch.randn(12, 6, generator=generator), 3, backend="torch", router_init="zeros")
+    x = torch.randn(4, 16, generator=generator)
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(layer, fullgraph=True, backend=counter)
+    want = reference.more_linear(x, base.weight, base.bias, layer.router_weight, layer.router_bias,
+                                 layer.expert_a, layer.expert_b, 3)
+    torch.testing.assert_close(compiled(x), want, rtol=1e-5, atol=1e-6)
+    compiled(x).sum().backward()
+    assert counter.frame_count == 1
+    assert layer.router_weight.grad is not None

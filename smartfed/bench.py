@@ -1,0 +1,231 @@
+"""`smartfed bench`: check every MoRE provider against the reference, then time them side by side.
+
+Steps: (1) on each shape, every available provider's output (and, when a backward mode is
+asked for, its gradients) is compared with ``smartfed_kernels.reference`` in float64; any
+disagreement prints FAIL and exits 1 before timing. (2) Providers are timed interleaved, per
+shape and mode, with ratios to nn.Linear, the minimum work of each call and the DESIGN.md
+section 8 targets. (3) A JSON record, a markdown table and a PNG plot are written, by default
+to ``benchmarks/results/<device>-<date>.{json,md,png}``.
+"""
+
+import argparse
+import datetime
+import importlib.metadata
+import os
+import platform
+import re
+import sys
+from pathlib import Path
+
+from smartfed.benchmarking.shapes import default_shape_specs, parse_shapes
+
+MODES = ("fwd", "bwd", "full")
+PROVIDER_NAMES = ("linear", "peft-lora", "more-reference", "more-torch", "more-triton")
+DTYPE_NAMES = ("fp32", "fp16", "bf16", "fp64")
+ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp64": 8}
+
+
+def configure_parser(parser: argparse.ArgumentParser):
+    parser.description = __doc__.splitlines()[0]
+    parser.add_argument("--shapes", nargs="+", metavar="SPEC",
+                        help="shapes as MODEL[:T<tokens>][:N<experts>][:k<top_k>], MODEL one of smollm2, 2048, "
+                             "llama7b or <d_in>x<d_out>; fields take comma lists (default: the DESIGN 8 target "
+                             "shapes of the device and a few others)")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, help="default: fp32 on CPU, bf16 on CUDA")
+    parser.add_argument("--mode", nargs="+", choices=MODES, default=["fwd", "full"],
+                        help="fwd (no grad), bwd (backward alone) and/or full (forward + backward); default fwd full")
+    parser.add_argument("--providers", nargs="+", choices=PROVIDER_NAMES,
+                        help="default: all available (more-triton on CPU only when named here)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--quick", action="store_true", help="a tiny default shape and a short time budget")
+    parser.add_argument("--time-per-case", type=float, metavar="SECONDS",
+                        help="timing budget per shape and mode (default 3, 0.2 with --quick)")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads before timing (CPU)")
+    parser.add_argument("--output", type=Path, default=Path("benchmarks/results"),
+                        help="directory for <device>-<date>.{json,md,png}, or a path ending in .json")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _device_name(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _load() -> list:
+    return [round(v, 2) for v in os.getloadavg()]
+
+
+def _output_paths(output: Path, device_type: str, device_name: str, date: str):
+    if output.suffix == ".json":
+        stem = output.with_suffix("")
+    else:
+        slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
+        stem = output / f"{device_type}-{slug}-{date}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    return {ext: stem.with_name(stem.name + "." + ext) for ext in ("json", "md", "png")}
+
+
+def _select_providers(args, device):
+    from smartfed.benchmarking.providers import PROVIDERS
+
+    explicit = args.providers is not None
+    names = args.providers or list(PROVIDERS)
+    chosen, skipped = [], {}
+    for name in names:
+        provider = PROVIDERS[name]
+        reason = provider.unavailable_reason(device, explicit)
+        if reason is None:
+            chosen.append(provider)
+        else:
+            skipped[name] = reason
+    return chosen, skipped
+
+
+def _check(shapes, providers, dtype, device, args, progress):
+    """Reference checks of every provider on every shape; a provider that raises is a failure too."""
+    from smartfed.benchmarking.providers import TOLERANCES, make_case, reference_check
+
+    with_gradients = any(m in ("bwd", "full") for m in args.mode)
+    tolerance = TOLERANCES[args.dtype]
+    checks = []
+    for shape in progress(shapes, desc="checking against the reference"):
+        case = make_case(shape, dtype, device, args.seed)
+        for provider in providers:
+            row = {"shape": shape.label, "provider": provider.name, "tolerance": tolerance}
+            try:
+                errors = reference_check(provider.build(case), case, with_gradients)
+            except Exception as error:  # noqa: BLE001  (reported as a failed check, then exit 1)
+                checks.append({**row, "quantity": f"raised {type(error).__name__}: {error}",
+                               "max_rel_err": None, "ok": False})
+                continue
+            checks.extend({**row, "quantity": quantity, "max_rel_err": error, "ok": error <= tolerance}
+                          for quantity, error in errors.items())
+    return checks
+
+
+def _time(shapes, providers, dtype, device, args, progress):
+    from smartfed.benchmarking import targets, timing, work
+    from smartfed.benchmarking.providers import make_case, timed_call
+
+    budget = args.time_per_case if args.time_per_case is not None else (0.2 if args.quick else 3.0)
+    peaks = work.gpu_peaks(_device_name(device)) if device.type == "cuda" else None
+    results = []
+    cases = [(shape, mode) for shape in shapes for mode in args.mode]
+    for shape, mode in progress(cases, desc="timing"):
+        case = make_case(shape, dtype, device, args.seed)
+        fns = {p.name: timed_call(p.build(case), mode, case.grad_out) for p in providers}
+        if device.type == "cuda":
+            samples = timing.time_cuda(fns, rounds=2 if args.quick else 5)
+        else:
+            samples = timing.time_cpu(fns, budget, min_rounds=2 if args.quick else 5, max_rounds=200,
+                                      min_sample_s=2e-4 if args.quick else 2e-3)
+        summary = timing.summarize(samples, "linear")
+        for provider in providers:
+            stats = summary[provider.name]
+            flops, nbytes = work.minimum_work(provider.kind, shape, mode, ELEMENT_BYTES[args.dtype])
+            seconds = stats["median_ms"] / 1e3
+            roofline = None
+            if peaks is not None and args.dtype in peaks:
+                attainable = min(peaks[args.dtype], flops / nbytes * peaks["bandwidth"])
+                roofline = flops / seconds / attainable
+            results.append({
+                "shape": shape.as_dict(), "mode": mode, "provider": provider.name,
+                "median_ms": stats["median_ms"], "ratio_to_linear": stats["ratio"], "rounds": stats["samples"],
+                "min_gflop": flops / 1e9, "min_mbytes": nbytes / 1e6, "tflops": flops / seconds / 1e12,
+                "gbytes_per_s": nbytes / seconds / 1e9, "flop_per_byte": flops / nbytes,
+                "roofline_fraction": roofline,
+                "targets": targets.evaluate(device.type, args.dtype, provider.name, mode, shape,
+                                            lambda other, n=provider.name: timing.median_ratio(samples, n, other)),
+            })
+    return results
+
+
+def run(args) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from smartfed.benchmarking import report
+    from smartfed.benchmarking.providers import DTYPES
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("smartfed bench: --device cuda, but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if device.type == "cpu" and "more-triton" in (args.providers or ()) and "triton" not in sys.modules:
+        # Asked for by name on CPU: Triton's interpreter, which must be chosen before triton loads.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    try:
+        shapes = parse_shapes(args.shapes or default_shape_specs(device.type, args.quick))
+    except ValueError as error:
+        print(f"smartfed bench: {error}", file=sys.stderr)
+        return 2
+    dtype = DTYPES[args.dtype]
+    date = datetime.datetime.now().strftime("%Y-%m-%d")
+    environment = {
+        "device": device.type, "device_name": _device_name(device), "torch": torch.__version__,
+        "triton": _version("triton"), "peft": _version("peft"), "python": platform.python_version(),
+        "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "load_before": _load(),
+    }
+    print(f"smartfed bench on {environment['device_name']} ({device.type}), {args.dtype}, "
+          f"{environment['threads']} threads, torch {environment['torch']}, load {environment['load_before']}")
+    if device.type == "cpu" and environment["load_before"][0] > 0.5 * (os.cpu_count() or 1):
+        print("warning: other processes keep the CPU busy; CPU timings and ratios will be unreliable")
+
+    def progress(items, desc):
+        return tqdm(items, desc=desc, leave=False, file=sys.stderr)
+
+    providers, skipped = _select_providers(args, device)
+    checks = _check(shapes, providers, dtype, device, args, progress)
+    for name, note in skipped.items():
+        print(f"skipped {name}: {note}")
+    print("\nAgreement with the float64 reference (max |y - ref| / max |ref|):")
+    print(report.text_table(report.CHECK_COLUMNS, report.check_rows(checks)))
+    failures = [c for c in checks if not c["ok"]]
+    if failures:
+        for c in failures:
+            detail = c["quantity"] if c["max_rel_err"] is None else (
+                f"{c['quantity']} max relative error {c['max_rel_err']:.3e} > {c['tolerance']:.0e}")
+            print(f"FAIL: {c['provider']} on {c['shape']}: {detail}", file=sys.stderr)
+        print("smartfed bench: providers disagree with the reference; nothing timed", file=sys.stderr)
+        return 1
+    if not providers:
+        print("smartfed bench: no provider available to time", file=sys.stderr)
+        return 1
+
+    results = _time(shapes, providers, dtype, device, args, progress)
+    environment["load_after"] = _load()
+    record = {
+        "date": date, "timestamp": datetime.datetime.now().isoformat(timespec="seconds"),
+        "environment": environment, "dtype": args.dtype, "modes": args.mode,
+        "shapes": [s.as_dict() for s in shapes], "providers": {p.name: p.description for p in providers},
+        "skipped": skipped, "checks": checks, "results": results,
+    }
+    print("\nTimings (median; x linear = median of per-round ratios to nn.Linear):")
+    print(report.text_table(report.RESULT_COLUMNS, report.result_rows(results)))
+    paths = _output_paths(args.output, device.type, environment["device_name"], date)
+    report.write_json(record, paths["json"])
+    paths["md"].write_text(report.markdown_report(record))
+    report.write_plot(record, paths["png"])
+    print(f"\nload average after: {environment['load_after']}")
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
