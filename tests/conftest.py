@@ -83,3 +83,19 @@ def make_lora_adapter(tmp_path):
         return folder
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from a second thread, and on a shared 2-core machine spinning
+    OpenMP threads slow these runs down many times."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """A pool cache shared by the tests of one module (pools are deterministic for a seed)."""
+    return tmp_path_factory.mktemp("pool_cache")

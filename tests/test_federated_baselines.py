@@ -12,19 +12,7 @@ from smartfed.federated.simulation import run_simulation
 from smartfed.federated.task import ClientTrainer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from a second thread, and on a shared 2-core machine spinning
-    OpenMP threads slow these runs down many times."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("pool_cache")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_config(cache_dir, method):
