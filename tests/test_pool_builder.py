@@ -1,0 +1,178 @@
+"""smartfed build-pool on a tiny random Llama with a word-level tokenizer (no download), and
+one end-to-end federated run of a text task on the pool it builds (through harness_bridge)."""
+
+import argparse
+import json
+import string
+
+import pytest
+import torch
+
+from smartfed import LoRAPool, pool_builder
+from smartfed.tasks.skills import NUMBER_WORDS
+
+VOCAB_WORDS = (
+    ["[UNK]", "Write", "as", "word", "Letter", "after", "+", "-", "=", ":"]
+    + [str(d) for d in range(10)] + list(NUMBER_WORDS) + list(string.ascii_lowercase)
+)
+
+
+def make_model_dir(directory):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {word: index for index, word in enumerate(VOCAB_WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(str(directory))
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(vocab), max_position_embeddings=32)
+    LlamaForCausalLM(config).save_pretrained(str(directory))
+    return directory
+
+
+def pool_spec(model_dir, output_dir, *, arithmetic_steps=20):
+    return pool_builder.validate_spec({
+        "seed": 0, "model_dir": str(model_dir), "output_dir": str(output_dir),
+        "lora": {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"]},
+        "training": {"steps": 4, "batch_size": 8, "lr": 0.05},
+        "adapters": [
+            {"name": "arithmetic", "task": "skills_arithmetic", "steps": arithmetic_steps},
+            {"name": "number_words", "task": "skills_number_words"},
+            {"name": "next_letter", "task": "skills_next_letter"},
+        ],
+    })
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pool")
+    model_dir = make_model_dir(root / "model")
+    spec = pool_spec(model_dir, root / "pool")
+    return spec, pool_builder.build_pool(spec, progress=False)
+
+
+def test_build_pool_writes_peft_adapters_and_provenance(built):
+    spec, manifest = built
+    assert [r["name"] for r in manifest["adapters"]] == ["arithmetic", "number_words", "next_letter"]
+    assert all(r["rebuilt"] for r in manifest["adapters"])
+    arithmetic = manifest["adapters"][0]
+    assert arithmetic["steps"] == 20 and arithmetic["final_loss_mean_last_20pct"] < arithmetic["first_loss"]
+    assert len(arithmetic["inputs_hash"]) == 16 and arithmetic["task_summary"]["train_examples"] == 110
+    written = json.loads((pool_builder.Path(spec["output_dir"]) / pool_builder.MANIFEST_FILE).read_text())
+    assert [r["inputs_hash"] for r in written["adapters"]] == [r["inputs_hash"] for r in manifest["adapters"]]
+    pool = LoRAPool.from_pretrained([r["path"] for r in manifest["adapters"]])
+    experts = pool.modules["model.layers.0.self_attn.q_proj"]
+    assert experts.expert_a.shape == (6, 32) and {name for name, _ in experts.origins} == {
+        "arithmetic", "number_words", "next_letter"}
+
+
+def test_build_pool_reuses_cached_adapters_and_retrains_changed_ones(built):
+    spec, manifest = built
+    weights = pool_builder.Path(manifest["adapters"][1]["path"]) / "adapter_model.safetensors"
+    before = weights.stat().st_mtime_ns
+    again = pool_builder.build_pool(spec, progress=False)
+    assert not any(r["rebuilt"] for r in again["adapters"])
+    assert weights.stat().st_mtime_ns == before
+    changed = pool_spec(spec["model_dir"], spec["output_dir"], arithmetic_steps=6)
+    third = pool_builder.build_pool(changed, progress=False)
+    assert [r["rebuilt"] for r in third["adapters"]] == [True, False, False]
+    assert third["adapters"][0]["inputs_hash"] != manifest["adapters"][0]["inputs_hash"]
+    assert third["adapters"][0]["steps"] == 6
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"adapters": [{"name": "x", "task": "imdb"}]}, r"adapters\[0\].task must be one of"),
+    ({"adapters": [{"name": "x", "task": "skills_arithmetic"}] * 2}, r"adapters\[1\].name 'x' is repeated"),
+    ({"lora": {"rank": 4}}, r"unknown key\(s\) \['rank'\] in lora"),
+    ({"training": {"steps": 0}}, "training.steps must be an int >= 1, got 0"),
+    ({"epochs": 3}, r"unknown key\(s\) \['epochs'\] in the pool config"),
+])
+def test_validate_spec_names_the_bad_key(change, message):
+    spec = {"adapters": [{"name": "a", "task": "skills_arithmetic"}], **change}
+    with pytest.raises(ValueError, match=message):
+        pool_builder.validate_spec(spec)
+
+
+def test_cli_reports_bad_config(tmp_path, capsys):
+    config = tmp_path / "pool.yaml"
+    config.write_text("adapters: []\n")
+    parser = argparse.ArgumentParser()
+    pool_builder.configure_parser(parser)
+    assert pool_builder.run(parser.parse_args(["--config", str(config)])) == 2
+    assert "adapters must be a non-empty list" in capsys.readouterr().err
+
+
+def test_text_task_runs_through_the_federated_harness(built, tmp_path):
+    from smartfed.report import find_runs, target_checks
+    from smartfed.tasks.harness_bridge import run_text_experiment
+
+    spec, manifest = built
+    base = {
+        "seed": 0, "model": {"tiny": None, "pretrained": spec["model_dir"]},
+        "task": {"name": "skills_target", "options": {"split_seed": 0}},
+        "pool": {"paths": [r["path"] for r in manifest["adapters"]], "target_modules": ["q_proj", "v_proj"]},
+        "more": {"top_k": 2, "router": "expert_space"}, "eeqa": {"every_rounds": 1},
+        "federation": {"num_clients": 3, "rounds": 2, "min_clients": 2, "local_steps": 2, "batch_size": 8,
+                       "min_examples_per_client": 4, "lr": 0.01},
+        "baseline": {"lora_rank": 2, "lora_alpha": 4},
+    }
+    outcomes = {}
+    for method in ("smartfed", "fedit"):
+        outcomes[method] = run_text_experiment({**base, "method": method}, tmp_path / method, progress=False)
+    for method, outcome in outcomes.items():
+        assert [r["round"] for r in outcome.history] == [1, 2]
+        assert 0.0 <= outcome.history[-1]["accuracy"] <= 1.0 and outcome.history[-1]["total_bytes_up"] > 0
+    summary = json.loads((tmp_path / "smartfed" / "text_task.json").read_text())
+    assert summary["name"] == "skills_target" and summary["eval_examples"] == 44
+    assert sum(summary["client_sizes"]) == 66
+    assert outcomes["smartfed"].history[-1]["total_bytes_up"] < outcomes["fedit"].history[-1]["total_bytes_up"]
+    runs = find_runs([tmp_path])
+    assert {(run.task, run.method) for run in runs} == {("skills_target", "smartfed_expert_space"),
+                                                        ("skills_target", "fedit")}
+    assert len(target_checks(runs)) == 1
+
+
+def test_sweep_runs_merge_task_and_method_overrides():
+    from smartfed.tasks.harness_bridge import sweep_runs
+
+    data = {
+        "base": {"federation": {"rounds": 3, "lr": 0.01}, "more": {"top_k": 4}},
+        "sweep": {
+            "seeds": [0, 1],
+            "tasks": {"skills": {"task": {"name": "skills_target"}}},
+            "methods": {"smartfed": {}, "fedit": {"federation": {"lr": 0.003}}},
+        },
+    }
+    runs = dict((str(path), config) for path, config in sweep_runs(data))
+    assert list(runs) == ["skills/smartfed/seed0", "skills/fedit/seed0", "skills/smartfed/seed1", "skills/fedit/seed1"]
+    fedit = runs["skills/fedit/seed1"]
+    assert fedit["federation"] == {"rounds": 3, "lr": 0.003} and fedit["seed"] == 1 and fedit["method"] == "fedit"
+    assert fedit["task"] == {"name": "skills_target"} and runs["skills/smartfed/seed0"]["federation"]["lr"] == 0.01
+    with pytest.raises(ValueError, match="sweep must be a mapping with exactly the keys"):
+        sweep_runs({"sweep": {"seeds": [0]}})
+    with pytest.raises(ValueError, match=r"unknown top-level key\(s\) \['extra'\]"):
+        sweep_runs({**data, "extra": 1})
+
+
+def test_expert_usage_counts_selections_by_source_adapter(built):
+    from smartfed import MoREConfig, inject_more, more_layers
+    from smartfed.tasks.expert_usage import expert_usage_by_adapter
+    from smartfed.tasks.models import load_frozen_model
+
+    spec, manifest = built
+    pool = LoRAPool.from_pretrained([r["path"] for r in manifest["adapters"]])
+    model = inject_more(load_frozen_model(spec["model_dir"]), pool, MoREConfig(top_k=2, router="expert_space"))
+    input_ids = torch.randint(0, len(VOCAB_WORDS), (5, 6), generator=torch.Generator().manual_seed(0))
+    usage = expert_usage_by_adapter(model, input_ids, batch_size=2)
+    assert set(usage["selections"]) == {"arithmetic", "number_words", "next_letter"}
+    assert sum(usage["selections"].values()) == pytest.approx(1.0)
+    assert sum(usage["gate_mass"].values()) == pytest.approx(1.0)
+    with torch.no_grad():
+        for layer in more_layers(model).values():
+            favoured = torch.tensor([origin[0] == "number_words" for origin in layer.origins])
+            layer.router_bias.copy_(favoured.float() * 100.0)
+    forced = expert_usage_by_adapter(model, input_ids)
+    assert forced["selections"] == pytest.approx({"arithmetic": 0.0, "next_letter": 0.0, "number_words": 1.0})
+    assert set(forced["by_projection"]) == {"q_proj", "v_proj"}

@@ -1,0 +1,108 @@
+"""smartfed report: tables, the DESIGN 8 target check and plots from metrics.jsonl files."""
+
+import argparse
+import json
+
+import pytest
+
+from smartfed import report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def write_run(root, name, *, method, seed, accuracies, bytes_per_round, router="expert_space", quotas=None,
+              task="bbc_news"):
+    folder = root / name
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"method": method, "seed": seed, "more": {"router": router}}))
+    (folder / "text_task.json").write_text(json.dumps({"name": task}))
+    lines = []
+    for index, accuracy in enumerate(accuracies, start=1):
+        record = {"round": index, "status": "completed", "accuracy": accuracy, "loss": 1.0 - accuracy,
+                  "total_bytes_up": index * bytes_per_round, "total_bytes_down": index * bytes_per_round,
+                  "bytes_up": bytes_per_round, "wall_s": 2.0}
+        if quotas is not None:
+            record["quotas"] = {module: k + index % 2 for module, k in quotas.items()}
+        lines.append(json.dumps(record))
+    lines.insert(1, json.dumps({"round": 2, "status": "failed", "bytes_up": 5}))
+    (folder / report.METRICS_FILE).write_text("\n".join(lines) + "\n")
+    return folder
+
+
+@pytest.fixture
+def runs_root(tmp_path):
+    quotas = {"model.layers.0.self_attn.q_proj": 2, "model.layers.0.self_attn.v_proj": 4}
+    write_run(tmp_path, "fedit_s0", method="fedit", seed=0, accuracies=[0.3, 0.5, 0.6, 0.7, 0.75, 0.8],
+              bytes_per_round=1000)
+    write_run(tmp_path, "smartfed_s0", method="smartfed", seed=0, accuracies=[0.6, 0.82, 0.85, 0.86, 0.86, 0.87],
+              bytes_per_round=100, quotas=quotas)
+    write_run(tmp_path, "fedit_s1", method="fedit", seed=1, accuracies=[0.4, 0.6, 0.7, 0.8, 0.85, 0.9],
+              bytes_per_round=1000)
+    write_run(tmp_path, "smartfed_s1", method="smartfed", seed=1, accuracies=[0.5, 0.6, 0.7, 0.8, 0.85, 0.88],
+              bytes_per_round=100, quotas=quotas)
+    return tmp_path
+
+
+def test_target_check_against_fedit(runs_root):
+    checks = {c["seed"]: c for c in report.target_checks(report.find_runs([runs_root]))}
+    assert checks[0]["reached_round"] == 2 and checks[0]["reached_bytes"] == 400
+    assert checks[0]["fedit_bytes"] == 12000 and checks[0]["rounds_ok"] and checks[0]["bytes_ok"]
+    assert checks[1]["reached_round"] is None and not checks[1]["rounds_ok"]
+    assert checks[0]["method"] == "smartfed_expert_space"
+
+
+def test_failed_rounds_are_skipped(runs_root):
+    run = report.load_run(runs_root / "fedit_s0" / report.METRICS_FILE)
+    assert run.rounds == [1, 2, 3, 4, 5, 6] and run.cumulative_bytes[-1] == 12000
+    assert (run.task, run.method, run.seed) == ("bbc_news", "fedit", 0)
+
+
+def test_write_report_tables_and_plots(runs_root, tmp_path):
+    output = tmp_path / "out"
+    path = report.write_report([runs_root], output)
+    text = path.read_text()
+    assert "| bbc_news | fedit | 2 | 0.850 ± 0.071 |" in text
+    assert "| bbc_news | 0 | smartfed_expert_space | 0.800 | 6 | 0.012 | 2 | 0.000 | yes |" in text
+    assert "| bbc_news | 1 | smartfed_expert_space | 0.900 | 6 | 0.012 | not reached | - | no |" in text
+    plots = sorted(p.name for p in output.glob("*.png"))
+    assert plots == sorted(["accuracy_vs_round.png", "accuracy_vs_bytes.png",
+                            "quotas_bbc_news_smartfed_expert_space_seed0_smartfed_s0.png",
+                            "quotas_bbc_news_smartfed_expert_space_seed1_smartfed_s1.png"])
+    assert all((output / name).read_bytes()[:8] == PNG_MAGIC for name in plots)
+    assert all(f"![{name}]({name})" in text for name in plots)
+    summary = json.loads((output / "summary.json").read_text())
+    assert len(summary["runs"]) == 4 and len(summary["target_checks"]) == 2
+
+
+def test_expert_usage_plot_when_recorded(tmp_path):
+    folder = write_run(tmp_path / "runs", "smartfed", method="smartfed", seed=0, accuracies=[0.5, 0.6],
+                       bytes_per_round=10)
+    lines = [json.loads(line) for line in (folder / report.METRICS_FILE).read_text().splitlines()]
+    for line in lines:
+        line["expert_usage"] = {"arithmetic": 3, "next_letter": 1}
+    (folder / report.METRICS_FILE).write_text("\n".join(json.dumps(line) for line in lines))
+    report.write_report([folder], tmp_path / "out")
+    assert (tmp_path / "out" / "expert_usage_bbc_news_smartfed_expert_space_seed0_smartfed.png").is_file()
+
+
+def test_errors_name_the_problem(tmp_path, capsys):
+    with pytest.raises(FileNotFoundError, match="no metrics.jsonl under"):
+        report.find_runs([tmp_path])
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / report.METRICS_FILE).write_text('{"round": 1, "accuracy": 0.5}\nnot json\n')
+    with pytest.raises(ValueError, match="metrics.jsonl:2 is not JSON"):
+        report.load_run(bad / report.METRICS_FILE)
+    parser = argparse.ArgumentParser()
+    report.configure_parser(parser)
+    assert report.run(parser.parse_args([str(tmp_path / "missing"), "--output", str(tmp_path / "o")])) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_expert_usage_table_from_usage_file(runs_root, tmp_path):
+    usage = {"round": 6, "prompts": 44, "selections": {"arithmetic": 0.5, "next_letter": 0.5},
+             "gate_mass": {"arithmetic": 0.75, "next_letter": 0.25}}
+    (runs_root / "smartfed_s0" / report.USAGE_FILE).write_text(json.dumps(usage))
+    text = report.write_report([runs_root], tmp_path / "out").read_text()
+    assert ("| bbc_news | smartfed_expert_space | 0 | 6 | 44 | arithmetic 0.50, next_letter 0.50 | "
+            "arithmetic 0.75, next_letter 0.25 |") in text
