@@ -134,6 +134,32 @@ def test_text_task_runs_through_the_federated_harness(built, tmp_path):
     assert len(target_checks(runs)) == 1
 
 
+def test_smartfed_train_reads_a_text_task_from_its_config(built, tmp_path, capsys):
+    import yaml
+
+    from smartfed.cli import main
+
+    spec, manifest = built
+    config = {
+        "seed": 0, "method": "smartfed", "model": {"tiny": None, "pretrained": spec["model_dir"]},
+        "task": {"name": "skills_target", "options": {"split_seed": 0}},
+        "pool": {"paths": [r["path"] for r in manifest["adapters"]], "target_modules": ["q_proj", "v_proj"]},
+        "more": {"top_k": 2}, "eeqa": {"every_rounds": 1},
+        "federation": {"num_clients": 2, "rounds": 1, "min_clients": 2, "local_steps": 1, "batch_size": 8,
+                       "min_examples_per_client": 4},
+    }
+    path = tmp_path / "text.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["train", "--config", str(path), "--output", str(tmp_path / "run"), "--no-progress"]) == 0
+    rounds = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1] and 0.0 <= rounds[0]["accuracy"] <= 1.0
+
+    config["model"] = {"tiny": {"hidden_size": 32}}
+    path.write_text(yaml.safe_dump(config))
+    assert main(["train", "--config", str(path), "--output", str(tmp_path / "refused"), "--no-progress"]) == 2
+    assert "model.pretrained must name a folder with a tokenizer" in capsys.readouterr().err
+
+
 def test_sweep_runs_merge_task_and_method_overrides():
     from smartfed.tasks.harness_bridge import sweep_runs
 

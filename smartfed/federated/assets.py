@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from smartfed.federated.config import SYNTHETIC_TASK
 from smartfed.federated.data import answer_logits, answer_loss, batch_indices, generate_examples, make_layout
 from smartfed.federated.seeding import STREAM_BASE_MODEL, STREAM_LAYOUT, STREAM_POOL, derived_seed
 
@@ -41,6 +42,13 @@ def build_base_model(model_config, seed):
 
 
 def task_layout(config):
+    """The target task's layout: the synthetic layout, or a smartfed.tasks text task (whose
+    ``label_token_ids`` is all the trainer reads) tokenized by ``model.pretrained``'s tokenizer."""
+    if config.task.name != SYNTHETIC_TASK:
+        from smartfed.tasks import load_task
+        from smartfed.tasks.models import load_tokenizer
+
+        return load_task(config.task.name, load_tokenizer(config.model.pretrained), **config.task.options)
     vocab_size = base_vocab_size(config.model)
     return make_layout(
         vocab_size, config.task.num_labels, config.pool.source_tasks,

@@ -22,6 +22,9 @@ IMPORTANCE_METRICS = ("cosine", "magnitude", "gradient")
 FAULT_KINDS = ("raise", "nan", "shape", "timeout")
 
 
+SYNTHETIC_TASK = "synthetic"
+
+
 @dataclass
 class ModelConfig:
     """The frozen base model: a tiny random Llama built from ``tiny`` (LlamaConfig keyword
@@ -38,9 +41,14 @@ class ModelConfig:
 
 @dataclass
 class TaskConfig:
-    """The synthetic classification task (smartfed.federated.data): sequences of ``seq_len``
-    content tokens whose label is shown by ``signals_per_example`` signal tokens."""
+    """The target task. ``name="synthetic"`` (default): the synthetic classification task of
+    smartfed.federated.data, sequences of ``seq_len`` content tokens whose label is shown by
+    ``signals_per_example`` signal tokens (the fields below). Any other ``name`` is a text task of
+    smartfed.tasks (e.g. ``bbc_news``, ``skills_target``) built with ``options`` as its keyword
+    arguments and the tokenizer of ``model.pretrained``; the synthetic fields are then unused."""
 
+    name: str = SYNTHETIC_TASK
+    options: dict = field(default_factory=dict)
     num_labels: int = 4
     seq_len: int = 12
     signal_tokens_per_class: int = 2
@@ -191,6 +199,13 @@ def validate_config(config: RunConfig) -> RunConfig:
         "model needs exactly one of 'tiny' (LlamaConfig arguments) or 'pretrained' (a directory)",
     )
     task = config.task
+    _require(isinstance(task.options, dict), f"task.options must be a mapping, got {task.options!r}")
+    if task.name != SYNTHETIC_TASK:
+        from smartfed.tasks import TASK_BUILDERS
+
+        _check_choice("task.name", task.name, (SYNTHETIC_TASK, *TASK_BUILDERS))
+        _require(model.pretrained is not None,
+                 f"task.name={task.name!r} is a text task: model.pretrained must name a folder with a tokenizer")
     _check_positive_int("task.num_labels", task.num_labels, 2)
     _check_positive_int("task.seq_len", task.seq_len, 2)
     _check_positive_int("task.signal_tokens_per_class", task.signal_tokens_per_class)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from smartfed.federated.config import SYNTHETIC_TASK
 from smartfed.federated.partition import partition_labels
 from smartfed.federated.seeding import STREAM_EVAL_DATA, STREAM_PARTITION, STREAM_TRAIN_DATA, derived_seed
 
@@ -130,6 +131,8 @@ class FederatedData:
 def federated_data(config, layout):
     """Target-task training examples split across ``config.federation.num_clients`` clients
     (Dirichlet or IID by label) and a held-out evaluation set; deterministic by ``config.seed``."""
+    if config.task.name != SYNTHETIC_TASK:
+        return federated_text_data(config, layout)
     task, fed = config.task, config.federation
     options = {"seq_len": task.seq_len, "signals_per_example": task.signals_per_example}
     train = generate_examples(
@@ -143,3 +146,20 @@ def federated_data(config, layout):
         seed=derived_seed(config.seed, STREAM_PARTITION), min_per_client=fed.min_examples_per_client,
     )
     return FederatedData(clients=[train.subset(part) for part in parts], evaluation=evaluation, partitions=parts)
+
+
+def federated_text_data(config, task):
+    """FederatedData of a smartfed.tasks text task: its training split partitioned across clients
+    like the synthetic task's (``config.federation``, seeded by ``config.seed``) and its
+    evaluation split."""
+    fed = config.federation
+    train = Examples(task.train_input_ids, task.train_labels)
+    parts = partition_labels(
+        train.labels.numpy(), fed.num_clients, method=fed.partition, alpha=fed.alpha,
+        seed=derived_seed(config.seed, STREAM_PARTITION), min_per_client=fed.min_examples_per_client,
+    )
+    return FederatedData(
+        clients=[train.subset(part) for part in parts],
+        evaluation=Examples(task.eval_input_ids, task.eval_labels),
+        partitions=parts,
+    )

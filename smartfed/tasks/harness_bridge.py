@@ -1,20 +1,14 @@
-"""Runs the federated harness (smartfed.federated) on a text task of smartfed.tasks.
+"""Runs the federated harness (smartfed.federated) on a text task of smartfed.tasks, and sweeps.
 
-The harness's config knows only its synthetic task. A run config for a text task adds two keys to
-its ``task`` section, ``name`` (a smartfed.tasks task) and ``options`` (that task's keyword
-arguments); this module takes them out, builds the harness's config from the rest, and hands the
-harness the text task in place of the synthetic one: ``trainer.layout`` (the harness reads only
-``label_token_ids`` from it) and ``simulation.data`` (clients' examples by the same Dirichlet
-partition, and the evaluation split).
+A run config names its text task in ``task.name`` / ``task.options``, which the harness reads
+itself (``smartfed train`` runs such a config too); this runner also materializes the default
+SmolLM2 folder on first use and writes the task's splits beside the metrics:
 
     python -m smartfed.tasks.harness_bridge --config configs/demo.yaml --output DIR
 
 A config with a top-level ``sweep`` section (configs/paper_small.yaml) runs every
 (seed, task, method) of it, one run folder each (``DIR/<task>/<method>/seed<k>``), seeds
 outermost so that a sweep cut short holds whole seeds; finished runs are skipped.
-
-Once the harness reads ``task.name`` / ``task.options`` itself (see docs/experiment.md), a plain
-``smartfed train`` runs the same configs and this module goes away.
 """
 
 import argparse
@@ -22,22 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-TASK_KEYS = ("name", "options")
 TASK_FILE = "text_task.json"
-
-
-def split_task_section(data):
-    """(harness config dict, text task name, its options) from a run config dict."""
-    data = dict(data or {})
-    task = dict(data.get("task") or {})
-    name = task.pop("name", None)
-    options = task.pop("options", None) or {}
-    if name is None:
-        raise ValueError("config section 'task' needs 'name' (a smartfed.tasks task, e.g. bbc_news)")
-    if not isinstance(options, dict):
-        raise ValueError(f"task.options must be a mapping of the task's keyword arguments, got {options!r}")
-    data["task"] = task or None
-    return data, name, options
 
 
 def prepare_model_dir(model_config):
@@ -49,47 +28,22 @@ def prepare_model_dir(model_config):
         materialize_gguf()
 
 
-def federated_text_data(config, task):
-    """The harness's FederatedData for ``task``: its training split partitioned across clients
-    (``config.federation``: Dirichlet or IID by label, seeded by ``config.seed``) and its
-    evaluation split."""
-    from smartfed.federated.data import Examples, FederatedData
-    from smartfed.federated.partition import partition_labels
-    from smartfed.federated.seeding import STREAM_PARTITION, derived_seed
-
-    fed = config.federation
-    train = Examples(task.train_input_ids, task.train_labels)
-    parts = partition_labels(
-        train.labels.numpy(), fed.num_clients, method=fed.partition, alpha=fed.alpha,
-        seed=derived_seed(config.seed, STREAM_PARTITION), min_per_client=fed.min_examples_per_client,
-    )
-    return FederatedData(
-        clients=[train.subset(part) for part in parts],
-        evaluation=Examples(task.eval_input_ids, task.eval_labels),
-        partitions=parts,
-    )
-
-
 def run_text_experiment(data, output_dir, *, progress=True, device="cpu"):
-    """Run the federated experiment of the config dict ``data`` into ``output_dir``."""
+    """Run the federated experiment of the config dict ``data`` (a text task) into ``output_dir``
+    and record the task's splits and client label counts beside its metrics."""
     from smartfed.federated.config import config_from_dict
     from smartfed.federated.simulation import Simulation
     from smartfed.federated.task import ClientTrainer
-    from smartfed.tasks import load_task
-    from smartfed.tasks.models import load_tokenizer
 
-    harness_data, name, options = split_task_section(data)
-    config = config_from_dict(harness_data)
-    if config.model.pretrained is None:
-        raise ValueError("model.pretrained must name a Hugging Face folder with a tokenizer for a text task")
+    config = config_from_dict(data)
+    if config.task.name == "synthetic":
+        raise ValueError("task.name must name a smartfed.tasks text task (e.g. bbc_news) for this runner")
     prepare_model_dir(config.model)
-    task = load_task(name, load_tokenizer(config.model.pretrained), **options)
     trainer = ClientTrainer(config, device=device, progress=progress)
     simulation = Simulation(config, output_dir, progress=progress, trainer=trainer)
-    trainer.layout = task
-    simulation.data = federated_text_data(config, task)
+    task = trainer.layout
     summary = {
-        **task.summary(), "options": options, "description": task.description,
+        **task.summary(), "options": config.task.options, "description": task.description,
         "client_sizes": [len(part) for part in simulation.data.partitions],
         "client_label_counts": [
             [int((examples.labels == label).sum()) for label in range(task.num_labels)]
