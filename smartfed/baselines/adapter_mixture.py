@@ -10,8 +10,7 @@ active (no top-k over rank-wise experts)."""
 import torch
 from torch import nn
 
-from smartfed.baselines.common import adapter_factors, load_named_parameters, replace_pool_linears, trainable_tensors
-from smartfed.federated.methods import FederatedMethod
+from smartfed.baselines.common import TrainableParametersMethod, adapter_factors, replace_pool_linears, trainable_tensors
 
 
 class AdapterMixtureLinear(nn.Module):
@@ -35,7 +34,7 @@ class AdapterMixtureLinear(nn.Module):
         return self.base(x) + (shrink * gates[..., self.expert_owner]) @ self.expert_b.T
 
 
-class AdapterMixtureMethod(FederatedMethod):
+class AdapterMixtureMethod(TrainableParametersMethod):
     name = "adapter_mixture"
 
     def build(self, base_model, pool):
@@ -44,12 +43,6 @@ class AdapterMixtureMethod(FederatedMethod):
             layer.gate.requires_grad_(True)
         self._names = sorted(trainable_tensors(base_model))
         return base_model
-
-    def trainable_state(self, model):
-        return trainable_tensors(model)
-
-    def load_trainable_state(self, model, state):
-        load_named_parameters(model, state, self._names)
 
     def forward_flops_per_token(self, model):
         return sum(

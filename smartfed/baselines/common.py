@@ -6,6 +6,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from smartfed.federated.methods import FederatedMethod
 from smartfed.federated.seeding import STREAM_ROUTER_INIT, derived_seed
 
 
@@ -21,6 +22,19 @@ def seeded_init(seed):
 def trainable_tensors(model):
     """name -> detached clone of every parameter that requires grad."""
     return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+class TrainableParametersMethod(FederatedMethod):
+    """A method whose travelling tensors are exactly its trainable parameters, by name:
+    ``build`` records them in ``self._names``."""
+
+    _names = ()
+
+    def trainable_state(self, model):
+        return trainable_tensors(model)
+
+    def load_trainable_state(self, model, state):
+        load_named_parameters(model, state, self._names)
 
 
 def load_named_parameters(model, state, names):

@@ -1,8 +1,7 @@
 """FedIT: a peft LoRA trained from scratch on the pool's target modules; clients upload A and B,
 the server averages each (FedAvg of A and of B separately, as FedIT does)."""
 
-from smartfed.baselines.common import load_named_parameters, seeded_init, trainable_tensors
-from smartfed.federated.methods import FederatedMethod
+from smartfed.baselines.common import TrainableParametersMethod, seeded_init, trainable_tensors
 
 
 def lora_layers(model):
@@ -11,7 +10,7 @@ def lora_layers(model):
     return [module for module in model.modules() if isinstance(module, LoraLayer)]
 
 
-class FedITMethod(FederatedMethod):
+class FedITMethod(TrainableParametersMethod):
     name = "fedit"
 
     def build(self, base_model, pool):
@@ -26,12 +25,6 @@ class FedITMethod(FederatedMethod):
             model = get_peft_model(base_model, lora)
         self._names = sorted(trainable_tensors(model))
         return model
-
-    def trainable_state(self, model):
-        return trainable_tensors(model)
-
-    def load_trainable_state(self, model, state):
-        load_named_parameters(model, state, self._names)
 
     def forward_flops_per_token(self, model):
         rank = self.config.baseline.lora_rank

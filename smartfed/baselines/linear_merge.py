@@ -8,8 +8,7 @@ same way). Only the E scalars travel; they start at 1/E, the plain average of th
 import torch
 from torch import nn
 
-from smartfed.baselines.common import adapter_factors, load_named_parameters, replace_pool_linears, trainable_tensors
-from smartfed.federated.methods import FederatedMethod
+from smartfed.baselines.common import TrainableParametersMethod, adapter_factors, replace_pool_linears
 
 WEIGHTS_NAME = "linear_merge_weights"
 
@@ -34,7 +33,7 @@ class LinearMergeLinear(nn.Module):
         return self.base(x) + ((x @ self.expert_a.T) * weights) @ self.expert_b.T
 
 
-class LinearMergeMethod(FederatedMethod):
+class LinearMergeMethod(TrainableParametersMethod):
     name = "linear_merge"
 
     def build(self, base_model, pool):
@@ -46,13 +45,8 @@ class LinearMergeMethod(FederatedMethod):
         base_model.register_parameter(
             WEIGHTS_NAME, nn.Parameter(torch.full((len(names),), 1.0 / len(names), device=device))
         )
+        self._names = [WEIGHTS_NAME]
         return base_model
-
-    def trainable_state(self, model):
-        return trainable_tensors(model)
-
-    def load_trainable_state(self, model, state):
-        load_named_parameters(model, state, [WEIGHTS_NAME])
 
     def forward_flops_per_token(self, model):
         return sum(

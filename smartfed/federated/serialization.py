@@ -30,8 +30,8 @@ class Payload:
         return len(self.data)
 
 
-def encode_payload(tensors, meta, wire_dtype="fp32") -> Payload:
-    """Serialise ``tensors`` (name -> floating tensor) in ``wire_dtype`` and ``meta`` (JSON-able)."""
+def to_wire_dtype(tensors, wire_dtype) -> dict:
+    """``tensors`` (name -> floating tensor) as contiguous CPU tensors in ``wire_dtype``."""
     if wire_dtype not in WIRE_DTYPES:
         raise ValueError(f"wire_dtype must be one of {sorted(WIRE_DTYPES)}, got {wire_dtype!r}")
     dtype = WIRE_DTYPES[wire_dtype]
@@ -40,6 +40,12 @@ def encode_payload(tensors, meta, wire_dtype="fp32") -> Payload:
         if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
             raise TypeError(f"tensor {name!r} must be a floating torch.Tensor, got {type(tensor).__name__}")
         converted[name] = tensor.detach().to("cpu", dtype).contiguous()
+    return converted
+
+
+def encode_payload(tensors, meta, wire_dtype="fp32") -> Payload:
+    """Serialise ``tensors`` (name -> floating tensor) in ``wire_dtype`` and ``meta`` (JSON-able)."""
+    converted = to_wire_dtype(tensors, wire_dtype)
     tensor_part = safetensors_save(converted) if converted else b""
     meta_part = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode("utf-8")
     data_bytes = sum(t.numel() * t.element_size() for t in converted.values())

@@ -19,7 +19,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from smartfed.federated.protocol import ClientInstructions, ClientResult
-from smartfed.federated.serialization import WIRE_DTYPES
+from smartfed.federated.serialization import to_wire_dtype
 
 STATE = "state"
 INSTRUCTIONS = "instructions"
@@ -56,15 +56,9 @@ def wire_size(content: RecordDict) -> WireSize:
 
 def state_to_record(state, wire_dtype) -> ArrayRecord:
     """``state`` (name -> floating tensor) as an ArrayRecord in ``wire_dtype`` ("fp32" or "bf16")."""
-    if wire_dtype not in WIRE_DTYPES:
-        raise ValueError(f"wire_dtype must be one of {sorted(WIRE_DTYPES)}, got {wire_dtype!r}")
-    dtype = WIRE_DTYPES[wire_dtype]
     arrays = {}
-    for name, tensor in state.items():
-        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
-            raise TypeError(f"tensor {name!r} must be a floating torch.Tensor, got {type(tensor).__name__}")
-        converted = tensor.detach().to("cpu", dtype).contiguous()
-        if dtype == torch.float32:
+    for name, converted in to_wire_dtype(state, wire_dtype).items():
+        if converted.dtype == torch.float32:
             arrays[name] = Array(converted.numpy())
         else:
             raw = converted.view(torch.int16).numpy().tobytes()
