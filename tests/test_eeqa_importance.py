@@ -108,6 +108,54 @@ def test_tracker_matches_direct_computation_on_a_layer(estimator):
     assert tracker.importance()["0"] == pytest.approx(expected, rel=1e-4)
 
 
+@pytest.mark.parametrize("estimator", ["cosine", "magnitude", "gradient"])
+@pytest.mark.parametrize("gamma", [None, 3.0])
+def test_per_expert_tracker_measures_delta_over_gamma(estimator, gamma):
+    generator = torch.Generator().manual_seed(14)
+    layer = more_layer(generator, 0.5, k=3)
+    layer.gamma = gamma
+    model = nn.Sequential(layer)
+    x = torch.randn(2, 5, D, generator=generator)
+    target = torch.randn(2, 5, D, generator=generator)
+    with ImportanceTracker(model, estimator=estimator, per_expert=True) as tracker:
+        (model(x) * target).sum().backward()
+    y0 = layer.base(x).double()
+    delta = reference.more_linear(
+        x.double(), None, None, layer.router_weight.double(), None, layer.expert_a.double(),
+        layer.expert_b.double(), layer.top_k, gamma=gamma,
+    ) / (layer.top_k if gamma is None else gamma)
+    if estimator == "cosine":
+        expected = 1 - torch.nn.functional.cosine_similarity(y0, y0 + delta, dim=-1)
+    elif estimator == "magnitude":
+        expected = delta.norm(dim=-1) / y0.norm(dim=-1)
+    else:
+        expected = (target.double() * delta).sum(dim=-1).abs()
+    assert tracker.importance()["0"] == pytest.approx(expected.mean().item(), rel=1e-4)
+
+
+def test_per_expert_importance_does_not_grow_with_the_quota():
+    """Identical experts: the gated mean of the selected ones is one expert whatever k is, so the
+    per-expert importance stays put while the plain one grows with k (the quota feedback)."""
+    generator = torch.Generator().manual_seed(15)
+    layer = more_layer(generator, 0.3)
+    with torch.no_grad():
+        layer.expert_a.copy_(layer.expert_a[:1].expand(N, D))
+        layer.expert_b.copy_(layer.expert_b[:, :1].expand(D, N))
+    model = nn.Sequential(layer)
+    x = torch.randn(6, D, generator=generator)
+    measured = {}
+    for per_expert in (False, True):
+        for k in (1, 4, N):
+            layer.top_k = k
+            with ImportanceTracker(model, per_expert=per_expert) as tracker, torch.no_grad():
+                model(x)
+            measured[per_expert, k] = tracker.importance()["0"]
+    assert measured[True, 1] == pytest.approx(measured[True, 4], rel=1e-4)
+    assert measured[True, 1] == pytest.approx(measured[True, N], rel=1e-4)
+    assert measured[False, 1] == pytest.approx(measured[True, 1], rel=1e-4)
+    assert measured[False, 1] < measured[False, 4] < measured[False, N]
+
+
 def test_tracker_leaves_outputs_and_gradients_unchanged():
     generator = torch.Generator().manual_seed(5)
     model = nn.Sequential(more_layer(generator, 1.0), nn.Tanh(), more_layer(generator, 1.0))
@@ -166,6 +214,8 @@ def test_tracker_rejects_bad_arguments():
         ImportanceTracker(nn.Sequential(more_layer(torch.Generator().manual_seed(0), 1.0)), estimator="fisher")
     with pytest.raises(ValueError, match="model has no MoRE layers"):
         ImportanceTracker(nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="per_expert: expected a bool, got str"):
+        ImportanceTracker(nn.Sequential(more_layer(torch.Generator().manual_seed(0), 1.0)), per_expert="yes")
 
 
 def test_client_statistics_serialise_and_merge_weighted_by_tokens():

@@ -156,15 +156,22 @@ def test_config_validation_names_the_key(tmp_path):
         config_from_dict({"faults": {2: {0: "explode"}}})
     with pytest.raises(ValueError, match="unknown top-level config key"):
         config_from_dict({"round": 3})
+    with pytest.raises(ValueError, match="eeqa.per_expert must be true or false, got 'yes'"):
+        config_from_dict({"eeqa": {"per_expert": "yes"}})
+    with pytest.raises(ValueError, match="label must be a non-empty string or null, got ''"):
+        config_from_dict({"label": ""})
+    assert config_from_dict({"label": "smartfed_uniform_quota"}).label == "smartfed_uniform_quota"
     path = tmp_path / "run.yaml"
     path.write_text("federation:\n  rounds: 7\nfaults:\n  '2': {'1': nan}\n")
     config = load_config(path)
     assert config.federation.rounds == 7 and config.faults == {2: {1: "nan"}}
 
 
-def test_fingerprint_ignores_rounds_and_faults_only():
+def test_fingerprint_ignores_rounds_faults_and_label_only():
     config = config_from_dict({})
     assert config_fingerprint(config) == config_fingerprint(with_overrides(config, federation={"rounds": 9}, faults={1: {0: "raise"}}))
+    assert config_fingerprint(config) == config_fingerprint(with_overrides(config, label="ablation"))
+    assert config_fingerprint(config) != config_fingerprint(with_overrides(config, eeqa={"per_expert": False}))
     assert config_fingerprint(config) != config_fingerprint(with_overrides(config, federation={"lr": 0.5}))
 
 

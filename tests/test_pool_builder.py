@@ -182,6 +182,31 @@ def test_sweep_runs_merge_task_and_method_overrides():
         sweep_runs({**data, "extra": 1})
 
 
+def test_sweep_ablations_get_a_label_and_per_task_values():
+    from smartfed.tasks.harness_bridge import sweep_runs
+
+    data = {
+        "base": {"more": {"top_k": 4}, "pool": {"paths": ["a", "b", "distractor"]}},
+        "sweep": {
+            "seeds": [0],
+            "tasks": {"skills": {"task": {"name": "skills_target"}}, "bbc": {"task": {"name": "bbc_news"}}},
+            "methods": {
+                "smartfed": {},
+                "no_distractor": {"method": "smartfed", "per_task": {"skills": {"pool": {"paths": ["a", "b"]}}}},
+            },
+        },
+    }
+    runs = dict((str(path), config) for path, config in sweep_runs(data))
+    assert "label" not in runs["skills/smartfed/seed0"]
+    ablation = runs["skills/no_distractor/seed0"]
+    assert ablation["method"] == "smartfed" and ablation["label"] == "no_distractor"
+    assert ablation["pool"] == {"paths": ["a", "b"]}
+    assert runs["bbc/no_distractor/seed0"]["pool"] == {"paths": ["a", "b", "distractor"]}
+    data["sweep"]["methods"]["no_distractor"]["per_task"] = {"news": {}}
+    with pytest.raises(ValueError, match=r"per_task names task\(s\) \['news'\] that sweep.tasks lacks"):
+        sweep_runs(data)
+
+
 def test_expert_usage_counts_selections_by_source_adapter(built):
     from smartfed import MoREConfig, inject_more, more_layers
     from smartfed.tasks.expert_usage import expert_usage_by_adapter

@@ -14,13 +14,14 @@ def write_run(root, name, *, method, seed, accuracies, bytes_per_round, router="
               task="bbc_news"):
     folder = root / name
     folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps({"method": method, "seed": seed, "more": {"router": router}}))
+    config = {"method": method, "seed": seed, "more": {"router": router}, "federation": {"local_steps": 2}}
+    (folder / "config.json").write_text(json.dumps(config))
     (folder / "text_task.json").write_text(json.dumps({"name": task}))
     lines = []
     for index, accuracy in enumerate(accuracies, start=1):
         record = {"round": index, "status": "completed", "accuracy": accuracy, "loss": 1.0 - accuracy,
                   "total_bytes_up": index * bytes_per_round, "total_bytes_down": index * bytes_per_round,
-                  "bytes_up": bytes_per_round, "wall_s": 2.0}
+                  "bytes_up": bytes_per_round, "wall_s": 2.0, "client_compute_s": {"0": 1.0 * index, "1": 3.0}}
         if quotas is not None:
             record["quotas"] = {module: k + index % 2 for module, k in quotas.items()}
         lines.append(json.dumps(record))
@@ -64,6 +65,7 @@ def test_write_report_tables_and_plots(runs_root, tmp_path):
     assert "| bbc_news | fedit | 2 | 0.850 ± 0.071 |" in text
     assert "| bbc_news | 0 | smartfed_expert_space | 0.800 | 6 | 0.012 | 2 | 0.000 | yes |" in text
     assert "| bbc_news | 1 | smartfed_expert_space | 0.900 | 6 | 0.012 | not reached | - | no |" in text
+    assert "| bbc_news | smartfed_expert_space | 2 | 0.875 ± 0.007 | 0.875 | 0.001 | 0.000 | 2 / - | 0.000 | 1.50 |" in text
     plots = sorted(p.name for p in output.glob("*.png"))
     assert plots == sorted(["accuracy_vs_round.png", "accuracy_vs_bytes.png",
                             "quotas_bbc_news_smartfed_expert_space_seed0_smartfed_s0.png",
@@ -72,6 +74,19 @@ def test_write_report_tables_and_plots(runs_root, tmp_path):
     assert all(f"![{name}]({name})" in text for name in plots)
     summary = json.loads((output / "summary.json").read_text())
     assert len(summary["runs"]) == 4 and len(summary["target_checks"]) == 2
+
+
+def test_a_label_names_an_ablation_in_every_table(runs_root, tmp_path):
+    folder = write_run(runs_root, "uniform_s0", method="smartfed", seed=0, accuracies=[0.5, 0.7, 0.81],
+                       bytes_per_round=100)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "label": "smartfed_uniform_quota"}))
+    runs = report.find_runs([runs_root])
+    assert sorted({run.method for run in runs}) == ["fedit", "smartfed_expert_space", "smartfed_uniform_quota"]
+    checks = [c for c in report.target_checks(runs) if c["method"] == "smartfed_uniform_quota"]
+    assert [(c["seed"], c["reached_round"]) for c in checks] == [(0, 3)]
+    text = report.markdown_report(runs, [])
+    assert "| bbc_news | smartfed_uniform_quota | 1 | 0.810 ± 0.000 | 0.810 | 0.001 | 0.000 | 3 | 0.001 |" in text
 
 
 def test_expert_usage_plot_when_recorded(tmp_path):

@@ -8,7 +8,13 @@ For a token x of matrix m, with ``y0 = W0 x + b0`` and ``delta`` the MoRE contri
     gradient   |gy . delta|                 first-order change of the loss if delta were removed,
                                             gy = dL/dy (needs a backward pass)
 
-``I_m`` is the mean over tokens. Statistics are kept as (sum, token count) per module, so the
+``I_m`` is the mean over tokens. With ``per_expert=True`` every estimator sees ``delta / gamma``
+(the gate-weighted mean of the selected experts' contributions, as ``sum_S g_i = 1``) instead of
+``delta``. The mixture scale ``gamma`` defaults to the layer's own quota k, so the plain ``delta``
+grows with the quota it is meant to decide: a matrix given more experts then looks more important
+and gets more still, and within a few EEQA updates most matrices sit at ``k_min`` while a few
+take all N (seen on SmolLM2, docs/experiment.md). Dividing by gamma measures the matrix, not its
+quota. Statistics are kept as (sum, token count) per module, so the
 server can average clients by adding sums and counts, which weights every client by its tokens.
 All values are computed on detached tensors in float32 under ``no_grad``; sums stay on the
 layer's device until read, so tracking never forces a device synchronisation.
@@ -142,12 +148,15 @@ class ImportanceTracker:
     backward passes only, for layers whose expert contribution requires grad (trainable routers).
     """
 
-    def __init__(self, model, estimator="cosine"):
+    def __init__(self, model, estimator="cosine", *, per_expert=False):
         from smartfed.inject import more_layers
 
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        if not isinstance(per_expert, bool):
+            raise TypeError(f"per_expert: expected a bool, got {type(per_expert).__name__}")
         self.estimator = estimator
+        self.per_expert = per_expert
         self.layers = more_layers(model)
         if not self.layers:
             raise ValueError("model has no MoRE layers to track: call smartfed.inject_more first")
@@ -187,12 +196,18 @@ class ImportanceTracker:
         self._sums[name] = total if previous is None else previous + total
         self._counts[name] += values.numel()
 
+    def _measured(self, layer, delta):
+        if not self.per_expert:
+            return delta
+        gamma = layer.top_k if layer.gamma is None else layer.gamma
+        return delta / gamma
+
     def _observer(self, name):
         if self.estimator == "gradient":
             def observe(layer, x, y0, delta):
                 if not delta.requires_grad:
                     return
-                kept = delta.detach()
+                kept = self._measured(layer, delta.detach())
 
                 def on_grad(grad_output):
                     if self.attached:
@@ -206,7 +221,7 @@ class ImportanceTracker:
 
         def observe(layer, x, y0, delta):
             with torch.no_grad():
-                self._accumulate(name, estimate(y0, delta))
+                self._accumulate(name, estimate(y0, self._measured(layer, delta)))
         return observe
 
     def stats(self):

@@ -91,8 +91,11 @@ class EEQAConfig:
     every_rounds: int = 2
     ema: float = 0.5
     importance: str = "cosine"
+    # Measure delta / gamma (see smartfed.eeqa.importance): the plain delta grows with the quota.
+    per_expert: bool = True
     total_budget: Optional[int] = None
-    k_min: int = 1
+    # With top-k softmax gates a matrix at k = 1 has a constant gate of 1: its router gets no gradient.
+    k_min: int = 2
     tau: float = 1.0
     client_budgets: dict = field(default_factory=dict)
 
@@ -134,6 +137,8 @@ class BaselineConfig:
 class RunConfig:
     seed: int = 0
     method: str = "smartfed"
+    # The name reports give this run (an ablation of a method); None: the method's own name.
+    label: Optional[str] = None
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
@@ -237,6 +242,7 @@ def validate_config(config: RunConfig) -> RunConfig:
     if eeqa.total_budget is not None:
         _check_positive_int("eeqa.total_budget", eeqa.total_budget)
     _check_positive_int("eeqa.k_min", eeqa.k_min)
+    _require(isinstance(eeqa.per_expert, bool), f"eeqa.per_expert must be true or false, got {eeqa.per_expert!r}")
     _require(
         isinstance(eeqa.client_budgets, dict),
         f"eeqa.client_budgets must be a mapping client_id -> fraction, got {eeqa.client_budgets!r}",
@@ -286,15 +292,19 @@ SECTIONS = {
 
 def config_from_dict(data: Optional[dict]) -> RunConfig:
     data = dict(data or {})
-    top_level = {"seed", "method", "faults", *SECTIONS}
+    top_level = {"seed", "method", "label", "faults", *SECTIONS}
     unknown = sorted(set(data) - top_level)
     _require(not unknown, f"unknown top-level config key(s) {unknown}; expected some of {sorted(top_level)}")
     sections = {name: _build_section(cls, data.get(name), name) for name, cls in SECTIONS.items()}
     config = RunConfig(
-        seed=data.get("seed", 0), method=data.get("method", "smartfed"),
+        seed=data.get("seed", 0), method=data.get("method", "smartfed"), label=data.get("label"),
         faults=data.get("faults") or {}, **sections,
     )
     _check_positive_int("seed", config.seed, 0)
+    _require(
+        config.label is None or (isinstance(config.label, str) and config.label.strip()),
+        f"label must be a non-empty string or null, got {config.label!r}",
+    )
     return validate_config(config)
 
 
@@ -325,14 +335,14 @@ def with_overrides(config: RunConfig, **sections: Union[dict, Any]) -> RunConfig
 
 
 RESUMABLE_CHANGES = (
-    "federation.rounds", "federation.max_retries", "federation.client_timeout_s", "faults", "pool.cache_dir",
+    "federation.rounds", "federation.max_retries", "federation.client_timeout_s", "faults", "pool.cache_dir", "label",
 )
 
 
 def config_fingerprint(config: RunConfig, *, ignore=RESUMABLE_CHANGES) -> str:
     """Hash of the configuration minus what may change across a resume without changing the
     result of a completed round (number of rounds, retry and timeout policy, injected faults,
-    where the pool is cached: the pool itself is checked by its own fingerprint)."""
+    where the pool is cached: the pool itself is checked by its own fingerprint; the report label)."""
     data = config_to_dict(config)
     for dotted in ignore:
         node = data

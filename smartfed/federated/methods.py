@@ -119,7 +119,9 @@ class SmartFedMethod(FederatedMethod):
 
         if not self.config.eeqa.enabled:
             return None
-        return ImportanceTracker(model, self.config.eeqa.importance)
+        return ImportanceTracker(
+            model, self.config.eeqa.importance, per_expert=self.config.eeqa.per_expert
+        )
 
 
 def build_method(config) -> FederatedMethod:

@@ -70,7 +70,9 @@ def _merged(base, override):
 def sweep_runs(data):
     """(relative run folder, run config dict) for every (seed, task, method) of a sweep config:
     ``base`` (a run config), ``sweep.seeds``, ``sweep.tasks`` and ``sweep.methods`` (name -> the
-    config values that differ from ``base``)."""
+    config values that differ from ``base``). A method entry may hold ``per_task`` (task name ->
+    values for that task only, e.g. another pool) and may name a ``method`` of its own, which
+    makes it an ablation of that method: its runs get the entry's name as their ``label``."""
     sweep, base = data.get("sweep"), data.get("base") or {}
     if not isinstance(sweep, dict) or set(sweep) != SWEEP_KEYS:
         raise ValueError(f"sweep must be a mapping with exactly the keys {sorted(SWEEP_KEYS)}, got {sweep!r}")
@@ -81,20 +83,31 @@ def sweep_runs(data):
     for seed in sweep["seeds"]:
         for task, task_override in sweep["tasks"].items():
             for method, method_override in sweep["methods"].items():
+                method_override = dict(method_override or {})
+                per_task = method_override.pop("per_task", None) or {}
+                unknown_tasks = sorted(set(per_task) - set(sweep["tasks"]))
+                if unknown_tasks:
+                    raise ValueError(
+                        f"sweep.methods.{method}.per_task names task(s) {unknown_tasks} that sweep.tasks lacks"
+                    )
                 config = _merged(_merged(base, task_override), method_override)
+                config = _merged(config, per_task.get(task))
                 config = {**config, "seed": seed, "method": config.get("method", method)}
+                if config["method"] != method:
+                    config["label"] = method
                 runs.append((Path(task) / method / f"seed{seed}", config))
     return runs
 
 
-def run_sweep(data, output_root, *, progress=True, seeds=None, tasks=None):
+def run_sweep(data, output_root, *, progress=True, seeds=None, tasks=None, methods=None):
     """Run every run of the sweep config ``data`` not yet finished under ``output_root``
-    (only ``seeds`` / ``tasks`` when given)."""
+    (only ``seeds`` / ``tasks`` / ``methods`` when given)."""
     import shutil
 
     for relative, config in sweep_runs(data):
-        task, _, seed = relative.parts
-        if (seeds is not None and int(seed[len("seed"):]) not in seeds) or (tasks is not None and task not in tasks):
+        task, method, seed = relative.parts
+        if ((seeds is not None and int(seed[len("seed"):]) not in seeds) or (tasks is not None and task not in tasks)
+                or (methods is not None and method not in methods)):
             continue
         folder = Path(output_root) / relative
         rounds = (config.get("federation") or {}).get("rounds")
@@ -119,6 +132,7 @@ def main(argv=None) -> int:
                         help="override a config value, e.g. --set method=fedit --set seed=1 --set federation.rounds=4")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="sweep: run only these seeds")
     parser.add_argument("--tasks", nargs="+", default=None, help="sweep: run only these tasks of sweep.tasks")
+    parser.add_argument("--methods", nargs="+", default=None, help="sweep: run only these entries of sweep.methods")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = parser.parse_args(argv)
@@ -137,7 +151,8 @@ def main(argv=None) -> int:
                 node = node.setdefault(parent, {})
             node[leaf] = yaml.safe_load(value)
         if "sweep" in data:
-            run_sweep(data, args.output, progress=not args.no_progress, seeds=args.seeds, tasks=args.tasks)
+            run_sweep(data, args.output, progress=not args.no_progress, seeds=args.seeds, tasks=args.tasks,
+                      methods=args.methods)
             return 0
         outcome = run_text_experiment(data, args.output, progress=not args.no_progress)
     except (FileExistsError, FileNotFoundError, ValueError) as error:
