@@ -15,7 +15,7 @@
 import triton
 import triton.language as tl
 
-from smartfed_kernels.triton.kernel_utils import selected_coefficients
+from smartfed_kernels.triton.kernel_utils import add_into_output, selected_coefficients, split_rows
 
 
 @triton.jit
@@ -145,11 +145,7 @@ def input_grad_kernel(
             wr_tile = tl.load(wr_ptr + experts[:, None] * stride_wr0 + cols[None, :] * stride_wr1,
                               mask=rows_mask, other=0.0)
             acc = tl.dot(dz_tile, wr_tile, acc, input_precision=DOT_PRECISION)
-    pointers = dx_ptr + rows[:, None] * stride_dxt + cols[None, :] * stride_dxk
-    mask = row_ok[:, None] & col_ok[None, :]
-    if accumulate:
-        acc += tl.load(pointers, mask=mask, other=0.0).to(tl.float32)
-    tl.store(pointers, acc.to(dx_ptr.dtype.element_ty), mask=mask)
+    add_into_output(dx_ptr, stride_dxt, stride_dxk, rows, row_ok, cols, col_ok, acc, accumulate)
 
 
 @triton.jit
@@ -173,10 +169,8 @@ def rows_grad_kernel(
     acc_first = tl.zeros((BLOCK_E, BLOCK_K), dtype=tl.float32)
     acc_second = tl.zeros((BLOCK_E, BLOCK_K), dtype=tl.float32)
     bias = tl.zeros((BLOCK_E,), dtype=tl.float32)
-    token_begin = pid_s * tokens_per_split
     for t0 in range(0, tokens_per_split, BLOCK_T):
-        rows = (token_begin + t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
-        row_ok = (rows < num_tokens) & (t0 + tl.arange(0, BLOCK_T) < tokens_per_split)
+        rows, row_ok = split_rows(pid_s, tokens_per_split, t0, num_tokens, BLOCK_T)
         x_tile = tl.load(inputs_ptr + rows[:, None] * stride_it + cols[None, :] * stride_ik,
                          mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         # Coefficients are loaded transposed, [experts, tokens], straight into the product.
@@ -217,10 +211,8 @@ def expert_b_grad_kernel(
     expert_ok = experts < num_experts
     operand_type = gy_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_D, BLOCK_E), dtype=tl.float32)
-    token_begin = pid_s * tokens_per_split
     for t0 in range(0, tokens_per_split, BLOCK_T):
-        rows = (token_begin + t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
-        row_ok = (rows < num_tokens) & (t0 + tl.arange(0, BLOCK_T) < tokens_per_split)
+        rows, row_ok = split_rows(pid_s, tokens_per_split, t0, num_tokens, BLOCK_T)
         gy_tile = tl.load(gy_ptr + cols[:, None] * stride_gd + rows[None, :] * stride_gt,
                           mask=col_ok[:, None] & row_ok[None, :], other=0.0)
         gates, shrink = selected_coefficients(

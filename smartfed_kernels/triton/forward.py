@@ -20,6 +20,7 @@ import triton.language as tl
 
 from smartfed_kernels.triton.kernel_utils import (
     NO_EXPERT,
+    add_into_output,
     column,
     expert_space_logits_chunk,
     pick_largest,
@@ -66,15 +67,6 @@ def _chunk_logits(
         logits += bias[None, :]
     logits = tl.where(expert_ok[None, :], logits, float("-inf"))
     return shrink, logits
-
-
-@triton.jit
-def _add_into_output(y_ptr, stride_yt, stride_yd, rows, row_ok, cols, col_ok, delta, accumulate):
-    pointers = y_ptr + rows[:, None] * stride_yt + cols[None, :] * stride_yd
-    mask = row_ok[:, None] & col_ok[None, :]
-    if accumulate:
-        delta += tl.load(pointers, mask=mask, other=0.0).to(tl.float32)
-    tl.store(pointers, delta.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -151,7 +143,7 @@ def more_forward_kernel(
                 mask=expert_ok[:, None] & col_ok[None, :], other=0.0,
             )
             delta = tl.dot(coefficients, b_tile, input_precision=DOT_PRECISION)
-            _add_into_output(y_ptr, stride_yt, stride_yd, rows, row_ok, cols, col_ok, delta, accumulate)
+            add_into_output(y_ptr, stride_yt, stride_yd, rows, row_ok, cols, col_ok, delta, accumulate)
     else:
         slots = tl.arange(0, K_MAX)
         best_logits = tl.full((BLOCK_T, K_MAX), float("-inf"), tl.float32)
@@ -248,4 +240,4 @@ def more_forward_kernel(
                     mask=gather_mask, other=0.0,
                 )
                 delta += column(coefficients, slots, j)[:, None] * b_rows.to(tl.float32)
-            _add_into_output(y_ptr, stride_yt, stride_yd, rows, row_ok, cols, col_ok, delta, accumulate)
+            add_into_output(y_ptr, stride_yt, stride_yd, rows, row_ok, cols, col_ok, delta, accumulate)

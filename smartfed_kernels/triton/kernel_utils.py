@@ -104,3 +104,22 @@ def selected_coefficients(
         gates = tl.where(hit, gate[:, None], gates)
         shrink = tl.where(hit, value[:, None], shrink)
     return gates, shrink
+
+
+@triton.jit
+def add_into_output(y_ptr, stride_yt, stride_yd, rows, row_ok, cols, col_ok, delta, accumulate):
+    """Store the fp32 tile ``delta`` into ``y`` in y's dtype, onto what y holds when ``accumulate``."""
+    pointers = y_ptr + rows[:, None] * stride_yt + cols[None, :] * stride_yd
+    mask = row_ok[:, None] & col_ok[None, :]
+    if accumulate:
+        delta += tl.load(pointers, mask=mask, other=0.0).to(tl.float32)
+    tl.store(pointers, delta.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def split_rows(split, tokens_per_split, offset, num_tokens, BLOCK_T: tl.constexpr):
+    """Token rows ``offset .. offset + BLOCK_T`` of token split ``split`` and their mask: inside
+    the split and inside the tokens."""
+    lanes = offset + tl.arange(0, BLOCK_T)
+    rows = (split * tokens_per_split + lanes).to(tl.int64)
+    return rows, (rows < num_tokens) & (lanes < tokens_per_split)
