@@ -118,13 +118,19 @@ def reach(run, accuracy):
     return None
 
 
+def _reference_runs(runs, reference):
+    """{(task, seed): the reference method's run}."""
+    return {(run.task, run.seed): run for run in runs if run.method == reference}
+
+
 def target_checks(runs, *, reference="fedit"):
     """Per (task, seed, method other than the reference): rounds and bytes to reach the
     reference's final accuracy, against a third of its rounds and half its bytes."""
+    references = _reference_runs(runs, reference)
     by_key = {(run.task, run.seed, run.method): run for run in runs}
     checks = []
     for (task, seed, method), run in sorted(by_key.items()):
-        base = by_key.get((task, seed, reference))
+        base = references.get((task, seed))
         if method == reference or base is None or not method.startswith("smartfed"):
             continue
         goal, rounds, total = base.accuracy[-1], base.rounds[-1], base.cumulative_bytes[-1]
@@ -148,15 +154,15 @@ def _median(values):
 def _reach_columns(members, runs, reference="fedit"):
     """Per seed, the round reaching the reference's final accuracy on the same task and seed
     ('-' if never), and the mean MB at reach over the seeds that reached it."""
-    finals = {(run.task, run.seed): run.accuracy[-1] for run in runs if run.method == reference}
+    references = _reference_runs(runs, reference)
     rounds, megabytes = [], []
     for member in sorted(members, key=lambda run: run.seed):
-        goal = finals.get((member.task, member.seed))
-        reached = None if goal is None else reach(member, goal)
+        base = references.get((member.task, member.seed))
+        reached = None if base is None else reach(member, base.accuracy[-1])
         rounds.append("-" if reached is None else str(reached[0]))
         if reached is not None:
             megabytes.append(reached[1])
-    if not finals:
+    if not references:
         return "no FedIT run", "-"
     return " / ".join(rounds), (_megabytes(sum(megabytes) / len(megabytes)) if megabytes else "never")
 

@@ -79,17 +79,18 @@ def sweep_runs(data):
     unknown = sorted(set(data) - {"sweep", "base"})
     if unknown:
         raise ValueError(f"unknown top-level key(s) {unknown} in a sweep config; expected 'sweep' and 'base'")
+    methods = {}
+    for method, method_override in sweep["methods"].items():
+        method_override = dict(method_override or {})
+        per_task = method_override.pop("per_task", None) or {}
+        unknown_tasks = sorted(set(per_task) - set(sweep["tasks"]))
+        if unknown_tasks:
+            raise ValueError(f"sweep.methods.{method}.per_task names task(s) {unknown_tasks} that sweep.tasks lacks")
+        methods[method] = method_override, per_task
     runs = []
     for seed in sweep["seeds"]:
         for task, task_override in sweep["tasks"].items():
-            for method, method_override in sweep["methods"].items():
-                method_override = dict(method_override or {})
-                per_task = method_override.pop("per_task", None) or {}
-                unknown_tasks = sorted(set(per_task) - set(sweep["tasks"]))
-                if unknown_tasks:
-                    raise ValueError(
-                        f"sweep.methods.{method}.per_task names task(s) {unknown_tasks} that sweep.tasks lacks"
-                    )
+            for method, (method_override, per_task) in methods.items():
                 config = _merged(_merged(base, task_override), method_override)
                 config = _merged(config, per_task.get(task))
                 config = {**config, "seed": seed, "method": config.get("method", method)}
