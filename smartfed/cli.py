@@ -10,9 +10,9 @@ import sys
 
 SUBCOMMANDS = {
     "bench": ("smartfed.bench", "check every MoRE provider against the reference and time them"),
-    "train": ("smartfed.federated.runner", "run a federated experiment (in-process simulation) from a YAML config"),
-    "build-pool": ("smartfed.pool_builder", "train the public LoRA adapter pool with peft (cached, with provenance)"),
-    "report": ("smartfed.report", "markdown tables and PNG plots from federated runs' metrics.jsonl"),
+    "train": ("smartfed.experiments.train", "run a federated experiment (in-process simulation) from a YAML config"),
+    "build-pool": ("smartfed.experiments.pool_builder", "train the public LoRA adapter pool with peft (cached, with provenance)"),
+    "report": ("smartfed.experiments.report", "markdown tables and PNG plots from federated runs' metrics.jsonl"),
 }
 
 

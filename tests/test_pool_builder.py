@@ -1,5 +1,5 @@
 """smartfed build-pool on a tiny random Llama with a word-level tokenizer (no download), and
-one end-to-end federated run of a text task on the pool it builds (through harness_bridge)."""
+one end-to-end federated run of a text task on the pool it builds (through the sweep driver)."""
 
 import argparse
 import json
@@ -8,7 +8,8 @@ import string
 import pytest
 import torch
 
-from smartfed import LoRAPool, pool_builder
+from smartfed import LoRAPool
+from smartfed.experiments import pool_builder
 from smartfed.tasks.skills import NUMBER_WORDS
 
 VOCAB_WORDS = (
@@ -105,8 +106,8 @@ def test_cli_reports_bad_config(tmp_path, capsys):
 
 
 def test_text_task_runs_through_the_federated_harness(built, tmp_path):
-    from smartfed.report import find_runs, target_checks
-    from smartfed.tasks.harness_bridge import run_text_experiment
+    from smartfed.experiments.report import find_runs, target_checks
+    from smartfed.experiments.sweep import run_text_experiment
 
     spec, manifest = built
     base = {
@@ -161,7 +162,7 @@ def test_smartfed_train_reads_a_text_task_from_its_config(built, tmp_path, capsy
 
 
 def test_sweep_runs_merge_task_and_method_overrides():
-    from smartfed.tasks.harness_bridge import sweep_runs
+    from smartfed.experiments.sweep import sweep_runs
 
     data = {
         "base": {"federation": {"rounds": 3, "lr": 0.01}, "more": {"top_k": 4}},
@@ -183,7 +184,7 @@ def test_sweep_runs_merge_task_and_method_overrides():
 
 
 def test_sweep_ablations_get_a_label_and_per_task_values():
-    from smartfed.tasks.harness_bridge import sweep_runs
+    from smartfed.experiments.sweep import sweep_runs
 
     data = {
         "base": {"more": {"top_k": 4}, "pool": {"paths": ["a", "b", "distractor"]}},
@@ -209,7 +210,7 @@ def test_sweep_ablations_get_a_label_and_per_task_values():
 
 def test_expert_usage_counts_selections_by_source_adapter(built):
     from smartfed import MoREConfig, inject_more, more_layers
-    from smartfed.tasks.expert_usage import expert_usage_by_adapter
+    from smartfed.experiments.expert_usage import expert_usage_by_adapter
     from smartfed.tasks.models import load_frozen_model
 
     spec, manifest = built

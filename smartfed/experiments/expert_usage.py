@@ -2,7 +2,7 @@
 selections and of gate mass over every token of some prompts, counted by observers on the MoRE
 layers (``origins`` name each expert's adapter).
 
-``python -m smartfed.tasks.expert_usage RUN_DIR...`` rebuilds each SmartFed run's final model
+``python -m smartfed.experiments.expert_usage RUN_DIR...`` rebuilds each SmartFed run's final model
 from its checkpoint (``config.json``, ``text_task.json``, ``checkpoint/``) and writes
 ``RUN_DIR/expert_usage.json`` for the run's evaluation prompts; ``smartfed report`` tabulates it.
 """
@@ -87,7 +87,7 @@ def usage_of_run(run_dir):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m smartfed.tasks.expert_usage", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m smartfed.experiments.expert_usage", description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="SmartFed run folders with a checkpoint")
     args = parser.parse_args(argv)
     for run_dir in args.runs:

@@ -4,7 +4,7 @@ A run config names its text task in ``task.name`` / ``task.options``, which the 
 itself (``smartfed train`` runs such a config too); this runner also materializes the default
 SmolLM2 folder on first use and writes the task's splits beside the metrics:
 
-    python -m smartfed.tasks.harness_bridge --config configs/demo.yaml --output DIR
+    python -m smartfed.experiments.sweep --config configs/demo.yaml --output DIR
 
 A config with a top-level ``sweep`` section (configs/paper_small.yaml) runs every
 (seed, task, method) of it, one run folder each (``DIR/<task>/<method>/seed<k>``), seeds
@@ -126,7 +126,7 @@ def main(argv=None) -> int:
     import torch
     import yaml
 
-    parser = argparse.ArgumentParser(prog="python -m smartfed.tasks.harness_bridge", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m smartfed.experiments.sweep", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="YAML run config with task.name / task.options")
     parser.add_argument("--output", required=True, help="run directory (metrics.jsonl, checkpoint/, text_task.json)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -157,7 +157,7 @@ def main(argv=None) -> int:
             return 0
         outcome = run_text_experiment(data, args.output, progress=not args.no_progress)
     except (FileExistsError, FileNotFoundError, ValueError) as error:
-        print(f"harness_bridge: {error}", file=sys.stderr)
+        print(f"smartfed sweep: {error}", file=sys.stderr)
         return 2
     last = outcome.history[-1]
     print(f"{last['method']}: round {last['round']} accuracy {last['accuracy']:.4f} loss {last['loss']:.4f} "

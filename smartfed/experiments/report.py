@@ -7,7 +7,7 @@ DESIGN 8 target check: does SmartFed reach FedIT's final accuracy within a third
 and half its bytes, per task and seed) and PNG plots: accuracy vs round, accuracy vs cumulative
 bytes (up + down), EEQA quota per matrix over rounds (one heatmap per run that has quotas), and
 expert usage by source adapter: a plot for runs whose records carry ``expert_usage`` per round,
-a table for runs with an ``expert_usage.json`` (final routers, smartfed.tasks.expert_usage).
+a table for runs with an ``expert_usage.json`` (final routers, smartfed.experiments.expert_usage).
 """
 
 import json
