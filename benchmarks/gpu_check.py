@@ -5,7 +5,7 @@
 1. Runs tests/test_triton_cuda.py (bf16, fp16, fp32 against the reference) in a subprocess
    without TRITON_INTERPRET.
 2. Times (triton.testing.do_bench, median ms) nn.Linear alone (cuBLAS), the torch fast path,
-   the reference and the Triton path, bf16, at the DESIGN 8 shape T=4096, d=4096, N=64, k=8
+   the reference and the Triton path, bf16, at the docs/design.md §8 shape T=4096, d=4096, N=64, k=8
    (forward, forward+backward of router and x) and decode T=1, 16 (forward).
 3. Writes benchmarks/results/gpu_check-<device>.json. Takes a few minutes on one GPU.
 """

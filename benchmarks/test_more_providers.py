@@ -1,4 +1,4 @@
-"""Every MoRE provider on the DESIGN.md section 8 shapes of this machine, grouped per shape and mode.
+"""Every MoRE provider on the docs/design.md §8 shapes of this machine, grouped per shape and mode.
 
 The same providers and cases as `smartfed bench` (smartfed.benchmarking.providers), timed by
 pytest-benchmark; compare within a group (`--benchmark-group-by=group`, the default here).
@@ -14,8 +14,9 @@ CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 SHAPES = parse_shapes(["llama7b:T4096:N64:k8", "llama7b:T16:N64:k8"] if CUDA
-                      else ["smollm2:T2048:N64:k8", "2048:T2048:N64:k8"])
-PROVIDER_NAMES = ["linear", "peft-lora", "more-reference", "more-torch"] + (["more-triton"] if CUDA else [])
+                      else ["smollm2:T2048:N64:k8", "2048:T2048:N64:k8", "smollm2:T1,16:N64:k8", "64x64:T1:N16:k8"])
+PROVIDER_NAMES = (["linear", "peft-lora", "more-reference", "more-torch"] + (["more-triton"] if CUDA else [])
+                  + ["more-layer", "dense-masked"])
 
 
 @pytest.mark.parametrize("mode", ["fwd", "full"])

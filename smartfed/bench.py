@@ -3,8 +3,8 @@
 Steps: (1) on each shape, every available provider's output (and, when a backward mode is
 asked for, its gradients) is compared with ``smartfed_kernels.reference`` in float64; any
 disagreement prints FAIL and exits 1 before timing. (2) Providers are timed interleaved, per
-shape and mode, with ratios to nn.Linear, the minimum work of each call and the DESIGN.md
-section 8 targets. (3) A JSON record, a markdown table and a PNG plot are written, by default
+shape and mode, with ratios to nn.Linear, the minimum work of each call and the targets of
+docs/design.md §8. (3) A JSON record, a markdown table and a PNG plot are written, by default
 to ``benchmarks/results/<device>-<date>.{json,md,png}``.
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 from smartfed.benchmarking.shapes import default_shape_specs, parse_shapes
 
 MODES = ("fwd", "bwd", "full")
-PROVIDER_NAMES = ("linear", "peft-lora", "more-reference", "more-torch", "more-triton")
+PROVIDER_NAMES = ("linear", "peft-lora", "more-reference", "more-torch", "more-triton", "more-layer", "dense-masked")
 DTYPE_NAMES = ("fp32", "fp16", "bf16", "fp64")
 ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp64": 8}
 
@@ -29,8 +29,8 @@ def configure_parser(parser: argparse.ArgumentParser):
     parser.description = __doc__.splitlines()[0]
     parser.add_argument("--shapes", nargs="+", metavar="SPEC",
                         help="shapes as MODEL[:T<tokens>][:N<experts>][:k<top_k>], MODEL one of smollm2, 2048, "
-                             "llama7b or <d_in>x<d_out>; fields take comma lists (default: the DESIGN 8 target "
-                             "shapes of the device and a few others)")
+                             "llama7b or <d_in>x<d_out>; fields take comma lists (default: the target shapes of "
+                             "docs/design.md §8 for the device and a few others)")
     parser.add_argument("--dtype", choices=DTYPE_NAMES, help="default: fp32 on CPU, bf16 on CUDA")
     parser.add_argument("--mode", nargs="+", choices=MODES, default=["fwd", "full"],
                         help="fwd (no grad), bwd (backward alone) and/or full (forward + backward); default fwd full")
@@ -222,6 +222,9 @@ def run(args) -> int:
     }
     print("\nTimings (median; x linear = median of per-round ratios to nn.Linear):")
     print(report.text_table(report.RESULT_COLUMNS, report.result_rows(results)))
+    if report.target_rows(results):
+        print("\nTargets:")
+        print(report.text_table(report.TARGET_COLUMNS, report.target_rows(results)))
     paths = _output_paths(args.output, device.type, environment["device_name"], date)
     report.write_json(record, paths["json"])
     paths["md"].write_text(report.markdown_report(record))

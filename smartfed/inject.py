@@ -3,17 +3,24 @@
 Pool module names (peft's, e.g. ``model.layers.0.self_attn.q_proj``) are matched to
 ``model.named_modules()`` exactly, or by dotted suffix when the model wraps them under an extra
 prefix (``backbone.model.layers.0...``); a name matching several modules or none is an error.
+The replaced module is an ``nn.Linear`` or a transformers ``Conv1D`` (GPT-2 family, whose peft
+adapters are saved with ``fan_in_fan_out=True`` but with lora_A/lora_B in the Linear orientation).
+
+A model holding peft adapter layers (a ``PeftModel``, or one given to ``inject_adapter_in_model``) is
+refused rather than unwrapped: its own adapters would run beside the experts, or be dropped
+silently if merged into the base weights; ``peft_model.unload()`` gives the plain base model.
 """
 
 import fnmatch
+import sys
 import zlib
 from dataclasses import asdict, dataclass
 from typing import Dict, Mapping, Optional, Sequence, Union
 
 from torch import nn
 
-from smartfed.layer import ROUTER_INITS, MoRELinear, check_choice
-from smartfed.pool import LoRAPool
+from smartfed.layer import ROUTER_INITS, MoRELinear, check_choice, is_conv1d, type_name, weight_out_in
+from smartfed.pool import LoRAPool, check_target_modules
 from smartfed_kernels.dispatch import BACKENDS
 from smartfed_kernels.validation import GATES, ROUTERS, resolve_gamma
 
@@ -25,8 +32,14 @@ class MoREConfig:
     """How :func:`inject_more` builds the MoRE layers.
 
     ``top_k``: one k for every module, or a mapping whose keys are module names (pool or model
-    names) or fnmatch globs; an exact name wins over globs, then the first matching glob in
-    mapping order. ``target_modules``: pool module names or globs (None: every pool module).
+    names), dotted name suffixes as in peft (``"q_proj"``) or fnmatch globs; an exact name wins,
+    then the first matching suffix, then the first matching glob, in mapping order.
+
+    ``target_modules`` selects pool modules with peft's rule: a string is a regex matched against
+    the whole pool module name, a list entry matches the whole name or a dotted suffix
+    (``["q_proj", "v_proj"]``); a list entry also matches as an fnmatch glob on the whole name
+    (``["*.0.*q_proj"]``), kept from before. None: every pool module. Each list entry (or the
+    regex) must match at least one module.
     ``seed`` seeds ``router_init="normal"`` per module (stable whatever the injection order).
     """
 
@@ -37,7 +50,7 @@ class MoREConfig:
     router_init: str = "normal"
     router_bias: bool = True
     train_experts: bool = False
-    target_modules: Optional[Sequence[str]] = None
+    target_modules: Union[str, Sequence[str], None] = None
     backend: str = "auto"
     seed: int = 0
 
@@ -55,8 +68,8 @@ class MoREConfig:
                 _check_k(f"top_k[{key!r}]", value)
         else:
             _check_k("top_k", self.top_k)
-        if isinstance(self.target_modules, str):
-            object.__setattr__(self, "target_modules", [self.target_modules])
+        if self.target_modules is not None:
+            check_target_modules(self.target_modules)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"seed: expected an int, got {type(self.seed).__name__}")
 
@@ -64,7 +77,7 @@ class MoREConfig:
         config = asdict(self)
         if isinstance(self.top_k, Mapping):
             config["top_k"] = dict(self.top_k)
-        if self.target_modules is not None:
+        if self.target_modules is not None and not isinstance(self.target_modules, str):
             config["target_modules"] = list(self.target_modules)
         return config
 
@@ -101,7 +114,7 @@ def resolve_module_names(model: nn.Module, pool_names: Sequence[str]) -> Dict[st
 
 
 def resolve_top_k(top_k: TopK, targets: Dict[str, str], num_experts: Dict[str, int]) -> Dict[str, int]:
-    """Per pool module k from an int or a mapping of names/globs (keys: pool or model names)."""
+    """Per pool module k from an int or a mapping of names/suffixes/globs (keys: pool or model names)."""
     if not isinstance(top_k, Mapping):
         chosen = {pool_name: top_k for pool_name in targets}
         source = {pool_name: "top_k" for pool_name in targets}
@@ -110,7 +123,8 @@ def resolve_top_k(top_k: TopK, targets: Dict[str, str], num_experts: Dict[str, i
         for pool_name, model_name in targets.items():
             names = (pool_name, model_name)
             exact = [key for key in top_k if key in names]
-            matches = exact or [key for key in top_k if any(fnmatch.fnmatchcase(n, key) for n in names)]
+            suffix = [key for key in top_k if any(n.endswith("." + key) for n in names)]
+            matches = exact or suffix or [key for key in top_k if any(fnmatch.fnmatchcase(n, key) for n in names)]
             if not matches:
                 raise ValueError(f"top_k: no key matches module {pool_name!r} "
                                  f"(keys: {list(top_k)}; add a '*' entry for a default)")
@@ -130,11 +144,38 @@ def resolve_top_k(top_k: TopK, targets: Dict[str, str], num_experts: Dict[str, i
 def _target_pool_modules(pool: LoRAPool, target_modules) -> list:
     if target_modules is None:
         return list(pool.modules)
-    unmatched = [pattern for pattern in target_modules if not pool.select([pattern])]
+    selected = pool.select(target_modules)
+    shown = f"(pool modules: {list(pool.modules)[:6]}...)"
+    if isinstance(target_modules, str):
+        if not selected:
+            raise ValueError(f"target_modules: the regex {target_modules!r} matches no whole module name of the "
+                             f"pool (a string must match the whole name, as in peft; for name suffixes pass a "
+                             f"list) {shown}")
+        return selected
+    unmatched = [entry for entry in target_modules if not pool.select([entry])]
     if unmatched:
-        raise ValueError(f"target_modules: {unmatched} match no module of the pool "
-                         f"(pool modules: {list(pool.modules)[:6]}...)")
-    return pool.select(target_modules)
+        raise ValueError(f"target_modules: {unmatched} match no module of the pool (expected each entry to be a "
+                         f"whole module name, a dotted suffix of one, or a glob) {shown}")
+    return selected
+
+
+def _refuse_peft_layers(model: nn.Module) -> None:
+    """Raise if ``model`` is a peft model or holds peft tuner layers (see the module docstring)."""
+    peft_model = getattr(sys.modules.get("peft.peft_model"), "PeftModel", None)
+    tuner_layer = getattr(sys.modules.get("peft.tuners.tuners_utils"), "BaseTunerLayer", None)
+    if peft_model is not None and isinstance(model, peft_model):
+        found = "is a peft PeftModel"
+    else:
+        wrapped = [] if tuner_layer is None else [
+            (name, module) for name, module in model.named_modules() if isinstance(module, tuner_layer)]
+        if not wrapped:
+            return
+        found = f"holds peft adapter layers ({wrapped[0][0]!r}: {type_name(wrapped[0][1])})"
+    raise TypeError(
+        f"model: {found}; expected the plain base model (MoRE replaces its Linears, and peft's own adapters "
+        "would run beside the experts): pass peft_model.unload() (after unmerge_adapter() if merged), or the "
+        "model before get_peft_model"
+    )
 
 
 def _module_seed(seed: int, pool_name: str) -> int:
@@ -142,7 +183,7 @@ def _module_seed(seed: int, pool_name: str) -> int:
 
 
 def inject_more(model: nn.Module, pool: LoRAPool, config: Optional[MoREConfig] = None) -> nn.Module:
-    """Replace the pool's target Linears of ``model`` by :class:`MoRELinear`, in place.
+    """Replace the pool's target Linears (or Conv1Ds) of ``model`` by :class:`MoRELinear`, in place.
 
     Every parameter is frozen except the routers (and the experts if ``config.train_experts``).
     Checks everything before changing the model. Returns ``model``.
@@ -156,18 +197,20 @@ def inject_more(model: nn.Module, pool: LoRAPool, config: Optional[MoREConfig] =
         raise TypeError(f"config: expected a smartfed.MoREConfig, got {type(config).__name__}")
     if more_layers(model):
         raise ValueError("model: already holds MoRE layers; inject_more into a fresh model")
+    _refuse_peft_layers(model)
 
     pool_names = _target_pool_modules(pool, config.target_modules)
     targets = resolve_module_names(model, pool_names)
     modules = dict(model.named_modules())
     for pool_name, model_name in targets.items():
         module, experts = modules[model_name], pool.modules[pool_name]
-        if not isinstance(module, nn.Linear):
-            raise TypeError(f"model module {model_name!r}: expected an nn.Linear to replace, "
-                            f"got {type(module).__name__}")
-        if (module.out_features, module.in_features) != (experts.d_out, experts.d_in):
+        if not isinstance(module, nn.Linear) and not is_conv1d(module):
+            raise TypeError(f"model module {model_name!r}: expected an nn.Linear or a transformers Conv1D to "
+                            f"replace, got {type_name(module)}")
+        d_out, d_in = weight_out_in(module).shape
+        if (d_out, d_in) != (experts.d_out, experts.d_in):
             raise ValueError(
-                f"model module {model_name!r}: Linear weight is [{module.out_features}, {module.in_features}] "
+                f"model module {model_name!r}: Linear weight is [{d_out}, {d_in}] "
                 f"but the pool's experts for {pool_name!r} need [{experts.d_out}, {experts.d_in}] "
                 "(was the pool made for another base model?)"
             )

@@ -1,13 +1,16 @@
 """MoRELinear: a drop-in replacement for ``nn.Linear`` that adds a routed mixture of rank-wise experts.
 
-    y = base(x) + gamma * sum_{i in topk(z)} g_i (A_i . x) B_i       (DESIGN.md section 2)
+    y = base(x) + gamma * sum_{i in topk(z)} g_i (A_i . x) B_i       (docs/design.md §2)
 
 The base Linear stays frozen and its weight and bias feed the fused op; only the router trains
-(and the experts, if ``train_experts``). The forward is one call to
-:func:`smartfed_kernels.more_linear`; while observers are attached it splits into ``base(x)``
-and the expert contribution so that observers (EEQA importance) can see both.
+(and the experts, if ``train_experts``). The forward is one call to the chosen backend's
+``more_linear_checked``, the op behind :func:`smartfed_kernels.more_linear` without its per-call
+checks: the layer's tensors are checked when they are set, x on each call. While observers are
+attached it splits into ``base(x)`` and the expert contribution so that observers (EEQA
+importance) can see both.
 """
 
+import sys
 from collections import OrderedDict
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -15,9 +18,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-import smartfed_kernels
-from smartfed_kernels.dispatch import BACKENDS
-from smartfed_kernels.validation import GATES, ROUTERS, resolve_gamma
+from smartfed_kernels.dispatch import BACKENDS, backend_module, resolve_backend
+from smartfed_kernels.validation import GATES, ROUTERS, CallSpec, check_more_inputs, resolve_gamma
 
 ROUTER_INITS = ("zeros", "normal", "affinity")
 NORMAL_INIT_STD = 1e-3
@@ -28,6 +30,24 @@ Observer = Callable[["MoRELinear", torch.Tensor, torch.Tensor, torch.Tensor], No
 def check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name}: expected one of {choices}, got {value!r}")
+
+
+def is_conv1d(module) -> bool:
+    """Whether ``module`` is a transformers ``Conv1D`` (GPT-2 family): a Linear stored [d_in, d_out]."""
+    # Whoever built a model holding a Conv1D imported transformers, so without the module there is none.
+    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+def weight_out_in(module) -> torch.Tensor:
+    """The [d_out, d_in] weight of an ``nn.Linear``, or a transposed view of a transformers ``Conv1D``'s."""
+    return module.weight.t() if is_conv1d(module) else module.weight
+
+
+def type_name(value) -> str:
+    """Module-qualified class name, so peft's ``lora.Linear`` does not read as ``nn.Linear``."""
+    cls = type(value)
+    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
 
 
 def initial_router_weight(router: str, router_init: str, expert_a: torch.Tensor,
@@ -73,8 +93,9 @@ class MoRELinear(nn.Module):
         seed: Optional[int] = None,
     ):
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"base: expected an nn.Linear, got {type(base).__name__}")
+        if not isinstance(base, nn.Linear) and not is_conv1d(base):
+            raise TypeError(f"base: expected an nn.Linear, got {type(base).__name__} ({type_name(base)}; "
+                            "a transformers Conv1D is accepted too)")
         check_choice("router", router, ROUTERS)
         check_choice("gate", gate, GATES)
         check_choice("router_init", router_init, ROUTER_INITS)
@@ -83,10 +104,11 @@ class MoRELinear(nn.Module):
             if not isinstance(tensor, torch.Tensor) or tensor.dim() != 2:
                 raise ValueError(f"{name}: expected a 2-D tensor, got {getattr(tensor, 'shape', type(tensor))}")
         num_experts = expert_a.shape[0]
-        expected_a = (num_experts, base.in_features)
-        expected_b = (base.out_features, num_experts)
+        d_out, d_in = weight_out_in(base).shape
+        expected_a = (num_experts, d_in)
+        expected_b = (d_out, num_experts)
         if num_experts < 1 or tuple(expert_a.shape) != expected_a:
-            raise ValueError(f"expert_a: expected shape [N, d_in={base.in_features}] with N >= 1, "
+            raise ValueError(f"expert_a: expected shape [N, d_in={d_in}] with N >= 1, "
                              f"got {tuple(expert_a.shape)}")
         if tuple(expert_b.shape) != expected_b:
             raise ValueError(f"expert_b: expected shape {expected_b} (d_out from base, N from expert_a), "
@@ -95,6 +117,7 @@ class MoRELinear(nn.Module):
             raise ValueError(f"origins: expected {num_experts} entries (one per expert), got {len(origins)}")
 
         self.base = base
+        self._base_is_conv1d = is_conv1d(base)
         base.requires_grad_(False)
         self.router = router
         self.gate = gate
@@ -106,7 +129,10 @@ class MoRELinear(nn.Module):
         self.pool_fingerprint: Optional[str] = None
 
         place = {"device": base.weight.device, "dtype": base.weight.dtype}
-        experts = [expert_a.detach().to(copy=True, **place), expert_b.detach().to(copy=True, **place)]
+        # B is kept column-major ([d_out, N] with strides (1, d_out)): its transpose, the expand's
+        # table of expert columns, is then contiguous with no copy on every call.
+        expert_b_columns = torch.empty(num_experts, expected_b[0], **place).copy_(expert_b.detach().t()).t()
+        experts = [expert_a.detach().to(copy=True, **place), expert_b_columns]
         for name, tensor in zip(("expert_a", "expert_b"), experts):
             if train_experts:
                 self.register_parameter(name, nn.Parameter(tensor))
@@ -120,6 +146,8 @@ class MoRELinear(nn.Module):
             self.router_bias = nn.Parameter(torch.zeros(num_experts, **place))
         else:
             self.register_parameter("router_bias", None)
+        self._spec_key = None
+        self._spec: Optional[CallSpec] = None
         self._top_k = 0
         self.top_k = top_k
         self._observers: "OrderedDict[int, Observer]" = OrderedDict()
@@ -139,14 +167,21 @@ class MoRELinear(nn.Module):
         if not 1 <= value <= self.num_experts:
             raise ValueError(f"top_k: expected 1 <= top_k <= N={self.num_experts}, got {value}")
         self._top_k = value
+        # Ready before the next forward, so that a forward never changes the module's state (which
+        # would make torch.compile guard on it and recompile).
+        self._call_spec()
+
+    def base_weight_out_in(self) -> torch.Tensor:
+        """The base weight as [d_out, d_in]; a transposed view for a Conv1D base (stored [d_in, d_out])."""
+        return self.base.weight.t() if self._base_is_conv1d else self.base.weight
 
     @property
     def in_features(self) -> int:
-        return self.base.in_features
+        return self.base_weight_out_in().shape[1]
 
     @property
     def out_features(self) -> int:
-        return self.base.out_features
+        return self.base_weight_out_in().shape[0]
 
     @property
     def weight(self) -> torch.Tensor:
@@ -174,18 +209,36 @@ class MoRELinear(nn.Module):
         tensors = (self.router_weight, self.router_bias, self.expert_a, self.expert_b)
         return [t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors]
 
+    def _call_spec(self) -> CallSpec:
+        """Sizes and options of a forward, validated again only when an option was reassigned."""
+        key = (self._top_k, self.gamma, self.gate, self.router)
+        if key != self._spec_key:
+            check_choice("router", self.router, ROUTERS)
+            check_choice("gate", self.gate, GATES)
+            d_out, d_in = self.base_weight_out_in().shape
+            router_in = d_in if self.router == "linear" else self.num_experts
+            if tuple(self.router_weight.shape) != (self.num_experts, router_in):
+                raise ValueError(f"router_weight (router={self.router!r}): expected shape "
+                                 f"{(self.num_experts, router_in)}, got {tuple(self.router_weight.shape)}")
+            self._spec = CallSpec(d_in, d_out, self.num_experts, self._top_k,
+                                  resolve_gamma(self.gamma, self._top_k), self.gate, self.router)
+            self._spec_key = key
+        return self._spec
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        router_weight, router_bias, expert_a, expert_b = self._routing_tensors(x.dtype)
-        options = {"gate": self.gate, "gamma": self.gamma, "router": self.router, "backend": self.backend}
+        # The layer's own tensors were validated when set; per call only x can be wrong, and the
+        # full check runs just to name what is wrong.
+        spec = self._call_spec()
+        weight, bias = self.base_weight_out_in(), self.base.bias
+        routing = self._routing_tensors(x.dtype)
+        if x.dim() < 1 or x.shape[-1] != spec.d_in or x.dtype != weight.dtype or x.device != weight.device:
+            check_more_inputs(x, weight, bias, *routing, spec.top_k, gate=spec.gate, gamma=self.gamma,
+                              router=spec.router)
+        impl = backend_module(resolve_backend(self.backend, x))
         if not self._observers:
-            return smartfed_kernels.more_linear(
-                x, self.base.weight, self.base.bias, router_weight, router_bias,
-                expert_a, expert_b, self.top_k, **options,
-            )
+            return impl.more_linear_checked(x, weight, bias, *routing, spec, False)
         y0 = self.base(x)
-        delta = smartfed_kernels.more_linear(
-            x, None, None, router_weight, router_bias, expert_a, expert_b, self.top_k, **options
-        )
+        delta = impl.more_linear_checked(x, None, None, *routing, spec, False)
         for observer in list(self._observers.values()):
             observer(self, x, y0, delta)
         return y0 + delta

@@ -8,6 +8,13 @@ For a module targeted by adapters e = 1..E (each ``A_e [r_e, d_in]``, ``B_e [d_o
 
 and remembers each expert's origin (adapter name, rank index). Only adapters whose weights hold
 a module contribute experts to it. Tensors are kept in float32 whatever the file's dtype.
+
+An adapter whose peft LoRA variant has a forward other than ``s B A x`` on the unmodified base
+layer (DoRA, aLoRA, QALoRA, PiSSA-style inits that change the base, ...: ``REFUSED_CONFIG_FIELDS``,
+``BASE_MODIFYING_INITS``) is refused with an :class:`AdapterError` naming the config field, as is
+any set config field this module does not know, so a variant added to peft later cannot slip through.
+GPT-2's Conv1D adapters (``fan_in_fan_out=True``) store lora_A/lora_B as for a Linear and need
+nothing special here.
 """
 
 import fnmatch
@@ -29,6 +36,47 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 LORA_A_SUFFIX = ".lora_A.weight"
 LORA_B_SUFFIX = ".lora_B.weight"
+# Config fields of peft's LoraConfig that change the adapter's forward away from x -> s B A x on
+# the unmodified base layer: field -> (is it set?, why MoRE cannot reproduce it, the value expected).
+REFUSED_CONFIG_FIELDS = {
+    "use_dora": (bool, "DoRA rescales each output column by a learned magnitude, which is not rank-wise", "false"),
+    "lora_bias": (bool, "a bias on lora_B is not a rank-wise expert", "false"),
+    "bias": (lambda value: value not in (None, "none"),
+             "trained base biases are not rank-wise experts", '"none"'),
+    "target_parameters": (bool, "LoRA on raw parameters is not LoRA on a Linear layer", "null"),
+    "alora_invocation_tokens": (
+        lambda value: value is not None,
+        "an activated LoRA (aLoRA) acts only on the tokens after its invocation sequence, MoRE experts act on "
+        "every token", "null"),
+    "use_qalora": (bool, "QALoRA feeds lora_A a group-pooled input, not x", "false"),
+    "use_bdlora": (bool, "BD-LoRA stores block-diagonal lora_A/lora_B blocks, not LoRA factors", "null"),
+    "arrow_config": (lambda value: value is not None, "Arrow routes among its adapters with its own router", "null"),
+    "kasa_config": (lambda value: value is not None,
+                    "KaSA truncates the base weight and scales the rank by a learned diagonal", "null"),
+    "megatron_config": (lambda value: value is not None,
+                        "the LoRA layers are Megatron tensor-parallel layers", "null"),
+    "layer_replication": (bool, "the adapter was trained on a model whose layers peft duplicated", "null"),
+    "trainable_token_indices": (bool, "trained token embeddings change the embedding layer", "null"),
+    "modules_to_save": (bool, "trained full copies of these modules replace the base model's", "null"),
+}
+# init_lora_weights values whose initialisation subtracts the initial adapter from the base weights:
+# the saved adapter then fits only that modified base.
+BASE_MODIFYING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
+# LoraConfig fields known not to change the forward (selection, scaling handled here, training-time
+# only, or sub-configs of an initialisation); any other field set to a non-empty value is refused.
+NEUTRAL_CONFIG_FIELDS = {
+    "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+    "inference_mode", "r", "lora_alpha", "target_modules", "exclude_modules", "lora_dropout", "fan_in_fan_out",
+    "use_rslora", "init_lora_weights", "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern",
+    "megatron_core", "loftq_config", "eva_config", "corda_config", "lora_ga_config", "qalora_group_size",
+    "runtime_config", "ensure_weight_tying", "velora_config", "monteclora_config",
+}
+# Tensors that training-time variants save beside lora_A/lora_B; their inference forward is plain
+# LoRA (VeLoRA compresses only the backward, MonteCLoRA samples lora_A noise only in training mode).
+AUXILIARY_TENSORS = {
+    "velora_config": ".lora_velora_embed",
+    "monteclora_config": ".lora_monteclora_sampler.",
+}
 # Tensor names that mark a LoRA variant whose update is not x -> B A x on a Linear.
 FOREIGN_LORA_MARKERS = {
     "lora_embedding_A": "an embedding LoRA (lora_embedding_A/B); only LoRA on Linear layers splits into experts",
@@ -133,17 +181,7 @@ def _read_config(folder: Path) -> dict:
             f"{config_path}: peft_type is {peft_type!r}, expected 'LORA' "
             "(only LoRA adapters split into rank-wise experts)"
         )
-    if config.get("use_dora"):
-        raise AdapterError(f"{config_path}: use_dora is true; DoRA adapters are not supported "
-                           "(the magnitude rescaling is not rank-wise)")
-    if config.get("lora_bias"):
-        raise AdapterError(f"{config_path}: lora_bias is true; a bias on lora_B is not a rank-wise expert")
-    if config.get("bias", "none") != "none":
-        raise AdapterError(f"{config_path}: bias is {config['bias']!r}, expected 'none' "
-                           "(trained base biases are not rank-wise experts)")
-    if config.get("target_parameters"):
-        raise AdapterError(f"{config_path}: target_parameters is set; LoRA on raw parameters "
-                           "is not LoRA on a Linear layer")
+    _refuse_variants(config, config_path)
     for key in ("r", "lora_alpha"):
         value = config.get(key)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
@@ -152,6 +190,30 @@ def _read_config(folder: Path) -> dict:
         if not isinstance(config.get(key) or {}, dict):
             raise AdapterError(f"{config_path}: {key} must be a JSON object, got {config[key]!r}")
     return config
+
+
+def _refuse_variants(config: dict, config_path: Path) -> None:
+    """Raise on any LoRA variant whose forward MoRE's rank-wise experts do not reproduce."""
+    for key, (is_set, reason, expected) in REFUSED_CONFIG_FIELDS.items():
+        value = config.get(key)
+        if is_set(value):
+            raise AdapterError(f"{config_path}: {key} is {json.dumps(value)}, expected {expected}; "
+                               f"MoRE cannot reproduce this LoRA variant ({reason})")
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(BASE_MODIFYING_INITS):
+        raise AdapterError(
+            f"{config_path}: init_lora_weights is {init!r}, expected true, false or a plain initialisation; this "
+            "initialisation changed the base weights, so the adapter fits only that modified base (re-save it as "
+            "a plain LoRA with peft's save_pretrained(..., path_initial_model_for_weight_conversion=...))"
+        )
+    unknown = sorted(key for key, value in config.items()
+                     if key not in NEUTRAL_CONFIG_FIELDS and key not in REFUSED_CONFIG_FIELDS
+                     and value not in (None, False, "", [], {}))
+    if unknown:
+        raise AdapterError(
+            f"{config_path}: unknown LoraConfig fields {unknown} are set, expected them unset or absent; "
+            "SmartFed cannot tell whether they change the LoRA forward (remove them only if they do not)"
+        )
 
 
 def _read_weights(folder: Path) -> Tuple[Dict[str, torch.Tensor], str]:
@@ -168,14 +230,17 @@ def _read_weights(folder: Path) -> Tuple[Dict[str, torch.Tensor], str]:
     return tensors, hashlib.sha256(data).hexdigest()
 
 
-def _split_lora_tensors(tensors: Dict[str, torch.Tensor], weights_path: Path):
+def _split_lora_tensors(tensors: Dict[str, torch.Tensor], weights_path: Path, config: dict):
     """module name -> (lora_A [r, d_in], lora_B [d_out, r]), validated."""
     for key in tensors:
         for marker, problem in FOREIGN_LORA_MARKERS.items():
             if f".{marker}" in key:
                 raise AdapterError(f"{weights_path}: tensor {key!r} shows {problem}")
+    auxiliary = tuple(marker for flag, marker in AUXILIARY_TENSORS.items() if config.get(flag) is not None)
     pairs: Dict[str, Dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
+        if auxiliary and any(marker in key for marker in auxiliary):
+            continue
         module_key = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
         if module_key.endswith(LORA_A_SUFFIX):
             pairs.setdefault(module_key[: -len(LORA_A_SUFFIX)], {})["A"] = tensor
@@ -219,7 +284,7 @@ def _load_adapter(folder: Path, name: str):
     config = _read_config(folder)
     tensors, sha256 = _read_weights(folder)
     weights_path = folder / WEIGHTS_FILE
-    modules = _split_lora_tensors(tensors, weights_path)
+    modules = _split_lora_tensors(tensors, weights_path, config)
     rank_pattern = dict(config.get("rank_pattern") or {})
     alpha_pattern = dict(config.get("alpha_pattern") or {})
     use_rslora = bool(config.get("use_rslora", False))
@@ -274,6 +339,39 @@ def _adapter_names(paths: Sequence[Path], names: Optional[Sequence[str]]) -> Lis
     return names
 
 
+def check_target_modules(target_modules) -> None:
+    """Raise unless ``target_modules`` is a valid regex string or a sequence of non-empty strings."""
+    if isinstance(target_modules, str):
+        try:
+            re.compile(target_modules)
+        except re.error as error:
+            raise ValueError(
+                f"target_modules: {target_modules!r} is not a valid regular expression ({error}); a string is a "
+                f"regex matched against the whole module name, as in peft; for names, suffixes or globs pass a "
+                f"list, e.g. [{target_modules!r}]"
+            ) from error
+        return
+    if not isinstance(target_modules, (list, tuple)) or not target_modules:
+        raise TypeError(f"target_modules: expected a regex string or a non-empty list of module names, suffixes "
+                        f"or globs, got {target_modules!r}")
+    for entry in target_modules:
+        if not isinstance(entry, str) or not entry:
+            raise TypeError(f"target_modules: expected non-empty strings in the list, got {entry!r}")
+
+
+def matches_target(name: str, target_modules: Union[str, Sequence[str]]) -> bool:
+    """peft's ``target_modules`` rule: a string is a regex that must match the whole name; a list entry
+    matches the whole name or a dotted suffix of it (``"q_proj"`` and ``"self_attn.q_proj"`` match
+    ``model.layers.0.self_attn.q_proj``). A list entry also matches as an fnmatch glob on the whole name
+    (``"*.0.*q_proj"``), as before SmartFed followed peft; for an entry without glob characters the glob
+    adds nothing, so a list written for peft selects exactly what peft would.
+    """
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == entry or name.endswith("." + entry) or fnmatch.fnmatchcase(name, entry)
+               for entry in target_modules)
+
+
 class LoRAPool:
     """Frozen rank-wise experts from a set of peft LoRA adapters, with their provenance."""
 
@@ -325,9 +423,10 @@ class LoRAPool:
     def num_experts(self) -> int:
         return sum(experts.num_experts for experts in self.modules.values())
 
-    def select(self, patterns) -> List[str]:
-        """Module names matching any of ``patterns`` (exact names or fnmatch globs), in pool order."""
-        return [name for name in self.modules if any(fnmatch.fnmatchcase(name, p) for p in patterns)]
+    def select(self, target_modules: Union[str, Sequence[str]]) -> List[str]:
+        """Module names matching ``target_modules`` by :func:`matches_target`, in pool order."""
+        check_target_modules(target_modules)
+        return [name for name in self.modules if matches_target(name, target_modules)]
 
     def provenance(self) -> dict:
         """JSON-able record of where every expert comes from."""

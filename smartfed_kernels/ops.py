@@ -20,7 +20,7 @@ def more_linear(
     backend="auto",
     return_routing=False,
 ):
-    """MoRE layer ``y = x W0^T + b0 + gamma * sum_{i in topk} g_i (A_i . x) B_i`` (DESIGN.md 2).
+    """MoRE layer ``y = x W0^T + b0 + gamma * sum_{i in topk} g_i (A_i . x) B_i`` (docs/design.md §2.2).
 
     Shapes: x [..., d_in]; weight [d_out, d_in] or None (expert contribution only); bias [d_out]
     or None; router_weight [N, d_in] (router="linear") or [N, N] (router="expert_space");

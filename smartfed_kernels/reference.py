@@ -1,4 +1,4 @@
-"""Plain PyTorch MoRE layer: the definition of correct (DESIGN.md section 2).
+"""Plain PyTorch MoRE layer: the definition of correct (docs/design.md §2.2).
 
 For a token x (a row of X), with N rank-one experts (A[i, :], B[:, i]):
 
@@ -23,6 +23,14 @@ def select_top_k(logits: torch.Tensor, top_k: int) -> torch.Tensor:
     """Indices [T, k] of the k largest logits per row, largest first, ties to the lower index."""
     order = torch.sort(logits, dim=-1, descending=True, stable=True).indices
     return order[:, :top_k]
+
+
+def routing_order(indices: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    """Positions [T, k] that put a row's experts in the documented order: largest gate first,
+    equal gates by lower index (distinct logits can give equal gates, e.g. two that underflow to 0)."""
+    by_index = indices.sort(dim=-1).indices
+    by_gate = torch.sort(gates.detach().gather(1, by_index), dim=-1, descending=True, stable=True).indices
+    return by_index.gather(1, by_gate)
 
 
 def more_linear(
@@ -93,7 +101,9 @@ def more_linear_checked(x, weight, bias, router_weight, router_bias, expert_a, e
         out = xs @ w0.t() + delta
         if b0 is not None:
             out = out + b0
-    out = out.to(x.dtype).reshape(*lead_shape, -1)
+    out = out.to(x.dtype).reshape(*lead_shape, spec.d_out)
     if not return_routing:
         return out
+    order = routing_order(indices, gates)
+    indices, gates = indices.gather(1, order), gates.gather(1, order)
     return out, indices.reshape(*lead_shape, top_k), gates.reshape(*lead_shape, top_k)

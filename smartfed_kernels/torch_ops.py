@@ -29,12 +29,16 @@ Backward with gY [T, d_out] (A and B frozen unless they require grad), u = gY . 
     dbr = colsum(dL); dA = dH_total^T X; dB = gY^T scatter(I, c)
 
 The autograd Function saves X, H [T, N], I and g [T, k] (and P for softmax_topk), so backward
-never re-runs the router.
+never re-runs the router. A call that needs no gradient (grad mode off, or no input requiring
+one) skips it: :func:`more_inference` runs the forward alone, and for decode-shaped calls
+(T <= DECODE_MAX_TOKENS) takes the variant with the fewest ops, whose selection is a stable sort
+(no tie repair, so no host sync).
 """
 
 import torch
 import torch.nn.functional as F
 
+from smartfed_kernels import reference
 from smartfed_kernels.validation import check_more_inputs
 
 
@@ -42,11 +46,11 @@ def select_top_k(logits: torch.Tensor, top_k: int):
     """Indices and logits [T, k] of the k largest logits per row (unordered), ties to lower index.
 
     Matches a stable descending sort's first k: ``torch.topk`` picks an arbitrary member of a tie,
-    so the rows where more than k logits reach the k-th value are redone with a stable sort.
-    Under torch.compile every row takes the stable sort (no data-dependent branch).
+    so on CPU the rows where more than k logits reach the k-th value are redone with a stable sort.
+    On CUDA and under torch.compile every row takes the stable sort: the repair reads counts back
+    to the host, which would block CUDA graph capture and cannot be traced.
     """
-    if torch.compiler.is_compiling():
-        # The tie repair below branches on data, which fullgraph tracing cannot follow.
+    if logits.is_cuda or torch.compiler.is_compiling():
         indices = torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, :top_k]
         return logits.gather(1, indices), indices
     values, indices = logits.topk(top_k, dim=-1, sorted=False)
@@ -64,11 +68,9 @@ def select_top_k(logits: torch.Tensor, top_k: int):
 
 
 def routing_order(indices: torch.Tensor, gates: torch.Tensor):
-    """Indices and gates [T, k] in the reference order: largest gate first, ties to lower index."""
-    by_index = indices.sort(dim=-1)
-    gates = gates.gather(1, by_index.indices)
-    by_gate = torch.sort(gates, dim=-1, descending=True, stable=True)
-    return by_index.values.gather(1, by_gate.indices), by_gate.values
+    """Indices and gates [T, k] in the documented order: largest gate first, ties to lower index."""
+    order = reference.routing_order(indices, gates)
+    return indices.gather(1, order), gates.gather(1, order)
 
 
 def _routing_product(x2, router_weight, router_bias, expert_a, spec):
@@ -110,6 +112,76 @@ def _expand_and_base(x2, weight, bias, expert_b, indices, coefficients):
     if weight is not None:
         out.addmm_(x2, weight.t())
     return out
+
+
+# Up to this many tokens a call is decode-shaped: per-op overhead outweighs arithmetic, so the
+# inference path takes the variant with the fewest ops (see more_inference).
+DECODE_MAX_TOKENS = 64
+# The dense expand multiplies T * (N - k) * d_out zero coefficients that embedding_bag skips; up
+# to about this many its one GEMM still beats embedding_bag's fixed cost (2-core CPU, fp32).
+DENSE_EXPAND_MAX_WASTE = 2 ** 17
+
+
+def needs_autograd(tensors) -> bool:
+    """Whether a call must record a graph: grad mode on and some input requiring a gradient."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _decode_logits_and_shrink(x2, router_weight, router_bias, expert_a, spec):
+    """Router logits and shrink values [T, N] for a few tokens: two GEMMs cost fewer ops than
+    stacking [Wr; A] and slicing; many tokens take one stacked GEMM that reads x once
+    (_routing_product)."""
+    shrink = F.linear(x2, expert_a)
+    return F.linear(x2 if spec.router == "linear" else shrink, router_weight, router_bias), shrink
+
+
+def more_inference(x2, weight, bias, router_weight, router_bias, expert_a, expert_b, spec):
+    """Forward alone, no autograd Function: (y [T, d_out], indices [T, k], gates [T, k]).
+
+    Decode-shaped calls (T <= DECODE_MAX_TOKENS) select by a stable sort of the logits (ties to
+    the lower index, no host sync) and, while the wasted work is small, expand with a dense [T, N]
+    coefficient tile in one GEMM that accumulates into the base product. Otherwise topk (with
+    tie repair) selects and embedding_bag expands the k chosen columns of B (T*k*d_out
+    multiply-adds), onto which the base GEMM accumulates. Indices and gates come back unordered.
+    """
+    top_k, num_experts = spec.top_k, spec.num_experts
+    tokens = x2.shape[0]
+    if tokens <= DECODE_MAX_TOKENS:
+        logits, shrink = _decode_logits_and_shrink(x2, router_weight, router_bias, expert_a, spec)
+        values, indices = torch.sort(logits, dim=-1, descending=True, stable=True)
+        if spec.gate == "softmax_topk":
+            values = torch.softmax(values, dim=-1)
+        if top_k < num_experts:
+            values, indices = values[:, :top_k], indices[:, :top_k]
+        gates = torch.softmax(values, dim=-1) if spec.gate == "topk_softmax" else values
+        if tokens * (num_experts - top_k) * spec.d_out <= DENSE_EXPAND_MAX_WASTE:
+            coefficients = torch.zeros_like(shrink).scatter_(1, indices, gates).mul_(shrink)
+            if weight is None:
+                return F.linear(coefficients, expert_b).mul_(spec.gamma), indices, gates
+            y = F.linear(x2, weight, bias)
+            return y.addmm_(coefficients, expert_b.t(), alpha=spec.gamma), indices, gates
+    else:
+        logits, shrink = _routing_product(x2, router_weight, router_bias, expert_a, spec)
+        selected_logits, indices = select_top_k(logits, top_k)
+        if spec.gate == "softmax_topk":
+            gates = torch.softmax(logits, dim=-1).gather(1, indices)
+        elif selected_logits.dtype in (torch.float16, torch.bfloat16):
+            # (CUDA only: CPU computes in fp32) torch.softmax accumulates half inputs in fp32.
+            gates = torch.softmax(selected_logits, dim=-1)
+        else:
+            # torch.softmax over rows of k ~ 8 runs ~4x slower on CPU than these row-wise ops.
+            gates = selected_logits.sub_(selected_logits.amax(dim=-1, keepdim=True)).exp_()
+            gates.div_(gates.sum(dim=-1, keepdim=True))
+    coefficients = gates * shrink.gather(1, indices)
+    coefficients.mul_(spec.gamma)
+    # embedding_bag takes its fast (FBGEMM) kernel only for a contiguous table; MoRELinear keeps
+    # B column-major so that this is free.
+    y = F.embedding_bag(indices, expert_b.t().contiguous(), per_sample_weights=coefficients, mode="sum")
+    if weight is not None:
+        y.addmm_(x2, weight.t())
+        if bias is not None:
+            y.add_(bias)
+    return y, indices, gates
 
 
 class MoRELinearFunction(torch.autograd.Function):
@@ -220,8 +292,14 @@ def more_linear_checked(x, weight, bias, router_weight, router_bias, expert_a, e
     if x.dtype in (torch.float16, torch.bfloat16) and x.device.type == "cpu":
         # CPU half GEMMs are slow and accumulate poorly; compute in fp32 and cast back.
         args = [t if t is None else t.float() for t in args]
-    y, indices, gates = MoRELinearFunction.apply(*args, spec)
-    y = y.to(x.dtype).reshape(*lead_shape, spec.d_out)
+    if needs_autograd(args):
+        y, indices, gates = MoRELinearFunction.apply(*args, spec)
+    else:
+        y, indices, gates = more_inference(*args, spec)
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
+    if x.dim() != 2:
+        y = y.reshape(*lead_shape, spec.d_out)
     if not return_routing:
         return y
     indices, gates = routing_order(indices, gates)

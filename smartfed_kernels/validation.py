@@ -11,8 +11,8 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @dataclass(frozen=True)
-class MoRESpec:
-    """Sizes and options of one MoRE call, after validation."""
+class CallSpec:
+    """Sizes and options of one MoRE call, after validation: what every backend runs on."""
 
     d_in: int
     d_out: int
@@ -41,7 +41,7 @@ def _check_tensor(name, tensor, shape, dtype, device, optional=False):
 def check_more_inputs(
     x, weight, bias, router_weight, router_bias, expert_a, expert_b, top_k,
     *, gate="topk_softmax", gamma=None, router="linear",
-) -> MoRESpec:
+) -> CallSpec:
     """Validate a MoRE call and return its sizes; raises with the argument's name on bad input."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
@@ -63,6 +63,9 @@ def check_more_inputs(
     if not isinstance(expert_b, torch.Tensor) or expert_b.dim() != 2:
         raise ValueError(f"expert_b: expected a tensor of shape [d_out, {num_experts}]")
     d_out = expert_b.shape[0]
+    if expert_b.shape[1] != num_experts and expert_b.shape[0] == num_experts:
+        # A transposed B ([N, d_out]): the shape meant is [d_out, N], so name that one.
+        d_out = expert_b.shape[1]
     device, dtype = x.device, x.dtype
     _check_tensor("expert_a", expert_a, (num_experts, d_in), dtype, device)
     _check_tensor("expert_b", expert_b, (d_out, num_experts), dtype, device)
@@ -78,7 +81,7 @@ def check_more_inputs(
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k: expected 1 <= top_k <= N={num_experts}, got {top_k}")
     gamma_value = resolve_gamma(gamma, top_k)
-    return MoRESpec(d_in, d_out, num_experts, top_k, gamma_value, gate, router)
+    return CallSpec(d_in, d_out, num_experts, top_k, gamma_value, gate, router)
 
 
 def resolve_gamma(gamma: Optional[float], top_k: int) -> float:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from smartfed.benchmarking import providers
-from smartfed.benchmarking.shapes import parse_shapes
+from smartfed.benchmarking.shapes import default_shape_specs, parse_shapes
 from smartfed.cli import main
 
 TINY = ["--shapes", "48x40:T16:N8:k2", "--time-per-case", "0.02", "--quick"]
@@ -20,7 +20,7 @@ def test_bench_writes_record_table_and_plot(tmp_path, capsys):
     assert json_path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     markdown = json_path.with_suffix(".md").read_text()
 
-    names = ["linear", "peft-lora", "more-reference", "more-torch"]
+    names = ["linear", "peft-lora", "more-reference", "more-torch", "more-layer", "dense-masked"]
     assert list(record["providers"]) == names
     assert "more-triton" in record["skipped"]
     env = record["environment"]
@@ -98,3 +98,29 @@ def test_triton_provider_on_cpu_needs_to_be_named_and_interpreted(monkeypatch):
     triton_provider, cpu = providers.PROVIDERS["more-triton"], torch.device("cpu")
     assert "CUDA only" in triton_provider.unavailable_reason(cpu, explicit=False)
     assert "TRITON_INTERPRET=1" in triton_provider.unavailable_reason(cpu, explicit=True)
+
+
+def test_bench_decode_per_call_and_large_pool_rows_carry_their_targets(tmp_path):
+    shapes = ["smollm2:T1:N64:k8", "2048:T1:N64:k8", "64x64:T1:N16:k8", "smollm2:T2048:N256:k8"]
+    args = ["bench", "--shapes", *shapes, "--providers", "linear", "more-torch", "more-layer", "dense-masked",
+            "--mode", "fwd", "--time-per-case", "0.01", "--quick", "--output", str(tmp_path / "run.json")]
+    assert main(args) == 0
+    record = json.loads((tmp_path / "run.json").read_text())
+    verdicts = {(r["shape"]["label"], r["provider"]): [v["target"] for v in r["targets"]] for r in record["results"]}
+    assert verdicts[("smollm2 T=1 N=64 k=8", "more-layer")] == ["decode <= 1.5x linear"]
+    assert verdicts[("2048 T=1 N=64 k=8", "more-layer")] == ["decode <= 1.3x linear"]
+    assert verdicts[("64x64 T=1 N=16 k=8", "more-layer")] == ["per call <= 3x linear"]
+    assert verdicts[("smollm2 T=2048 N=256 k=8", "more-layer")] == ["large pool <= dense-masked"]
+    assert verdicts[("smollm2 T=2048 N=256 k=8", "more-torch")] == ["large pool <= dense-masked"]
+    assert verdicts[("smollm2 T=1 N=64 k=8", "more-torch")] == []
+    assert all(isinstance(v["met"], bool) for r in record["results"] for v in r["targets"])
+    markdown = (tmp_path / "run.md").read_text()
+    assert "## Targets" in markdown and "per call <= 3x linear" in markdown
+    assert (tmp_path / "run.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_default_cpu_shapes_include_decode_per_call_and_large_pool_rows():
+    labels = {s.label for s in parse_shapes(default_shape_specs("cpu", quick=False))}
+    assert {"smollm2 T=1 N=64 k=8", "smollm2 T=16 N=64 k=8", "2048 T=1 N=64 k=8", "2048 T=16 N=64 k=8",
+            "64x64 T=1 N=16 k=8", "smollm2 T=2048 N=64 k=8", "2048 T=2048 N=64 k=8",
+            "smollm2 T=2048 N=256 k=8"} <= labels

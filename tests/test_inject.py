@@ -162,3 +162,62 @@ def test_bfloat16_model(make_lora_adapter, make_tiny_llama, random_token_ids):
     got = logits(model, random_token_ids)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), expected, rtol=5e-2, atol=5e-2)
+
+
+def test_target_modules_follow_peft_semantics(make_lora_adapter, make_tiny_llama):
+    pool = LoRAPool.from_pretrained(make_lora_adapter("a", r=4, steps=0))
+    q1, v1 = "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"
+    cases = [
+        (["q_proj", "v_proj"], [Q0, V0, q1, v1]),
+        (("q_proj",), [Q0, q1]),
+        (["self_attn.v_proj"], [V0, v1]),
+        ([Q0, "model.layers.1.*"], [Q0, q1, v1]),
+        (["*v_proj"], [V0, v1]),
+        (r".*\.1\.self_attn\.(q|v)_proj", [q1, v1]),
+        (r"model\.layers\.0\..*", [Q0, V0]),
+    ]
+    for target_modules, expected in cases:
+        assert pool.select(target_modules) == expected, target_modules
+    model = inject_more(make_tiny_llama(), pool, MoREConfig(top_k=2, target_modules=["q_proj", "v_proj"]))
+    assert sorted(more_layers(model)) == [Q0, V0, q1, v1]
+    model = inject_more(make_tiny_llama(), pool, MoREConfig(top_k=2, target_modules=r".*\.1\.self_attn\.q_proj"))
+    assert list(more_layers(model)) == [q1]
+    assert MoREConfig(target_modules=r".*q_proj").to_dict()["target_modules"] == r".*q_proj"
+    assert MoREConfig(target_modules=("q_proj",)).to_dict()["target_modules"] == ["q_proj"]
+
+    failures = [
+        (["proj"], ValueError, r"target_modules: \['proj'\] match no module of the pool \(expected each entry"),
+        ("q_proj", ValueError, r"target_modules: the regex 'q_proj' matches no whole module name of the pool"),
+    ]
+    for target_modules, error, message in failures:
+        model = make_tiny_llama()
+        with pytest.raises(error, match=message):
+            inject_more(model, pool, MoREConfig(top_k=2, target_modules=target_modules))
+        assert not more_layers(model)
+    invalid = [
+        ("*q_proj", ValueError, r"target_modules: '\*q_proj' is not a valid regular expression \(.*\); a string is a "
+                                r"regex matched against the whole module name, as in peft; for names, suffixes or "
+                                r"globs pass a list, e.g. \['\*q_proj'\]"),
+        ([], TypeError, r"target_modules: expected a regex string or a non-empty list of module names, suffixes or "
+                        r"globs, got \[\]"),
+        (["q_proj", ""], TypeError, r"target_modules: expected non-empty strings in the list, got ''"),
+        ({"q_proj": 1}, TypeError, r"target_modules: expected a regex string or a non-empty list"),
+    ]
+    for target_modules, error, message in invalid:
+        with pytest.raises(error, match=message):
+            MoREConfig(target_modules=target_modules)
+
+
+def test_top_k_mapping_accepts_peft_style_suffixes(make_lora_adapter, make_tiny_llama):
+    pool = LoRAPool.from_pretrained(make_lora_adapter("a", r=4, steps=0))
+    q1, v1 = "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"
+    cases = [
+        ({"q_proj": 3, "self_attn.v_proj": 2}, {Q0: 3, q1: 3, V0: 2, v1: 2}),
+        ({Q0: 4, "q_proj": 3, "*": 2}, {Q0: 4, q1: 3, V0: 2, v1: 2}),
+        ({"*": 1, "v_proj": 2}, {Q0: 1, q1: 1, V0: 2, v1: 2}),
+    ]
+    for top_k, expected in cases:
+        model = inject_more(make_tiny_llama(), pool, MoREConfig(top_k=top_k))
+        assert {name: layer.top_k for name, layer in more_layers(model).items()} == expected
+    with pytest.raises(ValueError, match=r"top_k: keys \['\*q_proj'\] match no targeted module"):
+        inject_more(make_tiny_llama(), pool, MoREConfig(top_k={"q_proj": 3, "*q_proj": 1, "*": 2}))

@@ -1,22 +1,15 @@
 """Compiled Triton MoRE kernels on a CUDA GPU against the reference: bf16, fp16 and fp32.
 
-Skips without CUDA, and when another test module of this process switched triton to its CPU
-interpreter (run this file on its own then: ``pytest tests/test_triton_cuda.py``; the GPU check
-``benchmarks/gpu_check.py`` does).
+Skips without CUDA. Part of the default ``python -m pytest tests`` process, which never turns on
+Triton's CPU interpreter: the interpreter tests run in a process of their own (tests/conftest.py).
 """
-
-import os
 
 import pytest
 import torch
 
 from smartfed_kernels import more_linear
 
-pytestmark = [
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
-                       reason="triton runs its CPU interpreter in this process; run this file on its own"),
-]
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 DENSE_POOL, STREAMING_POOL = 64, 300
@@ -82,3 +75,46 @@ def test_decode_and_empty_batches_on_gpu():
         assert actual[0].shape == (tokens, 320)
         if tokens:
             assert relative_error(actual[0], expected[0]) < 1e-2
+
+
+def _captured_and_eager(call, x, fresh_x):
+    """Output of ``call`` replayed from a CUDA graph after ``x`` was overwritten, and eager on the new x."""
+    device = _device()
+    with torch.no_grad(), torch.cuda.device(device):
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # compiles the kernels and warms the allocator outside the capture
+                call()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = call()
+        x.copy_(fresh_x)
+        graph.replay()
+        torch.cuda.synchronize(device)
+        return captured, call()
+
+
+@pytest.mark.parametrize("backend,tokens", [("triton", 1), ("triton", 16), ("triton", 130), ("torch", 1),
+                                            ("torch", 16)])
+def test_more_linear_is_captured_by_a_cuda_graph(backend, tokens):
+    inputs = {n: t.detach() for n, t in make_inputs((tokens,), 256, 320, DENSE_POOL, "linear", torch.bfloat16,
+                                                     seed=tokens).items()}
+    fresh_x = torch.randn(inputs["x"].shape, generator=torch.Generator().manual_seed(7)).to(inputs["x"])
+    captured, eager = _captured_and_eager(lambda: more_linear(*inputs.values(), 4, backend=backend),
+                                          inputs["x"], fresh_x)
+    torch.testing.assert_close(captured, eager)
+
+
+def test_more_linear_module_decode_is_captured_by_a_cuda_graph():
+    from smartfed.layer import MoRELinear
+
+    generator = torch.Generator().manual_seed(3)
+    base = torch.nn.Linear(256, 320).to(device=_device(), dtype=torch.bfloat16)
+    layer = MoRELinear(base, torch.randn(DENSE_POOL, 256, generator=generator) / 16,
+                       torch.randn(320, DENSE_POOL, generator=generator), 8, seed=0)
+    x = torch.randn(1, 256, generator=generator).to(base.weight)
+    fresh_x = torch.randn(1, 256, generator=generator).to(base.weight)
+    captured, eager = _captured_and_eager(lambda: layer(x), x, fresh_x)
+    torch.testing.assert_close(captured, eager)

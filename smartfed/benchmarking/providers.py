@@ -6,11 +6,15 @@ trains (their gradients are timed and checked), and the arguments under which
 
 - ``linear``: ``nn.Linear`` alone, the floor; training x and its weight. Reference: experts with B = 0.
 - ``peft-lora``: peft's ``lora.Linear`` at rank k (what a user would run instead), training x and
-  the LoRA factors. Reference: DESIGN.md's anchor, a pool of that one adapter with k = N = r and
-  a zero router.
+  the LoRA factors. Reference: the anchor of docs/design.md §2.2, a pool of that one adapter with
+  k = N = r and a zero router.
 - ``more-reference``, ``more-torch``, ``more-triton``: the MoRE layer through
   ``smartfed_kernels.more_linear`` with that backend, training x and the router (base and experts
   frozen).
+- ``more-layer``: the ``MoRELinear`` module (backend auto) on the same tensors: what a model runs,
+  its inputs checked once at construction instead of on every call.
+- ``dense-masked``: the plainest PyTorch MoRE (topk, gates scattered into a dense [T, N] tile, one
+  A and one B GEMM), the yardstick for large pools.
 """
 
 import importlib.util
@@ -145,22 +149,65 @@ class PeftLoRAProvider(Provider):
 class MoREProvider(Provider):
     kind = "more"
 
-    def __init__(self, backend, description):
+    def __init__(self, backend, description, name=None):
         self.backend = backend
-        self.name = f"more-{backend}"
+        self.name = name or f"more-{backend}"
         self.description = description
 
     def build(self, case):
         t = case.tensors
         arguments = {**t, "x": _trainable(t["x"]), "router_weight": _trainable(t["router_weight"]),
                      "router_bias": _trainable(t["router_bias"])}
-        top_k, backend = case.shape.top_k, self.backend
+        top_k, more = case.shape.top_k, self.more
 
         def forward():
-            return smartfed_kernels.more_linear(*(arguments[n] for n in MORE_ARGUMENTS), top_k, backend=backend)
+            return more(*(arguments[n] for n in MORE_ARGUMENTS), top_k)
 
         trainable = {n: arguments[n] for n in ("x", "router_weight", "router_bias")}
         return Built(forward, trainable, arguments, reference_gradients={n: n for n in trainable})
+
+    def more(self, *arguments):
+        return smartfed_kernels.more_linear(*arguments, backend=self.backend)
+
+
+class LayerProvider(Provider):
+    name, kind = "more-layer", "more"
+    description = "MoRELinear module, backend auto (smartfed.layer)"
+
+    def build(self, case):
+        from smartfed.layer import MoRELinear
+
+        s, t = case.shape, case.tensors
+        base = nn.Linear(s.d_in, s.d_out, device=case.device, dtype=case.dtype)
+        with torch.no_grad():
+            base.weight.copy_(t["weight"])
+            base.bias.copy_(t["bias"])
+        layer = MoRELinear(base, t["expert_a"], t["expert_b"], s.top_k, router_init="zeros")
+        with torch.no_grad():
+            layer.router_weight.copy_(t["router_weight"])
+            layer.router_bias.copy_(t["router_bias"])
+        x = _trainable(t["x"])
+        arguments = {"x": x, "weight": base.weight, "bias": base.bias, "router_weight": layer.router_weight,
+                     "router_bias": layer.router_bias, "expert_a": layer.expert_a, "expert_b": layer.expert_b}
+        trainable = {n: arguments[n] for n in ("x", "router_weight", "router_bias")}
+        return Built(lambda: layer(x), trainable, arguments, reference_gradients={n: n for n in trainable})
+
+
+def dense_masked_more(x, weight, bias, router_weight, router_bias, expert_a, expert_b, top_k):
+    """The MoRE layer written the plain way, for comparison (linear router, topk_softmax, gamma = k)."""
+    logits = torch.addmm(router_bias, x, router_weight.t())
+    values, indices = logits.topk(top_k, dim=-1)
+    dense_gates = torch.zeros_like(logits).scatter(1, indices, torch.softmax(values, dim=-1))
+    return torch.addmm(torch.addmm(bias, x, weight.t()), dense_gates * (x @ expert_a.t()), expert_b.t(),
+                       alpha=top_k)
+
+
+class DenseMaskedProvider(MoREProvider):
+    def __init__(self):
+        super().__init__(None, "plain PyTorch MoRE: topk, dense gate tile, one A and one B GEMM", "dense-masked")
+
+    def more(self, *arguments):
+        return dense_masked_more(*arguments)
 
 
 class TritonProvider(MoREProvider):
@@ -191,6 +238,8 @@ PROVIDERS = {
         MoREProvider("reference", "MoRE reference (smartfed_kernels.reference)"),
         MoREProvider("torch", "MoRE fast PyTorch path (smartfed_kernels.torch_ops)"),
         TritonProvider(),
+        LayerProvider(),
+        DenseMaskedProvider(),
     )
 }
 

@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 RESULT_COLUMNS = ("shape", "mode", "provider", "ms", "x linear", "GFLOP", "MB", "TFLOP/s", "GB/s",
-                  "FLOP/B", "roofline", "DESIGN 8 target")
+                  "FLOP/B", "roofline", "design §8 target")
 
 
 def _fmt(value):
@@ -31,6 +31,13 @@ def check_rows(checks):
 
 
 CHECK_COLUMNS = ("shape", "provider", "compared", "max rel err", "tolerance", "result")
+TARGET_COLUMNS = ("target", "shape", "mode", "provider", "against", "ratio", "bound", "result")
+
+
+def target_rows(results):
+    """One row per target verdict of the run, in table order."""
+    return [(v["target"], r["shape"]["label"], r["mode"], r["provider"], v["against"], f"{v['ratio']:.2f}",
+             f"{v['bound']:.2f}", "met" if v["met"] else "NOT met") for r in results for v in r["targets"]]
 
 
 def text_table(columns, rows) -> str:
@@ -47,6 +54,7 @@ def markdown_table(columns, rows) -> str:
 
 def markdown_report(record) -> str:
     env = record["environment"]
+    targets = target_rows(record["results"])
     lines = [
         f"# `smartfed bench` on {env['device_name']} ({env['device']}), {record['dtype']}",
         "",
@@ -55,6 +63,11 @@ def markdown_report(record) -> str:
         f"after {env['load_after']}.",
         "Times are medians over interleaved rounds; `x linear` is the median of per-round ratios to "
         "nn.Linear; GFLOP and MB are the minimum work of the call (see smartfed/benchmarking/work.py).",
+        "",
+        "## Targets",
+        "",
+        markdown_table(TARGET_COLUMNS, targets) if targets
+        else "No target applies to the shapes, providers and dtype of this run.",
         "",
         "## Timings",
         "",
@@ -104,6 +117,9 @@ def write_plot(record, path: Path):
                     if verdict["against"] == "linear":
                         ax.hlines(verdict["bound"], centre - width / 2, centre + width / 2, colors="black",
                                   linestyles="--", linewidth=1.2)
+                        ax.annotate("met" if verdict["met"] else "NOT met", (centre, verdict["bound"]),
+                                    xytext=(0, 2), textcoords="offset points", ha="center", fontsize=5,
+                                    color="green" if verdict["met"] else "red")
             ax.bar([i + p_index * width for i in range(len(shapes))], ratios, width, label=provider)
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_yscale("log")

@@ -82,9 +82,10 @@ def parse_shapes(specs) -> list:
 
 
 def default_shape_specs(device_type: str, quick: bool) -> list:
-    """Shapes a plain `smartfed bench` runs: the DESIGN 8 targets of the device plus a few others."""
+    """Shapes a plain `smartfed bench` runs: the targets of docs/design.md §8 for the device and a few others."""
     if quick:
         return ["96x80:T64:N16:k4"]
     if device_type == "cuda":
         return ["llama7b:T4096:N64:k8", "llama7b:T1,16:N64:k8", "smollm2:T2048:N64:k8", "llama7b:T4096:N1024:k16"]
-    return ["smollm2:T2048:N64:k8", "2048:T2048:N64:k8", "smollm2:T16:N64:k8", "smollm2:T512:N256:k16"]
+    return ["smollm2:T2048:N64:k8", "2048:T2048:N64:k8", "smollm2:T1,16:N64:k8", "2048:T1,16:N64:k8",
+            "64x64:T1:N16:k8", "smollm2:T2048:N256:k8", "smollm2:T512:N256:k16"]

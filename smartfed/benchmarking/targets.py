@@ -1,4 +1,4 @@
-"""The DESIGN.md section 8 kernel targets, as checks on a finished benchmark table.
+"""The kernel targets of docs/design.md §8, as checks on a finished benchmark table.
 
 Each target names the device type, dtype, provider, mode and shapes it applies to, and a
 comparison against another provider timed in the same run.
@@ -31,7 +31,18 @@ def _is(d, tokens, experts=64, top_k=8):
 TARGETS = (
     Target("fwd <= 1.40x linear", "cpu", "fp32", "more-torch", ("fwd",), _is(576, (2048,)), "linear", 1.40),
     Target("fwd <= 1.15x linear", "cpu", "fp32", "more-torch", ("fwd",), _is(2048, (2048,)), "linear", 1.15),
+    Target("fwd <= 1.40x linear", "cpu", "fp32", "more-layer", ("fwd",), _is(576, (2048,)), "linear", 1.40),
+    Target("fwd <= 1.15x linear", "cpu", "fp32", "more-layer", ("fwd",), _is(2048, (2048,)), "linear", 1.15),
+    Target("decode <= 1.5x linear", "cpu", "fp32", "more-layer", ("fwd",), _is(576, (1,)), "linear", 1.5),
+    Target("decode <= 1.3x linear", "cpu", "fp32", "more-layer", ("fwd",), _is(2048, (1,)), "linear", 1.3),
+    Target("per call <= 3x linear", "cpu", "fp32", "more-layer", ("fwd",), _is(64, (1,), experts=16), "linear", 3.0),
+    Target("large pool <= dense-masked", "cpu", "fp32", "more-torch", ("fwd",), _is(576, (2048,), experts=256),
+           "dense-masked", 1.0),
+    Target("large pool <= dense-masked", "cpu", "fp32", "more-layer", ("fwd",), _is(576, (2048,), experts=256),
+           "dense-masked", 1.0),
     Target("fwd+bwd <= 2x linear", "cpu", "fp32", "more-torch", ("full",),
+           lambda s: _is(576, (2048,))(s) or _is(2048, (2048,))(s), "linear", 2.0),
+    Target("fwd+bwd <= 2x linear", "cpu", "fp32", "more-layer", ("full",),
            lambda s: _is(576, (2048,))(s) or _is(2048, (2048,))(s), "linear", 2.0),
     Target("fwd <= 1.10x linear", "cuda", "bf16", "more-triton", ("fwd",), _is(4096, (4096,)), "linear", 1.10),
     Target("fwd+bwd <= 1.25x linear", "cuda", "bf16", "more-triton", ("full",), _is(4096, (4096,)), "linear", 1.25),

@@ -10,6 +10,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from smartfed_kernels import torch_ops
 from smartfed_kernels.triton import launch
 
 def _saved_shapes(num_tokens, num_experts, top_k, gate, router):
@@ -123,18 +124,19 @@ def more_linear_checked(x, weight, bias, router_weight, router_bias, expert_a, e
     """Triton MoRE layer on validated inputs; same results as the torch and reference backends."""
     if x.dtype == torch.float64:
         # Triton has no float64 tensor-core path; float64 (gradcheck) calls run the torch path.
-        from smartfed_kernels import torch_ops
-
         return torch_ops.more_linear_checked(
             x, weight, bias, router_weight, router_bias, expert_a, expert_b, spec, return_routing
         )
     lead_shape = x.shape[:-1]
-    y, indices, gates, *_saved = torch.ops.smartfed.more_forward(
-        x.reshape(-1, spec.d_in), weight, bias, router_weight, router_bias, expert_a, expert_b,
-        spec.top_k, spec.gamma, spec.gate, spec.router,
-    )
+    args = (x.reshape(-1, spec.d_in), weight, bias, router_weight, router_bias, expert_a, expert_b,
+            spec.top_k, spec.gamma, spec.gate, spec.router)
+    if torch_ops.needs_autograd(args[:7]) or torch.compiler.is_compiling():
+        y, indices, gates, *_saved = torch.ops.smartfed.more_forward(*args)
+    else:
+        # Nothing to differentiate: the launcher directly, without the custom op's dispatch.
+        y, indices, gates, *_saved = launch.forward(*args)
     y = y.reshape(*lead_shape, spec.d_out)
     if not return_routing:
         return y
-    return (y, indices.to(torch.int64).reshape(*lead_shape, spec.top_k),
-            gates.reshape(*lead_shape, spec.top_k))
+    indices, gates = torch_ops.routing_order(indices.to(torch.int64), gates)
+    return y, indices.reshape(*lead_shape, spec.top_k), gates.reshape(*lead_shape, spec.top_k)

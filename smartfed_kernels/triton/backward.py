@@ -1,4 +1,4 @@
-"""MoRE backward kernels (DESIGN 2, "Backward"), in three stages.
+"""MoRE backward kernels (docs/design.md §2.4), in three stages.
 
 1. ``routing_grad_kernel`` (grid: token tiles) turns ``gy`` and the saved routing into the two
    fp32 [T, N] coefficient tiles every gradient needs: ``dz`` (logits) and ``dh`` (shrink values,

@@ -11,13 +11,12 @@ from dataclasses import dataclass
 
 import torch
 
+from smartfed_kernels.validation import GATES, ROUTERS
+
 DENSE_MAX_EXPERTS = 256
 STREAM_CHUNK = 64
 STREAM_K_BUCKETS = (16, 64, 256)
 DENSE_WIDTHS = (16, 32, 64, 128, 256)
-ROUTERS = ("linear", "expert_space")
-GATES = ("topk_softmax", "softmax_topk")
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)

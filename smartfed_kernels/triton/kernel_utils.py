@@ -22,7 +22,7 @@ def shrink_and_logits_chunk(
 ):
     """``(X A^T, X Wr^T)`` for one token tile and one expert chunk: x is read once for both.
 
-    The two products are the stacked ``X [A; Wr]^T`` of DESIGN 4, split so each half lands in
+    The two products are the stacked ``X [A; Wr]^T`` of docs/design.md §4.4, split so each half lands in
     its own accumulator. Without ``WITH_ROUTER`` (expert_space router) the second is zeros.
     """
     shrink = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)

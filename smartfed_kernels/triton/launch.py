@@ -4,9 +4,14 @@ Base product: ``x W0^T + b0`` and ``gy W0`` run in cuBLAS (torch.addmm / matmul)
 kernels add the expert terms into those buffers in place. A Triton GEMM that fuses the
 expand as N extra K columns would have to match cuBLAS on the dominant [T, d_in] x [d_in, d_out]
 product; the in-place add costs one extra read of y instead (docs/kernels.md).
+
+Nothing here reads a device value back to the host (no ``.item()``, ``.cpu()``, ``.tolist()``,
+``nonzero``) or branches on one: sizes come from shapes alone, so a CUDA graph (torch.compile
+``mode="reduce-overhead"``) can capture a MoRE call. tests/test_hot_path.py scans this file for them.
 """
 
 import contextlib
+import functools
 
 import torch
 import triton
@@ -35,9 +40,15 @@ def device_guard(tensor):
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    # Asked once per device: a decode call is a few microseconds of GPU work, and the query is not.
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _concurrent_programs(tensor) -> int:
     if tensor.is_cuda:
-        return 2 * torch.cuda.get_device_properties(tensor.device).multi_processor_count
+        return 2 * _multiprocessors(tensor.device)
     return INTERPRETER_PROGRAMS
 
 
