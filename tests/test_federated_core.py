@@ -5,9 +5,8 @@ import torch
 
 from smartfed.eeqa import ImportanceStats
 from smartfed.federated.checkpoint import Checkpoint, find_checkpoint, load_checkpoint, save_checkpoint
-from smartfed.federated.config import config_fingerprint, config_from_dict, load_config, with_overrides
-from smartfed.federated.protocol import ClientResult, decode_result, encode_result
-from smartfed.federated.serialization import decode_payload, encode_payload
+from smartfed.config import ConfigError, config_fingerprint, config_from_dict, load_config, with_overrides
+from smartfed.federated.protocol import ClientResult
 from smartfed.federated.server import (
     check_update,
     client_instructions,
@@ -58,51 +57,6 @@ def test_fedavg_rejects_bad_weights():
         fedavg([state], [0])
 
 
-@pytest.mark.parametrize("wire_dtype, tolerance", [("fp32", 0.0), ("bf16", 1e-2)])
-def test_payload_round_trip_and_size(wire_dtype, tolerance):
-    state = _router_state(torch.Generator().manual_seed(1))
-    meta = {"num_examples": 12, "importance": {"sums": {"a": 0.5}}}
-    payload = encode_payload(state, meta, wire_dtype)
-    assert payload.num_bytes == len(payload.data) == 8 + payload.tensor_bytes + payload.meta_bytes
-    decoded, decoded_meta = decode_payload(payload.data)
-    assert decoded_meta == meta
-    for name, tensor in state.items():
-        assert decoded[name].dtype == torch.float32
-        torch.testing.assert_close(decoded[name], tensor, rtol=tolerance, atol=tolerance)
-
-
-def test_bf16_halves_the_tensor_bytes():
-    state = _router_state(torch.Generator().manual_seed(2))
-    full = encode_payload(state, {}, "fp32")
-    half = encode_payload(state, {}, "bf16")
-    assert full.tensor_data_bytes == sum(t.numel() * 4 for t in state.values())
-    assert half.tensor_data_bytes * 2 == full.tensor_data_bytes
-    # Only the safetensors header (names, dtype strings, offsets, padding) does not halve.
-    full_header = full.tensor_bytes - full.tensor_data_bytes
-    half_header = half.tensor_bytes - half.tensor_data_bytes
-    assert abs(full_header - half_header) <= 16
-
-
-def test_result_message_round_trip_counts_every_byte():
-    result = ClientResult(
-        state=_router_state(torch.Generator().manual_seed(3)), num_examples=33,
-        importance=ImportanceStats("cosine", {"m": 1.5}, {"m": 40}).to_dict(), metrics={"loss": 0.25},
-    )
-    payload = encode_result(result, "fp32")
-    back = decode_result(payload.data)
-    assert back.num_examples == 33 and back.importance == result.importance and back.metrics == {"loss": 0.25}
-    assert payload.num_bytes == len(payload.data)
-
-
-def test_bad_payloads_are_refused():
-    with pytest.raises(ValueError, match="wire_dtype must be one of"):
-        encode_payload({"w": torch.ones(2)}, {}, "fp16")
-    with pytest.raises(TypeError, match="tensor 'w' must be a floating torch.Tensor"):
-        encode_payload({"w": torch.ones(2, dtype=torch.int64)}, {}, "fp32")
-    with pytest.raises(ValueError, match="header announces"):
-        decode_payload(encode_payload({"w": torch.ones(2)}, {}, "fp32").data[:20])
-
-
 def test_check_update_names_the_problem():
     reference = {"a": torch.zeros(2, 3), "b": torch.zeros(2)}
     assert check_update({"a": torch.randn(2, 3), "b": torch.randn(2)}, reference) is None
@@ -144,21 +98,21 @@ def test_quota_update_every_r_rounds_from_merged_importance():
 
 
 def test_config_validation_names_the_key(tmp_path):
-    with pytest.raises(ValueError, match="unknown key\\(s\\) \\['rounds'\\] in config section 'more'"):
+    with pytest.raises(ConfigError, match="more.rounds: unknown key"):
         config_from_dict({"more": {"rounds": 3}})
-    with pytest.raises(ValueError, match="communication.wire_dtype must be one of"):
+    with pytest.raises(ConfigError, match="communication.wire_dtype: must be one of"):
         config_from_dict({"communication": {"wire_dtype": "int8"}})
-    with pytest.raises(ValueError, match="more.router must be one of"):
+    with pytest.raises(ConfigError, match="more.router: must be one of"):
         config_from_dict({"more": {"router": "dense"}})
-    with pytest.raises(ValueError, match="federation.min_clients \\(5\\) must be <= federation.num_clients \\(4\\)"):
+    with pytest.raises(ConfigError, match="federation.min_clients: must be <= federation.num_clients \\(4\\), got 5"):
         config_from_dict({"federation": {"min_clients": 5}})
-    with pytest.raises(ValueError, match="faults\\[2\\]\\[0\\] must be one of"):
+    with pytest.raises(ConfigError, match="faults\\[2\\]\\[0\\]: must be one of"):
         config_from_dict({"faults": {2: {0: "explode"}}})
-    with pytest.raises(ValueError, match="unknown top-level config key"):
+    with pytest.raises(ConfigError, match="round: unknown key"):
         config_from_dict({"round": 3})
-    with pytest.raises(ValueError, match="eeqa.per_expert must be true or false, got 'yes'"):
+    with pytest.raises(ConfigError, match="eeqa.per_expert: must be true or false"):
         config_from_dict({"eeqa": {"per_expert": "yes"}})
-    with pytest.raises(ValueError, match="label must be a non-empty string or null, got ''"):
+    with pytest.raises(ConfigError, match="label: must not be blank"):
         config_from_dict({"label": ""})
     assert config_from_dict({"label": "smartfed_uniform_quota"}).label == "smartfed_uniform_quota"
     path = tmp_path / "run.yaml"
@@ -187,7 +141,8 @@ def test_checkpoint_round_trip_and_atomic_replacement(tmp_path):
     assert loaded.round == 2 and loaded.quotas == {"a": 3} and loaded.history == second.history
     for name, tensor in second.global_state.items():
         assert torch.equal(loaded.global_state[name], tensor)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+    # The previous round stays on disk until the next checkpoint is written and verified.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint", "checkpoint.previous"]
     state = json.loads((tmp_path / "checkpoint" / "state.json").read_text())
     assert set(state["rng"]) == {"python", "numpy"} and "fresh AdamW" in state["optimizer"]
 
@@ -231,3 +186,32 @@ def test_screen_and_finish_round_aggregate_only_valid_results():
     config = config_from_dict({})
     finish_round(state, valid, aggregate=fedavg, round_index=1, eeqa=config.eeqa)
     assert state.round == 1 and torch.equal(state.global_state["w"], torch.tensor([3.25, 6.5]))
+
+
+def test_in_process_grid_delivers_like_a_flower_grid():
+    from types import SimpleNamespace
+
+    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+    from smartfed.federated.grid import NODE_ID_BASE, InProcessGrid
+
+    class EchoClient:
+        config = SimpleNamespace(communication=SimpleNamespace(wire_dtype="fp32"))
+
+        def handle(self, msg, partition_id, *, time_limit_s=None):
+            if partition_id == 1:
+                raise RuntimeError("client 1 is down")
+            return Message(RecordDict({"echo": ConfigRecord({"partition": partition_id})}), reply_to=msg)
+
+    grid = InProcessGrid(EchoClient(), 3)
+    assert sorted(grid.get_node_ids()) == [NODE_ID_BASE, NODE_ID_BASE + 1, NODE_ID_BASE + 2]
+    sent = [Message(RecordDict(), node, MessageType.QUERY) for node in sorted(grid.get_node_ids())]
+    ids = list(grid.push_messages(sent))
+    assert len(set(ids)) == 3
+    replies = {reply.metadata.src_node_id: reply for reply in grid.pull_messages(ids)}
+    assert replies[NODE_ID_BASE + 2].content.config_records["echo"]["partition"] == 2
+    assert replies[NODE_ID_BASE + 2].metadata.reply_to_message_id == ids[2]
+    assert replies[NODE_ID_BASE + 1].has_error() and "client 1 is down" in replies[NODE_ID_BASE + 1].error.reason
+    assert list(grid.pull_messages(ids)) == []
+    with pytest.raises(ValueError, match="no in-process node 7"):
+        grid.push_messages([Message(RecordDict(), 7, MessageType.QUERY)])

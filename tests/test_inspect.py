@@ -1,8 +1,9 @@
 """``python -m smartfed_kernels.inspect`` on a subset: compiles for sm_80/sm_90 without a GPU.
 
-Runs in a subprocess so that triton is imported without the CPU interpreter other test modules
-switch on. Asserts zero spills and tensor-core instructions (HMMA on sm_80, HGMMA on sm_90) in
-every fp16/bf16 config of the subset, and the CLI's exit status and cubin dump.
+Runs the CLI in a subprocess without TRITON_INTERPRET in its environment (it compiles real GPU
+code, which Triton's CPU interpreter would replace). Asserts zero spills and tensor-core
+instructions (HMMA on sm_80, HGMMA on sm_90) in every fp16/bf16 config of the subset, and the
+CLI's exit status and cubin dump.
 """
 
 import json

@@ -1,7 +1,6 @@
 """smartfed build-pool on a tiny random Llama with a word-level tokenizer (no download), and
 one end-to-end federated run of a text task on the pool it builds (through the sweep driver)."""
 
-import argparse
 import json
 import string
 
@@ -9,6 +8,7 @@ import pytest
 import torch
 
 from smartfed import LoRAPool
+from smartfed.config import ConfigError
 from smartfed.experiments import pool_builder
 from smartfed.tasks.skills import NUMBER_WORDS
 
@@ -84,25 +84,32 @@ def test_build_pool_reuses_cached_adapters_and_retrains_changed_ones(built):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"adapters": [{"name": "x", "task": "imdb"}]}, r"adapters\[0\].task must be one of"),
-    ({"adapters": [{"name": "x", "task": "skills_arithmetic"}] * 2}, r"adapters\[1\].name 'x' is repeated"),
-    ({"lora": {"rank": 4}}, r"unknown key\(s\) \['rank'\] in lora"),
-    ({"training": {"steps": 0}}, "training.steps must be an int >= 1, got 0"),
-    ({"epochs": 3}, r"unknown key\(s\) \['epochs'\] in the pool config"),
+    ({"adapters": [{"name": "x", "task": "imdb"}]}, r"^adapters\[0\]\.task: must be one of \['bbc_news'"),
+    ({"adapters": [{"name": "x", "task": "skills_arithmetic"}] * 2}, r"^adapters\[1\]\.name: 'x' is repeated$"),
+    ({"lora": {"rank": 4}}, r"^lora\.rank: unknown key; expected one of \['lora_alpha', 'r', 'target_modules'\]$"),
+    ({"training": {"steps": 0}}, r"^training\.steps: must be >= 1, got 0$"),
+    ({"training": {"lr": "3e-3"}}, r"^training\.lr: must be a number, got the string '3e-3'"),
+    ({"epochs": 3}, r"^epochs: unknown key; expected one of \['adapters', 'lora', 'model_dir'"),
 ])
 def test_validate_spec_names_the_bad_key(change, message):
     spec = {"adapters": [{"name": "a", "task": "skills_arithmetic"}], **change}
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ConfigError, match=message):
         pool_builder.validate_spec(spec)
 
 
+def test_validate_spec_keeps_the_values_that_adapter_hashes_read():
+    spec = pool_builder.validate_spec({"lora": {"lora_alpha": 16}, "adapters": [{"name": "a", "task": "skills_arithmetic"}]})
+    assert spec["lora"] == {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}
+    assert spec["adapters"] == [{"name": "a", "task": "skills_arithmetic", "options": {}}]
+
+
 def test_cli_reports_bad_config(tmp_path, capsys):
+    from smartfed.cli import main
+
     config = tmp_path / "pool.yaml"
     config.write_text("adapters: []\n")
-    parser = argparse.ArgumentParser()
-    pool_builder.configure_parser(parser)
-    assert pool_builder.run(parser.parse_args(["--config", str(config)])) == 2
-    assert "adapters must be a non-empty list" in capsys.readouterr().err
+    assert main(["build-pool", "--config", str(config)]) == 2
+    assert capsys.readouterr().err == f"smartfed build-pool: {config}: adapters: must not be empty\n"
 
 
 def test_text_task_runs_through_the_federated_harness(built, tmp_path):
@@ -158,7 +165,7 @@ def test_smartfed_train_reads_a_text_task_from_its_config(built, tmp_path, capsy
     config["model"] = {"tiny": {"hidden_size": 32}}
     path.write_text(yaml.safe_dump(config))
     assert main(["train", "--config", str(path), "--output", str(tmp_path / "refused"), "--no-progress"]) == 2
-    assert "model.pretrained must name a folder with a tokenizer" in capsys.readouterr().err
+    assert f"{path}: model.pretrained: task.name 'skills_target' is a text task" in capsys.readouterr().err
 
 
 def test_sweep_runs_merge_task_and_method_overrides():
@@ -177,9 +184,9 @@ def test_sweep_runs_merge_task_and_method_overrides():
     fedit = runs["skills/fedit/seed1"]
     assert fedit["federation"] == {"rounds": 3, "lr": 0.003} and fedit["seed"] == 1 and fedit["method"] == "fedit"
     assert fedit["task"] == {"name": "skills_target"} and runs["skills/smartfed/seed0"]["federation"]["lr"] == 0.01
-    with pytest.raises(ValueError, match="sweep must be a mapping with exactly the keys"):
+    with pytest.raises(ConfigError, match=r"^sweep\.tasks: is required"):
         sweep_runs({"sweep": {"seeds": [0]}})
-    with pytest.raises(ValueError, match=r"unknown top-level key\(s\) \['extra'\]"):
+    with pytest.raises(ConfigError, match=r"^extra: unknown key; expected one of \['base', 'sweep'\]"):
         sweep_runs({**data, "extra": 1})
 
 
@@ -204,7 +211,7 @@ def test_sweep_ablations_get_a_label_and_per_task_values():
     assert ablation["pool"] == {"paths": ["a", "b"]}
     assert runs["bbc/no_distractor/seed0"]["pool"] == {"paths": ["a", "b", "distractor"]}
     data["sweep"]["methods"]["no_distractor"]["per_task"] = {"news": {}}
-    with pytest.raises(ValueError, match=r"per_task names task\(s\) \['news'\] that sweep.tasks lacks"):
+    with pytest.raises(ConfigError, match=r"^sweep\.methods\.no_distractor\.per_task: names task\(s\) \['news'\]"):
         sweep_runs(data)
 
 

@@ -1,11 +1,11 @@
-"""smartfed report: tables, the DESIGN 8 target check and plots from metrics.jsonl files."""
+"""smartfed report: tables, the docs/design.md §8 target check and plots from metrics.jsonl files."""
 
-import argparse
 import json
 
 import pytest
 
-from smartfed import report
+from smartfed.cli import main
+from smartfed.experiments import report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -108,10 +108,9 @@ def test_errors_name_the_problem(tmp_path, capsys):
     (bad / report.METRICS_FILE).write_text('{"round": 1, "accuracy": 0.5}\nnot json\n')
     with pytest.raises(ValueError, match="metrics.jsonl:2 is not JSON"):
         report.load_run(bad / report.METRICS_FILE)
-    parser = argparse.ArgumentParser()
-    report.configure_parser(parser)
-    assert report.run(parser.parse_args([str(tmp_path / "missing"), "--output", str(tmp_path / "o")])) == 2
-    assert "does not exist" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "missing"), "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("smartfed report: ") and "does not exist" in err and len(err.splitlines()) == 1
 
 
 def test_expert_usage_table_from_usage_file(runs_root, tmp_path):

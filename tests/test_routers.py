@@ -1,6 +1,8 @@
+import hashlib
 import json
 
 import pytest
+import safetensors.torch
 import torch
 from torch import nn
 
@@ -116,3 +118,145 @@ def test_load_routers_refuses_other_router_form_and_missing_files(pool, make_tin
         load_routers(partial, tmp_path / "ckpt", pool)
     with pytest.raises(FileNotFoundError, match="routers.json: missing"):
         load_routers(trained, tmp_path / "nowhere", pool)
+
+
+# --------------------------------------------------------------------------- untrusted router files
+
+
+def model_snapshot(model):
+    """Router tensors and top_k of every MoRE layer, to show a refused load changed nothing."""
+    return router_state_dict(model), {name: layer.top_k for name, layer in more_layers(model).items()}
+
+
+def assert_unchanged(model, snapshot):
+    tensors, top_ks = snapshot
+    for key, value in router_state_dict(model).items():
+        assert torch.equal(value, tensors[key]), key
+    assert {name: layer.top_k for name, layer in more_layers(model).items()} == top_ks
+
+
+def rewrite_tensors(folder, tensors, metadata):
+    """Replace routers.safetensors and record its sha256, as a consistent but altered save would."""
+    data = safetensors.torch.save(tensors, metadata=metadata)
+    (folder / "routers.safetensors").write_bytes(data)
+    edit_meta(folder, lambda meta: meta.update(tensors_sha256=hashlib.sha256(data).hexdigest()))
+
+
+def edit_meta(folder, change):
+    meta = json.loads((folder / "routers.json").read_text())
+    change(meta)
+    (folder / "routers.json").write_text(json.dumps(meta))
+
+
+@pytest.fixture
+def saved(pool, make_tiny_llama, tmp_path):
+    """A router folder of a topk_softmax / gamma=k model with random routers, and a fresh model of
+    the same settings with other random routers and a non-default top_k, ready to refuse loads."""
+    trained = inject_more(make_tiny_llama(), pool, MoREConfig(top_k=2))
+    randomize_routers(trained, seed=3)
+    folder = save_routers(trained, tmp_path / "ckpt", pool)
+    model = inject_more(make_tiny_llama(), pool, MoREConfig(top_k=3))
+    randomize_routers(model, seed=4)
+    return folder, model
+
+
+def test_load_routers_refuses_other_gate_or_gamma_and_leaves_the_model_untouched(saved, pool, make_tiny_llama):
+    folder, _ = saved
+    cases = [
+        (MoREConfig(top_k=2, gate="softmax_topk", gamma=2.0), "gate='topk_softmax' but the model's layer has "
+                                                              "gate='softmax_topk'"),
+        (MoREConfig(top_k=2, gamma=2.0), r"gamma=None but the model's layer has gamma=2.0 \(gamma None means k\)"),
+        (MoREConfig(top_k=2, router_bias=False), "router_bias=True but the model's layer has router_bias=False"),
+    ]
+    for config, message in cases:
+        model = inject_more(make_tiny_llama(), pool, config)
+        snapshot = model_snapshot(model)
+        with pytest.raises(ValueError, match=rf"routers.json: module '{Q0}' was saved with {message}"):
+            load_routers(model, folder, pool)
+        assert_unchanged(model, snapshot)
+
+
+@pytest.mark.parametrize("top_k, shown", [(True, "True"), (0, "0"), (5, "5"), ("2", "'2'"), (2.0, "2.0")])
+def test_load_routers_refuses_a_bad_top_k_before_writing_any_tensor(saved, pool, top_k, shown):
+    folder, model = saved
+    edit_meta(folder, lambda meta: meta["layers"][Q0].update(top_k=top_k))
+    snapshot = model_snapshot(model)
+    with pytest.raises(ValueError, match=rf"routers.json: module '{Q0}': top_k {shown} is not an int in 1..4"):
+        load_routers(model, folder, pool)
+    assert_unchanged(model, snapshot)
+
+
+def test_load_routers_refuses_disagreeing_pool_fingerprints(saved, pool):
+    folder, model = saved
+    snapshot = model_snapshot(model)
+    tensors = safetensors.torch.load_file(folder / "routers.safetensors")
+    rewrite_tensors(folder, tensors, {"pool_fingerprint": "f" * 64})
+    with pytest.raises(ValueError, match=r"routers.safetensors: metadata pool_fingerprint 'ffffffffffffffff' "
+                                         rf"disagrees with pool_fingerprint '{pool.fingerprint[:16]}' in routers.json"):
+        load_routers(model, folder, pool)
+    rewrite_tensors(folder, tensors, {})
+    with pytest.raises(ValueError, match="metadata pool_fingerprint 'None' disagrees"):
+        load_routers(model, folder, pool)
+    rewrite_tensors(folder, tensors, {"pool_fingerprint": pool.fingerprint})
+    edit_meta(folder, lambda meta: meta["pool"].update(fingerprint="e" * 64))
+    with pytest.raises(ValueError, match=r"routers.json: pool.fingerprint 'eeeeeeeeeeeeeeee' disagrees with its "
+                                         rf"pool_fingerprint '{pool.fingerprint[:16]}'"):
+        load_routers(model, folder, pool)
+    assert_unchanged(model, snapshot)
+
+
+def test_load_routers_refuses_truncated_or_flipped_tensors(saved, pool):
+    folder, model = saved
+    snapshot = model_snapshot(model)
+    path = folder / "routers.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"routers.safetensors: damaged or replaced: its sha256 is not the "
+                                         "tensors_sha256"):
+        load_routers(model, folder, pool)
+    edit_meta(folder, lambda meta: meta.pop("tensors_sha256"))  # as written before the hash was recorded
+    with pytest.raises(ValueError, match="routers.safetensors: corrupt or truncated safetensors file"):
+        load_routers(model, folder, pool)
+    flipped = bytearray(data)
+    flipped[-3] ^= 0xFF
+    path.write_bytes(bytes(flipped))
+    edit_meta(folder, lambda meta: meta.update(tensors_sha256=hashlib.sha256(data).hexdigest()))
+    with pytest.raises(ValueError, match="damaged or replaced"):
+        load_routers(model, folder, pool)
+    assert_unchanged(model, snapshot)
+
+
+def test_load_routers_refuses_bad_tensors_and_metadata(saved, pool):
+    folder, model = saved
+    snapshot = model_snapshot(model)
+    good = safetensors.torch.load_file(folder / "routers.safetensors")
+    metadata = {"pool_fingerprint": pool.fingerprint}
+    weight = f"{Q0}.router_weight"
+    cases = [
+        ({**good, weight: torch.full((4, 32), float("inf"))}, ValueError, "expected finite floating-point"),
+        ({**good, weight: torch.zeros(4, 32, dtype=torch.int32)}, ValueError, "got torch.int32"),
+        ({**good, weight: torch.zeros(4, 31)}, ValueError, r"expected shape \(4, 32\), got \(4, 31\)"),
+        ({k: v for k, v in good.items() if k != weight}, KeyError, "missing keys"),
+        ({**good, "extra.router_weight": torch.zeros(1)}, KeyError, "unexpected keys"),
+    ]
+    for tensors, error, message in cases:
+        rewrite_tensors(folder, tensors, metadata)
+        with pytest.raises(error, match=rf"routers.safetensors.*{message}"):
+            load_routers(model, folder, pool)
+    rewrite_tensors(folder, good, metadata)
+    for change, message in [
+        (lambda meta: meta.update(version=True), "routers.json: version: expected 1, got True"),
+        (lambda meta: meta["layers"][Q0].pop("gate"), rf"module '{Q0}': gate is missing"),
+        (lambda meta: meta["layers"][Q0].update(num_experts=8), "was saved with num_experts=8"),
+        (lambda meta: meta.update(layers=[]), "routers.json: layers: expected an object of modules, got list"),
+        (lambda meta: meta.update(pool_fingerprint=None), "routers.json: pool_fingerprint: expected the pool's"),
+    ]:
+        original = (folder / "routers.json").read_text()
+        edit_meta(folder, change)
+        with pytest.raises(ValueError, match=message):
+            load_routers(model, folder, pool)
+        (folder / "routers.json").write_text(original)
+    (folder / "routers.json").write_text('{"format": "smartfed-rou')
+    with pytest.raises(ValueError, match="routers.json: not valid JSON"):
+        load_routers(model, folder, pool)
+    assert_unchanged(model, snapshot)

@@ -10,7 +10,6 @@ from smartfed.eeqa.importance import (
     magnitude_importance,
 )
 from smartfed.eeqa.quotas import (
-    QuotaHistory,
     allocate_quotas,
     apply_quotas,
     client_budget,
@@ -22,7 +21,6 @@ __all__ = [
     "ESTIMATORS",
     "ImportanceStats",
     "ImportanceTracker",
-    "QuotaHistory",
     "allocate_quotas",
     "apply_quotas",
     "client_budget",

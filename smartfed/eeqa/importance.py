@@ -1,5 +1,5 @@
 """Importance of each adapted matrix, measured from the MoRE layers' own forward (and backward)
-passes (DESIGN.md 5).
+passes (docs/design.md §5.1).
 
 For a token x of matrix m, with ``y0 = W0 x + b0`` and ``delta`` the MoRE contribution:
 

@@ -1,4 +1,4 @@
-"""Expert quotas: how many experts (k) each adapted matrix may activate (DESIGN.md 5).
+"""Expert quotas: how many experts (k) each adapted matrix may activate (docs/design.md §5.2).
 
 Given importances ``I_m`` and a total budget ``K``, the quota of matrix m is
 
@@ -12,7 +12,6 @@ identical inputs always give identical quotas and more importance never gets few
 (for matrices with the same bounds).
 """
 
-import json
 import math
 from collections.abc import Iterable, Mapping
 
@@ -217,60 +216,3 @@ def apply_quotas(model, quotas):
         layer.top_k = int(quotas[name])
     return model
 
-
-class QuotaHistory:
-    """The quotas in force from each round on, as (round, {module_name: k}) in round order."""
-
-    def __init__(self, entries=()):
-        self._entries = []
-        for round_index, quotas in entries:
-            self.record(round_index, quotas)
-
-    def record(self, round_index, quotas):
-        round_index = _check_int("round_index", round_index, 0)
-        if self._entries and round_index <= self._entries[-1][0]:
-            raise ValueError(
-                f"round_index must increase: got {round_index} after {self._entries[-1][0]}"
-            )
-        if not isinstance(quotas, Mapping) or not quotas:
-            raise ValueError("quotas must be a non-empty mapping module_name -> int")
-        snapshot = {str(name): _check_int(f"quotas[{name!r}]", k, 1) for name, k in sorted(quotas.items())}
-        self._entries.append((round_index, snapshot))
-
-    @property
-    def entries(self):
-        return [(round_index, dict(quotas)) for round_index, quotas in self._entries]
-
-    def quotas_at(self, round_index):
-        """The quotas in force at ``round_index`` (the latest recorded at or before it)."""
-        current = None
-        for start, quotas in self._entries:
-            if start > round_index:
-                break
-            current = quotas
-        if current is None:
-            raise KeyError(f"no quotas recorded at or before round {round_index}")
-        return dict(current)
-
-    def __len__(self):
-        return len(self._entries)
-
-    def __eq__(self, other):
-        return isinstance(other, QuotaHistory) and self._entries == other._entries
-
-    def to_json(self):
-        return json.dumps(
-            [{"round": round_index, "quotas": quotas} for round_index, quotas in self._entries],
-            indent=1,
-        )
-
-    @classmethod
-    def from_json(cls, text):
-        try:
-            items = json.loads(text)
-            entries = [(item["round"], item["quotas"]) for item in items]
-        except (json.JSONDecodeError, TypeError, KeyError) as error:
-            raise ValueError(
-                f"QuotaHistory JSON must be a list of {{'round': int, 'quotas': {{name: int}}}}: {error}"
-            ) from error
-        return cls(entries)

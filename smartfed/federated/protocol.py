@@ -1,15 +1,12 @@
-"""The two messages of a round and their wire form (smartfed.federated.serialization).
+"""The two messages of a round; ``smartfed.federated.messages`` gives their Flower records.
 
 Server -> client: ``ClientInstructions`` (global trainable state, the client's quotas, the local
 training settings, the client's derived seed). Client -> server: ``ClientResult`` (trained state,
-number of examples, importance statistics, metrics). Tensors travel in the wire dtype; the rest is
-JSON, and all of it is counted.
+number of examples, importance statistics, metrics).
 """
 
 from dataclasses import dataclass, field
 from typing import Optional
-
-from smartfed.federated.serialization import decode_payload, encode_payload
 
 
 @dataclass
@@ -39,22 +36,3 @@ class ClientResult:
     importance: Optional[dict] = None  # ImportanceStats.to_dict()
     metrics: dict = field(default_factory=dict)
 
-
-def encode_instructions(instructions: ClientInstructions, wire_dtype):
-    return encode_payload(instructions.state, instructions.settings(), wire_dtype)
-
-
-def decode_instructions(data) -> ClientInstructions:
-    state, meta = decode_payload(data)
-    return ClientInstructions(state=state, **meta)
-
-
-def encode_result(result: ClientResult, wire_dtype):
-    meta = {"num_examples": result.num_examples, "importance": result.importance, "metrics": result.metrics}
-    return encode_payload(result.state, meta, wire_dtype)
-
-
-def decode_result(data) -> ClientResult:
-    state, meta = decode_payload(data)
-    return ClientResult(state=state, num_examples=meta["num_examples"], importance=meta["importance"],
-                        metrics=meta["metrics"])

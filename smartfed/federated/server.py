@@ -1,4 +1,4 @@
-"""Server logic of the federated protocol (DESIGN.md 6), free of any transport.
+"""Server logic of the federated protocol (docs/design.md §6), free of any transport.
 
 One round: ``sample_clients`` -> ``client_instructions`` per client -> (clients train) ->
 ``screen_results`` on the decoded replies -> at least ``min_clients`` valid ones? ->
@@ -174,10 +174,11 @@ def screen_results(state: ServerState, results):
     return valid, dropped
 
 
-def finish_round(state: ServerState, valid, *, aggregate, round_index, eeqa):
+def finish_round(state: ServerState, valid, *, aggregate, round_index, eeqa, combine=None):
     """Close round ``round_index`` with the screened results ``valid``: ``aggregate`` (the
-    method's, FedAvg by examples) into the global state, fold importance into the EMA and update
-    quotas every ``eeqa.every_rounds`` rounds. Returns whether the quotas changed."""
+    method's, FedAvg by examples) into the global state, fold importance (``combine``d, see
+    ``update_quotas``) into the EMA and update quotas every ``eeqa.every_rounds`` rounds.
+    Returns whether the quotas changed."""
     ordered = sorted(valid)
     if not ordered:
         raise ValueError(f"round {round_index}: finish_round needs at least one valid client result")
@@ -185,19 +186,21 @@ def finish_round(state: ServerState, valid, *, aggregate, round_index, eeqa):
     stats = [ImportanceStats.from_dict(valid[c].importance) for c in ordered if valid[c].importance]
     changed = update_quotas(
         state, stats, round_index=round_index, every_rounds=eeqa.every_rounds, ema=eeqa.ema,
-        k_min=eeqa.k_min, tau=eeqa.tau,
+        k_min=eeqa.k_min, tau=eeqa.tau, combine=combine,
     )
     state.round = round_index
     return changed
 
 
-def update_quotas(state: ServerState, stats_list, *, round_index, every_rounds, ema, k_min=1, tau=1.0):
-    """Fold this round's client importance statistics into the EMA; every ``every_rounds`` rounds
+def update_quotas(state: ServerState, stats_list, *, round_index, every_rounds, ema, k_min=1, tau=1.0,
+                  combine=None):
+    """Fold this round's client importance statistics, ``combine``d into one value per module
+    (default: pooled sums over pooled counts), into the EMA; every ``every_rounds`` rounds
     reallocate the quotas (in force from the next round). Returns True when quotas changed."""
     if state.quotas is None or not stats_list:
         return False
-    merged = ImportanceStats.merge(stats_list)
-    state.importance_ema = ema_importance(state.importance_ema, merged.mean(), decay=ema)
+    current = ImportanceStats.merge(stats_list).mean() if combine is None else combine(stats_list)
+    state.importance_ema = ema_importance(state.importance_ema, current, decay=ema)
     if round_index % every_rounds != 0:
         return False
     quotas = allocate_quotas(

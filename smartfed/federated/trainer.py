@@ -1,20 +1,19 @@
-"""Client-side training and evaluation in plain PyTorch (no Flower import): the piece a
-simulation, a Flower ClientApp and a Flower ServerApp's evaluation all call.
+"""Client-side training and evaluation in plain PyTorch: what every client of the federation
+runs, whatever carries its messages (``smartfed.federated.client``).
 
-``ClientTrainer`` builds the frozen base model, the pool and the method's trainable model ONCE;
-each ``train`` call loads the server's state and quotas into it, so one instance can serve any
-number of clients and rounds (in a simulation, every simulated client in turn).
+``ClientTrainer`` is handed the method and the model that method built (frozen base plus pool,
+made by the experiment layer) ONCE; each ``train`` call loads the server's state and quotas into
+it, so one instance can serve any number of clients and rounds (in-process, every client in turn).
 """
 
 import contextlib
+import copy
 import time
 
 import torch
 
 from smartfed.federated.accounting import PeakMemory
-from smartfed.federated.assets import build_base_model, build_tiny_pool, task_layout
 from smartfed.federated.data import answer_accuracy_count, answer_logits, answer_loss, batch_indices
-from smartfed.federated.methods import build_method
 from smartfed.federated.protocol import ClientResult
 
 
@@ -23,17 +22,23 @@ class ClientTimeout(RuntimeError):
 
 
 class ClientTrainer:
-    def __init__(self, config, *, device="cpu", progress=False):
-        from smartfed import LoRAPool
+    """``method`` and the ``model`` it built (on ``device``); ``label_token_ids`` are the answer
+    tokens of the task; ``pool_fingerprint`` names the pool whose experts the state indexes."""
 
-        self.config = config
+    def __init__(self, method, model, *, label_token_ids, pool_fingerprint, device="cpu"):
+        self.method = method
+        self.model = model
+        self.label_token_ids = tuple(label_token_ids)
+        self.pool_fingerprint = pool_fingerprint
         self.device = torch.device(device)
-        self.method = build_method(config)
-        self.pool = LoRAPool.from_pretrained(build_tiny_pool(config, progress=progress))
-        base = build_base_model(config.model, config.seed)
-        self.model = self.method.build(base, self.pool).to(self.device)
-        self.layout = task_layout(config)
         self._initial_state = self.method.trainable_state(self.model)
+
+    def replica(self) -> "ClientTrainer":
+        """This trainer on a deep copy of its model: the same results, no shared tensors. Copy an
+        idle model only: a forward in flight leaves its hooks on the modules."""
+        twin = copy.copy(self)
+        twin.model = copy.deepcopy(self.model)
+        return twin
 
     def initial_state(self):
         """The trainable state right after building (the server's round-0 global state)."""
@@ -73,7 +78,7 @@ class ClientTrainer:
                     index = batch_indices(len(examples), instructions.batch_size, generator)
                     input_ids = examples.input_ids[index].to(self.device)
                     labels = examples.labels[index].to(self.device)
-                    loss = answer_loss(answer_logits(self.model, input_ids), labels, self.layout.label_token_ids)
+                    loss = answer_loss(answer_logits(self.model, input_ids), labels, self.label_token_ids)
                     objective = loss
                     if anchors is not None:
                         drift = sum(((p - a) ** 2).sum() for (_, p), a in zip(named, anchors))
@@ -121,6 +126,6 @@ class ClientTrainer:
             input_ids = examples.input_ids[start:start + batch_size].to(self.device)
             labels = examples.labels[start:start + batch_size].to(self.device)
             logits = answer_logits(self.model, input_ids)
-            loss_sum += float(answer_loss(logits, labels, self.layout.label_token_ids)) * len(labels)
-            correct += answer_accuracy_count(logits, labels, self.layout.label_token_ids)
+            loss_sum += float(answer_loss(logits, labels, self.label_token_ids)) * len(labels)
+            correct += answer_accuracy_count(logits, labels, self.label_token_ids)
         return {"loss": loss_sum / len(examples), "accuracy": correct / len(examples), "num_examples": len(examples)}

@@ -11,28 +11,29 @@ within the label set). ``load_task(name, tokenizer, **options)`` builds one by n
   the adapter pool (disjoint from the target's train and evaluation articles)
 - ``skills_target``, ``skills_arithmetic``, ``skills_number_words``, ``skills_next_letter``:
   the skill-composition suite (smartfed.tasks.skills)
+
+``smartfed.tasks.synthetic`` is the tiny token-level task of configs/tiny.yaml (no tokenizer);
+it is built from a vocabulary layout, not by ``load_task``.
 """
 
+from smartfed.tasks import bbc_news, skills
 from smartfed.tasks.text_task import TextTask, encode_fixed_length, label_token_ids
 
 TASK_BUILDERS = {
-    "bbc_news": ("smartfed.tasks.bbc_news", "target_task"),
-    "bbc_news_source": ("smartfed.tasks.bbc_news", "source_task"),
-    "skills_target": ("smartfed.tasks.skills", "target_task"),
-    "skills_arithmetic": ("smartfed.tasks.skills", "arithmetic_task"),
-    "skills_number_words": ("smartfed.tasks.skills", "number_words_task"),
-    "skills_next_letter": ("smartfed.tasks.skills", "next_letter_task"),
+    "bbc_news": bbc_news.target_task,
+    "bbc_news_source": bbc_news.source_task,
+    "skills_target": skills.target_task,
+    "skills_arithmetic": skills.arithmetic_task,
+    "skills_number_words": skills.number_words_task,
+    "skills_next_letter": skills.next_letter_task,
 }
 
 
 def load_task(name, tokenizer, **options) -> TextTask:
     """The task ``name`` (one of ``TASK_BUILDERS``) tokenized with ``tokenizer``."""
-    import importlib
-
     if name not in TASK_BUILDERS:
         raise ValueError(f"task name must be one of {sorted(TASK_BUILDERS)}, got {name!r}")
-    module_name, function_name = TASK_BUILDERS[name]
-    return getattr(importlib.import_module(module_name), function_name)(tokenizer, **options)
+    return TASK_BUILDERS[name](tokenizer, **options)
 
 
 __all__ = ["TASK_BUILDERS", "TextTask", "encode_fixed_length", "label_token_ids", "load_task"]

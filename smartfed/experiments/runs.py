@@ -1,0 +1,122 @@
+"""A federated run assembled from its config: the composition root of the engine.
+
+The engine (``smartfed.federated``) is handed everything it runs: the method (by name from
+``smartfed.experiments.methods``), the model that method built on the frozen base and the pool,
+the task's examples split across clients. This module builds them from a run config, for the
+in-process engine (``run_in_process``: ``smartfed train``, the sweep) and for the Flower apps
+(``smartfed.experiments.flower_apps``), which then drive the same ``SmartFedStrategy``.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from smartfed.config import CONFIG_FILE, SYNTHETIC_TASK, config_fingerprint, config_to_dict
+from smartfed.experiments.assets import build_base_model, build_tiny_pool, task_layout
+from smartfed.experiments.methods import build_method
+from smartfed.federated.client import FederatedClient
+from smartfed.federated.data import Examples, FederatedData, split_clients
+from smartfed.federated.grid import InProcessGrid
+from smartfed.federated.seeding import STREAM_EVAL_DATA, STREAM_TRAIN_DATA, derived_seed
+from smartfed.federated.strategy import SmartFedStrategy
+from smartfed.federated.trainer import ClientTrainer
+from smartfed.tasks.synthetic import TARGET_TASK, generate_examples
+
+
+def build_trainer(config, *, device="cpu", progress=False):
+    """The ``ClientTrainer`` of ``config``: its method built on the frozen base model and the
+    pool (trained and cached on first use), and the answer tokens of its task. Returns
+    (trainer, layout): the layout is the synthetic ``TokenLayout`` or the text task."""
+    from smartfed import LoRAPool
+
+    method = build_method(config)
+    pool = LoRAPool.from_pretrained(build_tiny_pool(config, progress=progress))
+    model = method.build(build_base_model(config.model, config.seed), pool).to(device)
+    layout = task_layout(config)
+    trainer = ClientTrainer(
+        method, model, label_token_ids=layout.label_token_ids, pool_fingerprint=pool.fingerprint, device=device
+    )
+    return trainer, layout
+
+
+def federated_data(config, layout) -> FederatedData:
+    """The target task's training examples split across ``config.federation.num_clients``
+    clients and its held-out evaluation examples; deterministic by ``config.seed``."""
+    if config.task.name != SYNTHETIC_TASK:
+        train = Examples(layout.train_input_ids, layout.train_labels)
+        evaluation = Examples(layout.eval_input_ids, layout.eval_labels)
+    else:
+        task = config.task
+        options = {"seq_len": task.seq_len, "signals_per_example": task.signals_per_example}
+        train = Examples(*generate_examples(
+            layout, TARGET_TASK, task.train_examples, seed=derived_seed(config.seed, STREAM_TRAIN_DATA), **options
+        ))
+        evaluation = Examples(*generate_examples(
+            layout, TARGET_TASK, task.eval_examples, seed=derived_seed(config.seed, STREAM_EVAL_DATA), **options
+        ))
+    return split_clients(train, evaluation, config.federation, seed=config.seed)
+
+
+@dataclass
+class Run:
+    """Everything one process needs for a run: the trainer and task layout, the clients' data
+    and the server strategy (which holds the state and history)."""
+
+    config: object
+    trainer: ClientTrainer
+    layout: object
+    data: FederatedData
+    strategy: SmartFedStrategy
+
+    @property
+    def state(self):
+        return self.strategy.state
+
+    @property
+    def history(self):
+        return self.strategy.history
+
+    @property
+    def output_dir(self):
+        return self.strategy.output_dir
+
+    def start_in_process(self, *, stop_after_round=None):
+        """Drive the strategy over this process's clients (``in_process_grid``)."""
+        return self.strategy.start(in_process_grid(self), stop_after_round=stop_after_round)
+
+
+def open_run(config, output_dir, *, resume=False, progress=True, trainer=None, device="cpu",
+             timeout=3600.0, aggregate=None, client_evaluation=False) -> Run:
+    """The run of ``config`` in ``output_dir``, fresh (refuses a folder with a checkpoint) or
+    with ``resume`` continued from its checkpoint; a fresh one records ``config.json``. The
+    other arguments are the strategy's (``SmartFedStrategy``)."""
+    if trainer is None:
+        trainer, layout = build_trainer(config, device=device, progress=progress)
+    else:
+        layout = task_layout(config)
+    data = federated_data(config, layout)
+    config_dict = config_to_dict(config)
+    strategy = SmartFedStrategy(
+        config, trainer, data.evaluation, output_dir, fingerprint=config_fingerprint(config), partitions=data.clients,
+        setup_json=json.dumps(config_dict), resume=resume, timeout=timeout, aggregate=aggregate,
+        client_evaluation=client_evaluation, progress=progress,
+    )
+    if not resume:
+        (Path(output_dir) / CONFIG_FILE).write_text(json.dumps(config_dict, indent=1))
+    return Run(config=config, trainer=trainer, layout=layout, data=data, strategy=strategy)
+
+
+def in_process_grid(run: Run) -> InProcessGrid:
+    """The run's clients in this process, with the config's injected faults."""
+    client = FederatedClient(run.trainer, run.data, run.config)
+    fed = run.config.federation
+    return InProcessGrid(client, fed.num_clients, faults=run.config.faults, client_timeout_s=fed.client_timeout_s)
+
+
+def run_in_process(config, output_dir, *, resume=False, stop_after_round=None, progress=True, trainer=None,
+                   device="cpu") -> Run:
+    """Run (or with ``resume`` continue) the rounds of ``config`` into ``output_dir`` in this
+    process; returns the ``Run`` (its ``state`` and ``history``)."""
+    run = open_run(config, output_dir, resume=resume, progress=progress, trainer=trainer, device=device)
+    run.start_in_process(stop_after_round=stop_after_round)
+    return run

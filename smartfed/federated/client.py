@@ -1,0 +1,100 @@
+"""One client of the federation as message handlers: a Flower message in, its reply out.
+
+The Flower ``ClientApp`` (``smartfed.experiments.flower_apps``) and the in-process grid
+(``smartfed.federated.grid``) both call these handlers, so a client computes the same reply
+whatever carried the message. A handler that raises is the transport's to report: both turn the
+exception into an error reply, which the strategy drops with its reason.
+
+- query (once per run): the setup handshake. The server sends the run configuration (JSON, for
+  ClientApps that build themselves from it); the client answers its partition and the
+  fingerprint of its pool, which must be the server's.
+- train: ``ClientTrainer.train`` on this client's partition.
+- evaluate: loss and accuracy of the received state and quotas on this client's partition.
+"""
+
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+
+from smartfed.federated.messages import (
+    NUM_EXAMPLES,
+    content_to_evaluation,
+    content_to_instructions,
+    result_to_content,
+)
+from smartfed.federated.secagg import is_secure, secure_train
+
+RUN_CONFIG = "run-config"
+CONFIG_JSON = "json"
+NODE = "node"
+POOL = "pool"
+PARTITION_ID = "partition-id"
+NUM_PARTITIONS = "num-partitions"
+POOL_FINGERPRINT = "pool-fingerprint"
+
+
+def setup_content(config_json: str) -> RecordDict:
+    """The setup query's content: the run configuration as JSON."""
+    return RecordDict({RUN_CONFIG: ConfigRecord({CONFIG_JSON: config_json})})
+
+
+def setup_config_json(content: RecordDict) -> str:
+    return content.config_records[RUN_CONFIG][CONFIG_JSON]
+
+
+class FederatedClient:
+    """The handlers of every client of one run: the trainer, the clients' examples (``data``,
+    a ``FederatedData``) and the run's ``config`` (federation and communication settings)."""
+
+    def __init__(self, trainer, data, config, *, contexts=None):
+        self.trainer = trainer
+        self.data = data
+        self.config = config
+        # partition id -> the Context of that in-process node (its SecAgg+ state between stages)
+        self.contexts = {} if contexts is None else contexts
+
+    def replica(self) -> "FederatedClient":
+        """The same clients on their own copy of the model (``ClientTrainer.replica``)."""
+        return FederatedClient(self.trainer.replica(), self.data, self.config, contexts=self.contexts)
+
+    def handle(self, msg: Message, partition_id, *, time_limit_s=None) -> Message:
+        """The reply of client ``partition_id`` to ``msg``, by its message type; a train
+        message's ``time_limit_s`` (None: ``federation.client_timeout_s``)."""
+        kind = msg.metadata.message_type
+        if kind == MessageType.QUERY:
+            return self.setup(msg, partition_id)
+        if kind == MessageType.TRAIN:
+            return self.train(msg, partition_id, time_limit_s=time_limit_s)
+        if kind == MessageType.EVALUATE:
+            return self.evaluate(msg, partition_id)
+        raise ValueError(f"a SmartFed client answers query, train and evaluate messages, not {kind!r}")
+
+    def setup(self, msg: Message, partition_id) -> Message:
+        reply = RecordDict({
+            NODE: MetricRecord({PARTITION_ID: int(partition_id), NUM_PARTITIONS: self.config.federation.num_clients}),
+            POOL: ConfigRecord({POOL_FINGERPRINT: self.trainer.pool_fingerprint}),
+        })
+        return Message(reply, reply_to=msg)
+
+    def train(self, msg: Message, partition_id, *, time_limit_s=None, context=None) -> Message:
+        """The reply to a train message, or to a stage of SecAgg+ (``context``: the node's
+        Flower context, which keeps the protocol's state; in-process, ``contexts``)."""
+        examples = self.data.clients[partition_id]
+        limit = self.config.federation.client_timeout_s if time_limit_s is None else time_limit_s
+        if is_secure(msg):
+            if context is None:
+                context = self.contexts.setdefault(partition_id, Context(
+                    run_id=0, node_id=int(partition_id), node_config={}, state=RecordDict(), run_config={}
+                ))
+            return secure_train(
+                msg, context, names=sorted(self.trainer.initial_state()),
+                train=lambda instructions: self.trainer.train(instructions, examples, time_limit_s=limit),
+            )
+        result = self.trainer.train(content_to_instructions(msg.content), examples, time_limit_s=limit)
+        return Message(result_to_content(result, self.config.communication.wire_dtype), reply_to=msg)
+
+    def evaluate(self, msg: Message, partition_id) -> Message:
+        state, quotas = content_to_evaluation(msg.content)
+        scores = self.trainer.evaluate(
+            state, quotas, self.data.clients[partition_id], batch_size=self.config.federation.eval_batch_size
+        )
+        metrics = MetricRecord({NUM_EXAMPLES: scores["num_examples"], "loss": scores["loss"], "accuracy": scores["accuracy"]})
+        return Message(RecordDict({"metrics": metrics}), reply_to=msg)

@@ -1,0 +1,163 @@
+"""The authenticated, encrypted Flower deployment (docs/flower.md), on 127.0.0.1 only.
+
+- ``smartfed federation-keys`` (``smartfed.experiments.federation_keys``) writes a CA, a server
+  certificate that verifies for 127.0.0.1 and localhost, and SuperNode key pairs that Flower's own
+  loaders read; private keys are mode 600; nothing is overwritten without --force.
+- A SuperLink with TLS and ``--enable-supernode-auth`` (``smartfed.experiments.local_federation``)
+  lets in the SuperNodes whose public keys were registered with ``flwr supernode register`` and
+  refuses one with an unregistered key and one with no key: each exits with Flower's exit code 305
+  and the SuperLink's refusal in its log, and ``flwr supernode list`` shows only the registered
+  nodes.
+- The SmartFed Flower app (flower_app/) runs 2 rounds on that federation to
+  ``finished:completed``.
+- ``--insecure`` only with ``insecure=True``, which warns.
+"""
+
+import argparse
+import ipaddress
+import json
+import stat
+from pathlib import Path
+
+import pytest
+
+from smartfed.experiments import federation_keys
+from smartfed.experiments.federation_keys import make_federation_keys
+from smartfed.experiments.local_federation import INSECURE_WARNING, LocalFederation
+
+REPO = Path(__file__).resolve().parents[1]
+APP_DIR = REPO / "flower_app"
+NUM_NODES = 2
+ROUNDS = 2
+
+
+def _mode(path):
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_keys_verify_load_in_flower_and_stay_private(tmp_path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+    from cryptography.x509.verification import PolicyBuilder, Store
+    from flwr.cli.supernode.register import try_load_public_key
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+
+    keys = make_federation_keys(tmp_path / "keys", 3)
+    ca = x509.load_pem_x509_certificate(keys.ca_certificate.read_bytes())
+    server = x509.load_pem_x509_certificate(keys.server_certificate.read_bytes())
+    verifier = PolicyBuilder().store(Store([ca]))
+    for name in (x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")):
+        chain = verifier.build_server_verifier(name).verify(server, [])
+        assert chain[-1] == ca
+    with pytest.raises(x509.verification.VerificationError):
+        verifier.build_server_verifier(x509.DNSName("example.org")).verify(server, [])
+
+    for index in range(3):
+        private = load_ssh_private_key(keys.node_private_key(index).read_bytes(), None)
+        assert isinstance(private, ec.EllipticCurvePrivateKey) and isinstance(private.curve, ec.SECP384R1)
+        assert try_load_public_key(keys.node_public_key(index)) == public_key_to_bytes(private.public_key())
+    assert len({keys.node_public_key(i).read_bytes() for i in range(3)}) == 3
+
+    assert _mode(keys.folder) == 0o700
+    assert all(_mode(path) == 0o600 for path in keys.private_keys)
+    assert len(keys.private_keys) == 5
+    public = [keys.ca_certificate, keys.server_certificate, *(keys.node_public_key(i) for i in range(3))]
+    assert all(_mode(path) == 0o644 for path in public)
+
+
+def test_keys_are_never_overwritten_without_force(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    federation_keys.configure_parser(parser)
+    folder = tmp_path / "keys"
+    assert federation_keys.run(parser.parse_args([str(folder), "--nodes", "2", "--host", "127.0.0.1"])) == 0
+    printed = capsys.readouterr().out
+    assert str(folder / "supernode-1.key") in printed and "flwr supernode register" in printed
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+    assert len(before) == 8
+
+    with pytest.raises(FileExistsError, match="already holds ca.pem, ca.key, .*supernode-1.pub; pass --force"):
+        federation_keys.run(parser.parse_args([str(folder), "--nodes", "3"]))
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
+
+    (folder / "ca.key").unlink()
+    with pytest.raises(FileExistsError, match="already holds ca.pem, server.pem"):
+        make_federation_keys(folder, 2)
+    assert not (folder / "ca.key").exists()
+
+    keys = make_federation_keys(folder, 2, force=True)
+    assert keys.ca_certificate.read_bytes() != before["ca.pem"]
+    assert keys.node_private_key(0).read_bytes() != before["supernode-0.key"]
+    assert all(_mode(path) == 0o600 for path in keys.private_keys)
+
+    with pytest.raises(ValueError, match="--nodes must be at least 1"):
+        make_federation_keys(tmp_path / "none", 0)
+
+
+def test_insecure_needs_the_explicit_flag_and_warns(tmp_path):
+    with pytest.raises(ValueError, match="needs keys"):
+        LocalFederation(tmp_path / "a")
+    with pytest.warns(UserWarning, match="no TLS and no SuperNode authentication"):
+        federation = LocalFederation(tmp_path / "b", insecure=True)
+    assert "insecure = true" in (Path(federation.cli_env["FLWR_HOME"]) / "config.toml").read_text()
+    assert federation.superlink_command()[1] == "--insecure"
+    assert INSECURE_WARNING.startswith("insecure local federation")
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    """A SuperLink with TLS and SuperNode authentication and two registered SuperNodes; one
+    torch thread per process, as on CI's 2 cores."""
+    root = tmp_path_factory.mktemp("flower_tls")
+    keys = make_federation_keys(root / "keys", NUM_NODES + 1)
+    with LocalFederation(root / "federation", keys, env={"OMP_NUM_THREADS": "1"}) as local:
+        local.start(NUM_NODES)
+        yield local
+
+
+def test_superlink_serves_tls_and_connects_only_registered_nodes(federation):
+    assert f"Uvicorn running on https://{federation.address}" in federation.log("superlink")
+    config = (Path(federation.cli_env["FLWR_HOME"]) / "config.toml").read_text()
+    assert "root-certificates" in config and "insecure" not in config
+    registered = {node["node-id"] for node in federation.nodes()}
+    assert len(registered) == NUM_NODES
+
+    # Index NUM_NODES holds a key pair that was never registered; "intruder" presents no key.
+    unregistered = federation.start_supernode(NUM_NODES, "partition-id=1 num-partitions=2")
+    intruder = federation.start_supernode(NUM_NODES, "partition-id=0 num-partitions=2", authenticate=False,
+                                          name="intruder")
+    assert unregistered.wait(timeout=60) != 0 and intruder.wait(timeout=60) != 0
+    unregistered_log = federation.log(f"supernode{NUM_NODES}")
+    assert "Exit Code: 305" in unregistered_log and "[code: 2004] Failed to activate SuperNode" in unregistered_log
+    assert "[code: 2001] SuperNode authentication is enabled" in federation.log("intruder")
+    link_log = federation.log("superlink")
+    assert "[/v1/fleet/activate-node][ApiError:2004]" in link_log
+    assert "No SuperNode found with the given public key" in link_log
+    assert "[/v1/fleet/register-node][ApiError:2001]" in link_log
+
+    nodes = federation.nodes()
+    assert {node["node-id"] for node in nodes} == registered
+    assert all(node["status"] == "online" for node in nodes)
+
+
+def test_smartfed_app_completes_over_tls_and_authentication(federation):
+    import yaml
+
+    from smartfed.config import config_to_dict, load_config, with_overrides
+
+    root = federation.root.parent
+    config = with_overrides(
+        load_config(REPO / "configs" / "tiny.yaml"),
+        task={"train_examples": 192, "eval_examples": 48},
+        pool={"cache_dir": str(root / "pools"), "train_steps": 10},
+        federation={"num_clients": NUM_NODES, "rounds": ROUNDS, "local_steps": 3, "min_examples_per_client": 8},
+    )
+    config_path = root / "run.yaml"
+    config_path.write_text(yaml.safe_dump(config_to_dict(config)))
+    output_dir = root / "run"
+    run_config = f"config='{config_path}' output-dir='{output_dir}' node-wait-s=60.0"
+    run_id, status, output = federation.run_app(APP_DIR, run_config, timeout_s=400)
+    assert status == "finished:completed", f"run {run_id}: {status}\n{output[-4000:]}\n{federation.logs()}"
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == list(range(1, ROUNDS + 1))
+    assert all(r["status"] == "completed" and r["clients_used"] == list(range(NUM_NODES)) for r in records)
