@@ -132,3 +132,12 @@ def test_secagg_refuses_what_needs_single_updates():
                        robustness={"aggregator": "median"})
     with pytest.raises(ConfigError, match="privacy.dp.enabled: cannot be combined with privacy.secagg.enabled"):
         with_overrides(load_config("configs/tiny.yaml"), privacy={"secagg": {"enabled": True}, "dp": {"enabled": True}})
+
+
+def test_secagg_run_resumes_bit_identical(cache_dir, tmp_path):
+    config = secagg_config(cache_dir, privacy={"secagg": {"enabled": True}}, federation={"rounds": 3})
+    whole = run_in_process(config, tmp_path / "whole", progress=False)
+    run_in_process(config, tmp_path / "resumed", progress=False, stop_after_round=1)
+    resumed = run_in_process(config, tmp_path / "resumed", progress=False, resume=True)
+    for name, tensor in whole.state.global_state.items():
+        assert torch.equal(resumed.state.global_state[name], tensor), name

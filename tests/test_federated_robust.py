@@ -179,7 +179,7 @@ def test_malformed_replies_are_dropped_and_every_round_completes(cache_dir, tmp_
 
 
 def test_hung_client_is_cut_at_its_timeout_and_cannot_touch_later_rounds(cache_dir, tmp_path):
-    # The hung worker wakes during round 2 and trains on its own replica of the model; the run must
+    # The hung worker wakes while later rounds run and trains on its own replica of the model; the run must
     # end exactly where the same run with that client failing outright ends.
     timeout = 2.0
     settings = {"client_timeout_s": timeout}

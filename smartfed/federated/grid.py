@@ -16,7 +16,8 @@ the server's (idle) model. Whatever the abandoned worker computes later is disca
 Faults for tests (``faults``: {round: {client_id: kind}}; the same fault hits every attempt of
 that round's train messages) are injected here, on the client side of the transport: "raise"
 raises inside the client, "timeout" gives the client a 0-second wall-clock limit so its check
-fires after its first step, "hang" sleeps twice ``client_timeout_s`` before training, "nan" and
+fires after its first step, "hang" sleeps 1.25 times ``client_timeout_s`` before training (so that
+the abandoned worker trains while later rounds run), "nan" and
 "shape" corrupt the trained tensors before upload, "poison" uploads the trained tensors times
 1000 and claims 10**9 examples, "malformed" sends a reply whose metrics record holds only the
 example count and whose ``loss`` is a string. Under SecAgg+ only the clear-text part of the
@@ -49,7 +50,7 @@ NODE_ID_BASE = 1000
 IN_PROCESS_RUN_ID = 1
 POISON_SCALE = 1000.0
 POISON_EXAMPLES = 10**9
-HANG_FACTOR = 2.0
+HANG_FACTOR = 1.25
 # Where a legacy FitRes record (SecAgg+ replies) keeps the example count and the metrics.
 SECURE_EXAMPLES, SECURE_EXAMPLES_KEY, SECURE_METRICS = "fitres.num_examples", "num_examples", "fitres.metrics"
 

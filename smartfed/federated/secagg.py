@@ -21,6 +21,7 @@ spoils the whole sum: the attempt is dropped and the round retried with a fresh 
 """
 
 import flwr.compat.common.recorddict_compat as compat
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.client.mod import secaggplus_mod
@@ -35,6 +36,7 @@ from smartfed.federated.messages import WireSize, result_parts, result_values
 from smartfed.federated.protocol import ClientInstructions, ClientResult
 
 QUOTA = "quota."
+FITINS_CONFIG = "fitins.config"  # where a legacy FitIns record keeps its config
 
 
 def is_secure(msg: Message) -> bool:
@@ -65,7 +67,12 @@ def fitins_to_instructions(fitins: FitIns, names) -> ClientInstructions:
 def secure_train(msg: Message, context: Context, *, names, train) -> Message:
     """A client's reply to one SecAgg+ stage, the protocol's state kept in ``context``.
     ``train(instructions)`` -> ``ClientResult`` runs when the protocol asks for the masked
-    update; ``names``: the trainable tensors, sorted."""
+    update; ``names``: the trainable tensors, sorted.
+
+    The mod rounds the update stochastically with numpy's global generator; it draws here from
+    the client's seed (seed, round, client), so that a run is reproducible and a resumed one
+    bit-identical. The rounding hides nothing (the masks do, from the operating system's
+    entropy); the caller's generator state is restored afterwards."""
 
     def update_reply(message, _context):
         instructions = fitins_to_instructions(compat.recorddict_to_fitins(message.content, keep_input=True), names)
@@ -75,7 +82,15 @@ def secure_train(msg: Message, context: Context, *, names, train) -> Message:
                         result_values(result))
         return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=message)
 
-    return secaggplus_mod(msg, context, update_reply)
+    instructions = msg.content.config_records.get(FITINS_CONFIG, {})
+    if "seed" not in instructions:
+        return secaggplus_mod(msg, context, update_reply)
+    saved = np.random.get_state()
+    np.random.seed(int(instructions["seed"]) % 2**32)
+    try:
+        return secaggplus_mod(msg, context, update_reply)
+    finally:
+        np.random.set_state(saved)
 
 
 def fitres_to_result(fitres: FitRes) -> ClientResult:
