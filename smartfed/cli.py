@@ -34,13 +34,16 @@ RUN_FILES = ("config.json (the run's config), metrics.jsonl (one JSON record per
 
 SUBCOMMANDS = {
     "bench": Subcommand(
-        module="smartfed.bench",
+        module="smartfed.benchmarking.command",
         summary="check every MoRE provider against the reference, then time them",
         details="Each provider (PyTorch, Triton, peft LoRA, nn.Linear) is compared with the float64 reference "
                 "on every shape first; a disagreement prints FAIL and stops before timing.",
-        example="smartfed bench --quick\n  smartfed bench --shapes smollm2:T4096:N32:k4 --mode fwd full",
-        writes="benchmarks/results/<device>-<date>.json, .md and .png (or --output)",
-        exit_codes="0 every provider agrees with the reference; 1 one disagrees; 2 bad arguments",
+        example="smartfed bench --quick\n  smartfed bench --shapes smollm2:T4096:N32:k4 --mode fwd full\n"
+                "  smartfed bench --gpu-check",
+        writes="benchmarks/results/<device>-<date>.json, .md and .png (or --output); with --gpu-check "
+               "benchmarks/results/gpu_check-<device>.json, .md and .png",
+        exit_codes="0 every provider agrees with the reference; 1 one disagrees (or, with --gpu-check, a CUDA "
+                   "test fails); 2 bad arguments",
     ),
     "inspect": Subcommand(
         forward_to="smartfed_kernels.inspect",
@@ -90,7 +93,9 @@ SUBCOMMANDS = {
         summary="train the public LoRA adapter pool with peft (cached, with provenance)",
         details="One rank-r peft LoRA adapter per entry of adapters (schema: smartfed.config.PoolSpec), each on a "
                 "source task of smartfed.tasks; an adapter is retrained only when a hash of its inputs (model "
-                "weights, task data, LoRA and training settings, seed) changes, or with --force.",
+                "weights, task data, LoRA and training settings, seed) changes, or with --force. The weights "
+                "also depend on what the hash leaves out (library versions, the CPU's SIMD kernels), recorded in "
+                "provenance.json.",
         example="smartfed build-pool --config configs/public_pool.yaml",
         writes="OUTPUT/<adapter>/ (adapter_config.json, adapter_model.safetensors, provenance.json) and "
                "OUTPUT/manifest.json; OUTPUT is output_dir of the config or --output",
@@ -107,6 +112,20 @@ SUBCOMMANDS = {
         writes="OUTPUT/report.md, OUTPUT/summary.json, OUTPUT/*.png (accuracy vs round and vs bytes, EEQA "
                "quotas per matrix, expert usage)",
         exit_codes="0 done; 2 no runs found or bad arguments (one line on stderr)",
+    ),
+    "evaluate": Subcommand(
+        module="smartfed.experiments.evaluate",
+        summary="score a finished run's final state on its task config, or on a variant given by --set",
+        details="Rebuilds the run's model from its config.json and loads final_state.safetensors (or the checkpoint "
+                "of the last round when that is all the folder kept). --set may change only the evaluation: task.*, "
+                "federation.eval_batch_size, pool.cache_dir, label. Refuses a state whose method, config "
+                "fingerprint or pool fingerprint differ from the rebuilt model's.",
+        example="smartfed evaluate runs/paper_small/bbc_news/smartfed/seed0 --set task.options.split_seed=3 "
+                "--output split3.json",
+        writes="RUN_DIR/evaluation.json (or --output): the config used, the state file and its sha256, accuracy, "
+               "loss, examples, seconds; one line on stdout",
+        exit_codes="0 done; 2 missing run folder, no final state, a state that does not match the rebuilt model, "
+                   "a --set outside the evaluation settings or bad arguments (one line on stderr)",
     ),
     "expert-usage": Subcommand(
         module="smartfed.experiments.expert_usage",

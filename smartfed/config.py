@@ -412,6 +412,19 @@ class RunConfig(Section):
             if self.privacy.dp.enabled:
                 raise ConfigError("cannot be combined with privacy.secagg.enabled (central DP clips each update)",
                                   key="privacy.dp.enabled")
+            if self.robustness.norm_bound.mode != "none":
+                raise ConfigError(f"must be 'none' with privacy.secagg.enabled (the server never sees one update "
+                                  f"to bound), got {self.robustness.norm_bound.mode!r}",
+                                  key="robustness.norm_bound.mode")
+        return self
+
+    @model_validator(mode="after")
+    def _dp_replaces_the_aggregator(self):
+        # Central DP releases the noised equal-weight mean of clipped updates; a robust aggregator
+        # would silently not run.
+        if self.privacy.dp.enabled and self.robustness.aggregator != "fedavg":
+            raise ConfigError(f"must be 'fedavg' with privacy.dp.enabled (DP noises the mean of the clipped "
+                              f"updates), got {self.robustness.aggregator!r}", key="robustness.aggregator")
         return self
 
     @model_validator(mode="after")

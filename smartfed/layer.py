@@ -18,10 +18,15 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from smartfed_kernels import torch_ops
 from smartfed_kernels.dispatch import BACKENDS, backend_module, resolve_backend
 from smartfed_kernels.validation import GATES, ROUTERS, CallSpec, check_more_inputs, resolve_gamma
 
 ROUTER_INITS = ("zeros", "normal", "affinity")
+# Calls the inference shortcut of MoRELinear.forward takes: the backends that run the torch path on
+# the CPU, in the dtypes it computes in directly (CPU half precision is upcast by the general path).
+_INFERENCE_BACKENDS = ("auto", "torch")
+_INFERENCE_DTYPES = (torch.float32, torch.float64)
 NORMAL_INIT_STD = 1e-3
 
 Observer = Callable[["MoRELinear", torch.Tensor, torch.Tensor, torch.Tensor], None]
@@ -225,7 +230,37 @@ class MoRELinear(nn.Module):
             self._spec_key = key
         return self._spec
 
+    def _inference_forward(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The forward of a CPU call that needs no graph, straight to the torch path's inference
+        function; None for any call it does not cover (the general path then runs or explains)."""
+        spec = self._call_spec()
+        shape = x.shape
+        dtype = x.dtype
+        if not shape or shape[-1] != spec.d_in or dtype not in _INFERENCE_DTYPES:
+            return None
+        # The registries nn.Module.__getattr__ would search, read directly: at decode sizes its
+        # lookups add up to a sizeable part of the call.
+        params = self._parameters
+        experts = params if "expert_a" in params else self._buffers
+        base = self._modules["base"]._parameters
+        weight, router_weight, expert_a, expert_b = (
+            base["weight"], params["router_weight"], experts["expert_a"], experts["expert_b"])
+        if (weight.dtype != dtype or router_weight.dtype != dtype or expert_a.dtype != dtype
+                or expert_b.dtype != dtype or not weight.is_cpu):
+            return None
+        if self._base_is_conv1d:
+            weight = weight.t()
+        flat = len(shape) == 2
+        y = torch_ops.more_inference(x if flat else x.reshape(-1, spec.d_in), weight, base["bias"], router_weight,
+                                     params["router_bias"], expert_a, expert_b, spec, with_routing=False)[0]
+        return y if flat else y.reshape(*shape[:-1], spec.d_out)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (not torch.is_grad_enabled() and x.is_cpu and not self._observers and self.backend in _INFERENCE_BACKENDS
+                and not torch.compiler.is_compiling()):
+            y = self._inference_forward(x)
+            if y is not None:
+                return y
         # The layer's own tensors were validated when set; per call only x can be wrong, and the
         # full check runs just to name what is wrong.
         spec = self._call_spec()

@@ -30,10 +30,14 @@ Backward with gY [T, d_out] (A and B frozen unless they require grad), u = gY . 
 
 The autograd Function saves X, H [T, N], I and g [T, k] (and P for softmax_topk), so backward
 never re-runs the router. A call that needs no gradient (grad mode off, or no input requiring
-one) skips it: :func:`more_inference` runs the forward alone, and for decode-shaped calls
-(T <= DECODE_MAX_TOKENS) takes the variant with the fewest ops, whose selection is a stable sort
-(no tie repair, so no host sync).
+one) skips it: :func:`more_inference` runs the forward alone. Decode-shaped calls
+(T <= DECODE_MAX_TOKENS) take variants with fewer ops: one CPU token selects and gates in
+Python between GEMVs (each tensor op costs more than that arithmetic), a few tokens expand
+through a dense [T, N] coefficient tile in one GEMM into the base output.
 """
+
+import array
+import math
 
 import torch
 import torch.nn.functional as F
@@ -127,51 +131,127 @@ def needs_autograd(tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _decode_logits_and_shrink(x2, router_weight, router_bias, expert_a, spec):
-    """Router logits and shrink values [T, N] for a few tokens: two GEMMs cost fewer ops than
-    stacking [Wr; A] and slicing; many tokens take one stacked GEMM that reads x once
-    (_routing_product)."""
-    shrink = F.linear(x2, expert_a)
-    return F.linear(x2 if spec.router == "linear" else shrink, router_weight, router_bias), shrink
+# One CPU token selects by Python's sort up to this many experts, above by one topk of k + 1.
+PYTHON_SORT_MAX_EXPERTS = 64
+# array typecodes of the dtypes a CPU token computes in (CPU half precision is upcast before).
+_ARRAY_TYPECODES = {torch.float32: "f", torch.float64: "d"}
 
 
-def more_inference(x2, weight, bias, router_weight, router_bias, expert_a, expert_b, spec):
-    """Forward alone, no autograd Function: (y [T, d_out], indices [T, k], gates [T, k]).
+def _one_token(x2, weight, bias, router_weight, router_bias, expert_a, expert_b, spec, with_routing):
+    """(y, indices, gates) of one CPU token, or None unless its largest logit is finite.
 
-    Decode-shaped calls (T <= DECODE_MAX_TOKENS) select by a stable sort of the logits (ties to
-    the lower index, no host sync) and, while the wasted work is small, expand with a dense [T, N]
-    coefficient tile in one GEMM that accumulates into the base product. Otherwise topk (with
-    tie repair) selects and embedding_bag expands the k chosen columns of B (T*k*d_out
-    multiply-adds), onto which the base GEMM accumulates. Indices and gates come back unordered.
+    Selection and gates of one token are a few dozen scalars, which Python handles in less time
+    than the half dozen tensor ops they would take (each costs more than the arithmetic here).
+    Router and shrink are GEMVs (cheaper calls than GEMMs of one row); only the [N] coefficients
+    go back to the tensor side, as the vector of the expand GEMV, whose output is the bias of the
+    base GEMM. Python's sort is stable, so ties go to the lower index as in the reference. Gates
+    and coefficients are Python floats (float64), rounded once to the input dtype.
     """
     top_k, num_experts = spec.top_k, spec.num_experts
-    tokens = x2.shape[0]
-    if tokens <= DECODE_MAX_TOKENS:
-        logits, shrink = _decode_logits_and_shrink(x2, router_weight, router_bias, expert_a, spec)
-        values, indices = torch.sort(logits, dim=-1, descending=True, stable=True)
-        if spec.gate == "softmax_topk":
-            values = torch.softmax(values, dim=-1)
-        if top_k < num_experts:
-            values, indices = values[:, :top_k], indices[:, :top_k]
-        gates = torch.softmax(values, dim=-1) if spec.gate == "topk_softmax" else values
-        if tokens * (num_experts - top_k) * spec.d_out <= DENSE_EXPAND_MAX_WASTE:
-            coefficients = torch.zeros_like(shrink).scatter_(1, indices, gates).mul_(shrink)
-            if weight is None:
-                return F.linear(coefficients, expert_b).mul_(spec.gamma), indices, gates
-            y = F.linear(x2, weight, bias)
-            return y.addmm_(coefficients, expert_b.t(), alpha=spec.gamma), indices, gates
+    token = x2[0]
+    shrink = torch.mv(expert_a, token)
+    router_input = token if spec.router == "linear" else shrink
+    if router_bias is None:
+        logits = torch.mv(router_weight, router_input)
     else:
-        logits, shrink = _routing_product(x2, router_weight, router_bias, expert_a, spec)
-        selected_logits, indices = select_top_k(logits, top_k)
-        if spec.gate == "softmax_topk":
-            gates = torch.softmax(logits, dim=-1).gather(1, indices)
-        elif selected_logits.dtype in (torch.float16, torch.bfloat16):
-            # (CUDA only: CPU computes in fp32) torch.softmax accumulates half inputs in fp32.
-            gates = torch.softmax(selected_logits, dim=-1)
+        logits = torch.addmv(router_bias, router_weight, router_input)
+    every = logits.tolist()
+    peak = max(every)
+    if peak != peak or peak == math.inf:  # NaN compares false, so max and sort mean nothing
+        return None
+    if top_k == num_experts:
+        chosen = range(num_experts)
+    elif num_experts <= PYTHON_SORT_MAX_EXPERTS:
+        chosen = sorted(range(num_experts), key=every.__getitem__, reverse=True)[:top_k]
+    else:
+        values, indices = logits.topk(top_k + 1)
+        kth, next_ = values.tolist()[top_k - 1:]
+        if kth != next_:
+            chosen = indices.tolist()[:top_k]
         else:
-            # torch.softmax over rows of k ~ 8 runs ~4x slower on CPU than these row-wise ops.
-            gates = selected_logits.sub_(selected_logits.amax(dim=-1, keepdim=True)).exp_()
-            gates.div_(gates.sum(dim=-1, keepdim=True))
+            chosen = sorted(range(num_experts), key=every.__getitem__, reverse=True)[:top_k]
+    exps = [math.exp(every[i] - peak) for i in chosen]
+    if spec.gate == "topk_softmax" or top_k == num_experts:
+        total = sum(exps)
+    else:
+        total = sum(math.exp(v - peak) for v in every)
+    if total != total:  # any NaN left (the max cannot show every one): the general path
+        return None
+    scale = spec.gamma / total
+    responses = shrink.tolist()
+    coefficients = array.array(_ARRAY_TYPECODES[x2.dtype], bytes(x2.element_size() * num_experts))
+    for e, i in zip(exps, chosen):
+        coefficients[i] = scale * e * responses[i]
+    coefficients = torch.frombuffer(coefficients, dtype=x2.dtype)
+    if weight is None:
+        y = torch.mv(expert_b, coefficients)[None]
+    else:
+        expanded = torch.mv(expert_b, coefficients) if bias is None else torch.addmv(bias, expert_b, coefficients)
+        y = F.linear(x2, weight, expanded)
+    if not with_routing:
+        return y, None, None
+    return y, torch.tensor([list(chosen)]), x2.new_tensor([[e / total for e in exps]])
+
+
+def _decode_forward(x2, weight, bias, router_weight, router_bias, expert_a, expert_b, spec):
+    """(y, indices, gates) for a few tokens in few ops; None where another path does better.
+
+    With every expert selected (k = N) there is nothing to select. Otherwise the coefficients go
+    into a dense [T, N] tile whose one GEMM accumulates into the base product, while the zeros it
+    multiplies stay few (DENSE_EXPAND_MAX_WASTE).
+    """
+    tokens, top_k, num_experts = x2.shape[0], spec.top_k, spec.num_experts
+    if tokens * (num_experts - top_k) * spec.d_out > DENSE_EXPAND_MAX_WASTE:
+        return None
+    shrink = F.linear(x2, expert_a)
+    logits = F.linear(x2 if spec.router == "linear" else shrink, router_weight, router_bias)
+    if top_k == num_experts:
+        gates = torch.softmax(logits, dim=-1)
+        coefficients = shrink * gates
+        indices = torch.arange(num_experts, device=x2.device).expand(tokens, num_experts)
+    else:
+        values, indices = select_top_k(logits, top_k)
+        if spec.gate == "topk_softmax":
+            gates = torch.softmax(values, dim=-1)
+        else:
+            gates = torch.softmax(logits, dim=-1).gather(1, indices)
+        coefficients = torch.zeros_like(shrink).scatter_(1, indices, gates).mul_(shrink)
+    if weight is None:
+        y = torch.mm(coefficients, expert_b.t()).mul_(spec.gamma)
+    else:
+        y = F.linear(x2, weight, bias).addmm_(coefficients, expert_b.t(), alpha=spec.gamma)
+    return y, indices, gates
+
+
+def more_inference(x2, weight, bias, router_weight, router_bias, expert_a, expert_b, spec, with_routing=True):
+    """Forward alone, no autograd Function: (y [T, d_out], indices [T, k], gates [T, k]); without
+    ``with_routing`` (the layer has no use for them) the last two may be None.
+
+    One CPU token takes _one_token; other decode-shaped calls (T <= DECODE_MAX_TOKENS) take
+    _decode_forward while its expand wastes little. Otherwise topk (with tie repair) selects and
+    embedding_bag expands the k chosen columns of B (T*k*d_out multiply-adds), onto which the
+    base GEMM accumulates. Indices and gates come back unordered.
+    """
+    tokens, top_k = x2.shape[0], spec.top_k
+    if tokens == 1 and x2.is_cpu:
+        result = _one_token(x2, weight, bias, router_weight, router_bias, expert_a, expert_b, spec, with_routing)
+        if result is not None:
+            return result
+    if tokens <= DECODE_MAX_TOKENS:
+        result = _decode_forward(x2, weight, bias, router_weight, router_bias, expert_a, expert_b, spec)
+        if result is not None:
+            return result
+    logits, shrink = _routing_product(x2, router_weight, router_bias, expert_a, spec)
+    selected_logits, indices = select_top_k(logits, top_k)
+    if spec.gate == "softmax_topk":
+        gates = torch.softmax(logits, dim=-1).gather(1, indices)
+    elif selected_logits.dtype in (torch.float16, torch.bfloat16):
+        # (CUDA only: CPU computes in fp32) torch.softmax accumulates half inputs in fp32.
+        gates = torch.softmax(selected_logits, dim=-1)
+    else:
+        # torch.softmax over rows of k ~ 8 runs ~4x slower on CPU than these row-wise ops.
+        gates = selected_logits.sub_(selected_logits.amax(dim=-1, keepdim=True)).exp_()
+        gates.div_(gates.sum(dim=-1, keepdim=True))
     coefficients = gates * shrink.gather(1, indices)
     coefficients.mul_(spec.gamma)
     # embedding_bag takes its fast (FBGEMM) kernel only for a contiguous table; MoRELinear keeps

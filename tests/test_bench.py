@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from smartfed.benchmarking import providers
+from smartfed.benchmarking import command, gpu_check, providers, report
 from smartfed.benchmarking.shapes import default_shape_specs, parse_shapes
 from smartfed.cli import main
 
@@ -124,3 +124,33 @@ def test_default_cpu_shapes_include_decode_per_call_and_large_pool_rows():
     assert {"smollm2 T=1 N=64 k=8", "smollm2 T=16 N=64 k=8", "2048 T=1 N=64 k=8", "2048 T=16 N=64 k=8",
             "64x64 T=1 N=16 k=8", "smollm2 T=2048 N=64 k=8", "2048 T=2048 N=64 k=8",
             "smollm2 T=2048 N=256 k=8"} <= labels
+
+
+def test_gpu_check_needs_cuda_and_compiled_kernels(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["bench", "--gpu-check"]) == 2
+    assert "--gpu-check needs a CUDA GPU" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert "unset TRITON_INTERPRET" in gpu_check.unusable_reason(torch)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU this runs the whole CUDA suite a second time")
+def test_gpu_check_runs_the_cuda_tests_without_the_interpreter(monkeypatch):
+    # Inherited, TRITON_INTERPRET=1 would make tests/conftest.py refuse the CUDA tests (exit 4).
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    outcome = gpu_check.run_cuda_tests()
+    assert outcome["returncode"] == 0, outcome["output_tail"]
+    assert "skipped" in outcome["summary"] and outcome["command"].endswith("tests/test_triton_cuda.py -q -p no:cacheprovider")
+
+
+def test_gpu_check_record_is_one_file_per_gpu_with_the_test_outcome(tmp_path):
+    paths = command._output_paths(tmp_path, "cuda", "NVIDIA H200", "2026-11-30", gpu_check=True)
+    assert {p.name for p in paths.values()} == {f"gpu_check-nvidia-h200.{ext}" for ext in ("json", "md", "png")}
+    assert main(["bench", *TINY, "--providers", "linear", "--mode", "fwd", "--output", str(tmp_path / "run.json")]) == 0
+    record = json.loads((tmp_path / "run.json").read_text())
+    assert "tests" not in record and "CUDA tests" not in (tmp_path / "run.md").read_text()
+    record["tests"] = {"command": "python -m pytest tests/test_triton_cuda.py", "returncode": 0,
+                       "summary": "31 passed in 40.0s", "seconds": 41.2, "output_tail": ""}
+    assert "## CUDA tests\n\n`python -m pytest tests/test_triton_cuda.py`: exit code 0, 31 passed" in (
+        report.markdown_report(record))

@@ -375,3 +375,24 @@ def test_resume_over_damaged_checkpoints_ends_like_an_uninterrupted_run(cache_di
         assert torch.equal(final.global_state[name], tensor), name
     rounds = [json.loads(line)["round"] for line in (damaged / "metrics.jsonl").read_text().splitlines()]
     assert rounds == [1, 2, 3, 4]
+
+
+def test_pool_cache_build_removes_crashed_staging_and_leaves_none_of_its_own(tmp_path, monkeypatch):
+    from smartfed.config import config_from_dict
+    from smartfed.experiments import assets
+
+    config = config_from_dict({"pool": {"cache_dir": str(tmp_path), "train_steps": 2, "batch_size": 8}})
+    crashed = tmp_path / f"{assets.POOL_STAGING_PREFIX}{2**31 - 1}-crashed"
+    (crashed / "source_0").mkdir(parents=True)
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("interrupted")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(assets, "_train_source_adapter", fail)
+        with pytest.raises(RuntimeError, match="interrupted"):
+            assets.build_tiny_pool(config, progress=False)
+    assert not list(tmp_path.glob(assets.POOL_STAGING_PREFIX + "*"))
+    paths = assets.build_tiny_pool(config, progress=False)
+    assert all((path / "adapter_config.json").is_file() for path in paths)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [paths[0].parent.name]

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
+from smartfed_kernels.testing import assert_close_for, make_more_inputs
 from smartfed_kernels.triton import more_linear_checked
 from smartfed_kernels.validation import check_more_inputs
 
@@ -24,13 +25,9 @@ def more_call(x, weight, bias, router_weight, router_bias, expert_a, expert_b):
 
 
 def test_fullgraph_compile_matches_eager_forward_and_backward():
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 5, 16, generator=generator)
-    weight, bias = torch.randn(12, 16, generator=generator) / 4, torch.randn(12, generator=generator)
-    router_weight = torch.randn(6, 6, generator=generator)
-    router_bias = torch.randn(6, generator=generator)
-    expert_a, expert_b = torch.randn(6, 16, generator=generator) / 4, torch.randn(12, 6, generator=generator)
-    trainable = (x, router_weight, router_bias)
+    inputs = make_more_inputs((2, 5), 16, 12, 6, router="expert_space")
+    weight, bias, expert_a, expert_b = (inputs[n] for n in ("weight", "bias", "expert_a", "expert_b"))
+    trainable = (inputs["x"], inputs["router_weight"], inputs["router_bias"])
 
     def outputs(fn):
         leaves = [t.clone().requires_grad_() for t in trainable]
@@ -45,7 +42,7 @@ def test_fullgraph_compile_matches_eager_forward_and_backward():
     op = torch.ops.smartfed.more_forward
     assert any(node.target in (op, op.default) for node in counter.graphs[0].graph.nodes)
     for got, want in zip(compiled, eager):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert_close_for(got, want)
 
 
 def test_fake_kernel_shapes_match_real_outputs():
@@ -72,7 +69,7 @@ def test_fullgraph_compile_of_more_linear_module_uses_custom_op():
     torch._dynamo.reset()
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(layer, fullgraph=True, backend=counter)
-    torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=1e-6)
+    assert_close_for(compiled(x), layer(x))
     compiled(x).sum().backward()
     assert counter.frame_count == 1
     op = torch.ops.smartfed.more_forward
@@ -95,7 +92,7 @@ def test_fullgraph_compile_of_more_linear_module_on_the_torch_path_keeps_tie_ord
     compiled = torch.compile(layer, fullgraph=True, backend=counter)
     want = reference.more_linear(x, base.weight, base.bias, layer.router_weight, layer.router_bias,
                                  layer.expert_a, layer.expert_b, 3)
-    torch.testing.assert_close(compiled(x), want, rtol=1e-5, atol=1e-6)
+    assert_close_for(compiled(x), want)
     compiled(x).sum().backward()
     assert counter.frame_count == 1
     assert layer.router_weight.grad is not None

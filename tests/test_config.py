@@ -59,6 +59,12 @@ def error_of(data, schema=RunConfig):
     ({"model": {"pretrained": "somewhere"}}, "model: needs exactly one of 'tiny'"),
     ({"task": {"name": "bbc_news"}}, "model.pretrained: task.name 'bbc_news' is a text task"),
     ({"task": {"signals_per_example": 20}}, "task.signals_per_example: must be <= task.seq_len (12), got 20"),
+    ({"privacy": {"secagg": {"enabled": True}}},
+     "robustness.norm_bound.mode: must be 'none' with privacy.secagg.enabled (the server never sees one update"),
+    ({"privacy": {"secagg": {"enabled": True}}, "robustness": {"aggregator": "median"}},
+     "robustness.aggregator: must be 'fedavg' with privacy.secagg.enabled, got 'median'"),
+    ({"privacy": {"dp": {"enabled": True}}, "robustness": {"aggregator": "krum"}},
+     "robustness.aggregator: must be 'fedavg' with privacy.dp.enabled (DP noises the mean of the clipped updates), got 'krum'"),
 ])
 def test_run_config_errors_name_the_key_path(data, expected):
     assert error_of(data).startswith(expected)

@@ -254,7 +254,8 @@ def test_simulation_engine_runs_secagg_plus(reference):
 
     from smartfed.config import config_to_dict, load_config, with_overrides
 
-    config = with_overrides(load_config(reference["config_path"]), privacy={"secagg": {"enabled": True}})
+    config = with_overrides(load_config(reference["config_path"]), privacy={"secagg": {"enabled": True}},
+                            robustness={"norm_bound": {"mode": "none"}})
     config_path = reference["root"] / "secagg.yaml"
     config_path.write_text(yaml.safe_dump(config_to_dict(config)))
     output_dir = reference["root"] / "simulation_engine_secagg"

@@ -13,31 +13,12 @@ from torch import nn
 import smartfed.layer
 from smartfed.layer import MoRELinear
 from smartfed_kernels import more_linear, reference, torch_ops
+from smartfed_kernels.testing import ARGUMENTS as NAMES, assert_close_for, make_more_inputs as make_inputs
 
 ROUTERS = ("linear", "expert_space")
 GATES = ("topk_softmax", "softmax_topk")
-NAMES = ("x", "weight", "bias", "router_weight", "router_bias", "expert_a", "expert_b")
 LAUNCHER_FILES = ("launch.py", "autograd.py")
 HOST_SYNCS = ("item", "cpu", "tolist", "nonzero", "numpy")
-
-
-def make_inputs(tokens, d_in, d_out, num_experts, *, router="linear", dtype=torch.float32, seed=0,
-                base=True, router_bias=True):
-    generator = torch.Generator().manual_seed(seed)
-
-    def rand(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=generator, dtype=torch.float64) * scale).to(dtype)
-
-    router_in = d_in if router == "linear" else num_experts
-    return {
-        "x": rand(tokens, d_in),
-        "weight": rand(d_out, d_in, scale=d_in ** -0.5) if base else None,
-        "bias": rand(d_out) if base else None,
-        "router_weight": rand(num_experts, router_in, scale=router_in ** -0.5),
-        "router_bias": rand(num_experts) if router_bias else None,
-        "expert_a": rand(num_experts, d_in, scale=d_in ** -0.5),
-        "expert_b": rand(d_out, num_experts),
-    }
 
 
 def routed(impl, inputs, top_k, **options):
@@ -49,9 +30,8 @@ def assert_same_as_reference(inputs, top_k, **options):
         y, indices, gates = routed(torch_ops.more_linear, inputs, top_k, **options)
     want_y, want_indices, want_gates = routed(reference.more_linear, inputs, top_k, **options)
     assert torch.equal(indices, want_indices)
-    scale = max(want_y.abs().max().item(), 1.0) if want_y.numel() else 1.0
-    torch.testing.assert_close(y, want_y, rtol=1e-5, atol=1e-5 * scale)
-    torch.testing.assert_close(gates, want_gates, rtol=1e-5, atol=1e-6)
+    assert_close_for(y, want_y, what="output")
+    assert_close_for(gates, want_gates, y.dtype, "gates")
 
 
 # Token counts on both sides of the decode threshold, and none.
@@ -115,7 +95,7 @@ def test_inference_path_half_precision(tokens, dtype):
         y = torch_ops.more_linear(*(inputs[n] for n in NAMES), 5, gate="softmax_topk")
     want = reference.more_linear(*(inputs[n] for n in NAMES), 5, gate="softmax_topk")
     assert y.dtype == dtype
-    torch.testing.assert_close(y, want, rtol=2e-2, atol=2e-2)
+    assert_close_for(y, want)
 
 
 def test_inference_path_without_grad_mode_off():
@@ -123,7 +103,7 @@ def test_inference_path_without_grad_mode_off():
     inputs = make_inputs(29, 12, 10, 7, seed=3)
     y = torch_ops.more_linear(*(inputs[n] for n in NAMES), 3)
     assert y.grad_fn is None
-    torch.testing.assert_close(y, reference.more_linear(*(inputs[n] for n in NAMES), 3), rtol=1e-5, atol=1e-5)
+    assert_close_for(y, reference.more_linear(*(inputs[n] for n in NAMES), 3))
 
 
 def test_inference_path_skips_the_autograd_function(monkeypatch):
@@ -195,7 +175,7 @@ def layer_reference(layer, x):
 def assert_layer_matches(layer, x):
     with torch.no_grad():
         got = layer(x)
-    torch.testing.assert_close(got, layer_reference(layer, x), rtol=1e-5, atol=1e-5)
+    assert_close_for(got, layer_reference(layer, x))
     return got
 
 
@@ -307,3 +287,139 @@ def test_host_sync_scan_finds_syncs(tmp_path):
     sample = tmp_path / "sample.py"
     sample.write_text("def f(t):\n    return t.sum().item() + t.nonzero().cpu().tolist()[0]\n")
     assert len(_host_syncs(sample)) == 4
+
+
+# One CPU token: selection and gates in Python (torch_ops._one_token), and the layer's shortcut to it.
+
+# N = 11 sorts in Python; N = 97 selects by topk (above PYTHON_SORT_MAX_EXPERTS).
+@pytest.mark.parametrize("num_experts", [11, torch_ops.PYTHON_SORT_MAX_EXPERTS + 33])
+@pytest.mark.parametrize("router", ROUTERS)
+@pytest.mark.parametrize("gate", GATES)
+@pytest.mark.parametrize("top_k", ["1", "4", "N"])
+def test_one_token_matches_reference(num_experts, router, gate, top_k):
+    k = num_experts if top_k == "N" else int(top_k)
+    inputs = make_inputs(1, 23, 19, num_experts, router=router, seed=num_experts + k)
+    assert_same_as_reference(inputs, k, router=router, gate=gate)
+
+
+@pytest.mark.parametrize("base,router_bias", [(False, True), (True, False)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_one_token_optional_tensors_and_dtypes(base, router_bias, dtype):
+    inputs = make_inputs(1, 17, 13, 9, base=base, router_bias=router_bias, dtype=dtype, seed=5)
+    with torch.no_grad():
+        y, indices, gates = routed(torch_ops.more_linear, inputs, 4, gamma=0.7, gate="softmax_topk")
+    want_y, want_indices, want_gates = routed(reference.more_linear, inputs, 4, gamma=0.7, gate="softmax_topk")
+    assert y.dtype == dtype and torch.equal(indices, want_indices)
+    assert_close_for(y, want_y, what="output")
+    assert_close_for(gates, want_gates, y.dtype, "gates")
+
+
+def test_one_token_non_contiguous_views():
+    inputs = make_inputs(1, 13, 9, 6, seed=4, non_contiguous=True)
+    assert_same_as_reference(inputs, 2)
+
+
+@pytest.mark.parametrize("num_experts", [8, torch_ops.PYTHON_SORT_MAX_EXPERTS + 8])
+def test_one_token_ties_go_to_the_lower_index(num_experts):
+    """A zero router ties every expert; a bias ties the k-th and (k+1)-th logits only."""
+    inputs = make_inputs(1, 10, 6, num_experts, seed=2)
+    inputs["router_weight"] = torch.zeros_like(inputs["router_weight"])
+    inputs["router_bias"] = torch.zeros(num_experts)
+    assert_same_as_reference(inputs, 3)
+    with torch.no_grad():
+        assert routed(torch_ops.more_linear, inputs, 3)[1][0].tolist() == [0, 1, 2]
+    inputs["router_bias"] = -torch.arange(num_experts, dtype=torch.float32)
+    inputs["router_bias"][[1, 5, 6]] = torch.tensor([2.0, -1.0, -1.0])
+    assert_same_as_reference(inputs, 3)
+    with torch.no_grad():
+        assert routed(torch_ops.more_linear, inputs, 3)[1][0].tolist() == [1, 0, 5]
+
+
+@pytest.mark.parametrize("special", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("gate", GATES)
+def test_one_token_non_finite_logits_match_reference(special, gate):
+    """NaN and +inf take the general path; -inf logits are experts that can never win."""
+    inputs = make_inputs(1, 12, 7, 9, seed=8)
+    inputs["router_bias"][[2, 6]] = special
+    with torch.no_grad():
+        y = torch_ops.more_linear(*(inputs[n] for n in NAMES), 3, gate=gate)
+    want = reference.more_linear(*(inputs[n] for n in NAMES), 3, gate=gate)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5, equal_nan=True)
+    assert y.isnan().any() == (special != float("-inf"))
+
+
+@pytest.mark.parametrize("shape", [(21,), (1, 21), (1, 1, 21), (3, 21), (4, 0, 21)])
+@pytest.mark.parametrize("router", ROUTERS)
+def test_layer_shortcut_matches_reference_and_skips_the_general_path(monkeypatch, shape, router):
+    def refuse(*args):
+        raise AssertionError("an inference call on the CPU took the general path")
+
+    layer = make_layer(router=router, num_experts=11, top_k=4)
+    monkeypatch.setattr(torch_ops, "more_linear_checked", refuse)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(len(shape)))
+    got = assert_layer_matches(layer, x)
+    assert got.shape == (*shape[:-1], 15)
+
+
+def test_layer_shortcut_on_conv1d_base():
+    from transformers.pytorch_utils import Conv1D
+
+    generator = torch.Generator().manual_seed(3)
+    conv = Conv1D(15, 21)
+    with torch.no_grad():
+        conv.bias.normal_(generator=generator)
+    layer = MoRELinear(conv, torch.randn(9, 21, generator=generator), torch.randn(15, 9, generator=generator), 3,
+                       seed=1)
+    for tokens in (1, 5):
+        x = torch.randn(tokens, 21, generator=generator)
+        with torch.no_grad():
+            got = layer(x)
+            want = reference.more_linear(x, layer.base_weight_out_in(), conv.bias, layer.router_weight,
+                                         layer.router_bias, layer.expert_a, layer.expert_b, 3)
+        assert_close_for(got, want)
+
+
+def test_layer_shortcut_leaves_other_calls_to_the_general_path(monkeypatch):
+    """Grad mode, other backends, half precision and mixed dtypes keep their own paths."""
+    calls = []
+    inference = torch_ops.more_inference
+    monkeypatch.setattr(torch_ops, "more_inference", lambda *a, **k: calls.append(1) or inference(*a, **k))
+    x = torch.randn(1, 21, generator=torch.Generator().manual_seed(6))
+    layer = make_layer(backend="reference")
+    assert_layer_matches(layer, x)
+    assert calls == []
+    layer = make_layer()
+    y = layer(x)
+    assert y.grad_fn is not None and calls == []
+    y.sum().backward()
+    assert layer.router_weight.grad.abs().sum() > 0
+    half = make_layer().to(torch.bfloat16)
+    with torch.no_grad():
+        assert_close_for(half(x.bfloat16()), layer_reference(half, x.bfloat16()))
+    mixed = make_layer()
+    mixed.router_weight.data = mixed.router_weight.data.double()
+    assert_layer_matches(mixed, x)
+
+
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_layer_shortcut_sees_every_update(tokens):
+    """Nothing derived from the layer's tensors is kept between calls: writes through .data,
+    reassignment, load_state_dict, .to() and deepcopy all show on the next call."""
+    layer = make_layer()
+    x = torch.randn(tokens, 21, generator=torch.Generator().manual_seed(tokens))
+    outputs = [assert_layer_matches(layer, x)]
+    with torch.no_grad():
+        layer.base.weight.data.mul_(2.0)
+        outputs.append(assert_layer_matches(layer, x))
+        layer.expert_b.data.add_(1.0)
+        outputs.append(assert_layer_matches(layer, x))
+        layer.expert_a.copy_(torch.randn(layer.expert_a.shape, generator=torch.Generator().manual_seed(9)))
+        outputs.append(assert_layer_matches(layer, x))
+        layer.router_weight.data = torch.randn(layer.router_weight.shape, generator=torch.Generator().manual_seed(8))
+        outputs.append(assert_layer_matches(layer, x))
+    layer.load_state_dict(make_layer(seed=4).state_dict())
+    outputs.append(assert_layer_matches(layer, x))
+    for before, after in zip(outputs, outputs[1:]):
+        assert not torch.allclose(before, after)
+    wide = copy.deepcopy(layer).to(torch.float64)
+    torch.testing.assert_close(assert_layer_matches(wide, x.double()), outputs[-1].double(), rtol=1e-5, atol=1e-5)

@@ -61,6 +61,7 @@ def test_build_pool_writes_peft_adapters_and_provenance(built):
     arithmetic = manifest["adapters"][0]
     assert arithmetic["steps"] == 20 and arithmetic["final_loss_mean_last_20pct"] < arithmetic["first_loss"]
     assert len(arithmetic["inputs_hash"]) == 16 and arithmetic["task_summary"]["train_examples"] == 110
+    assert arithmetic["environment"] == pool_builder.training_environment()
     written = json.loads((pool_builder.Path(spec["output_dir"]) / pool_builder.MANIFEST_FILE).read_text())
     assert [r["inputs_hash"] for r in written["adapters"]] == [r["inputs_hash"] for r in manifest["adapters"]]
     pool = LoRAPool.from_pretrained([r["path"] for r in manifest["adapters"]])

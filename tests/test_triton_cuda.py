@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from smartfed_kernels import more_linear
+from smartfed_kernels.testing import assert_close_for, make_more_inputs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 DENSE_POOL, STREAMING_POOL = 64, 300
+TRAINABLE = ("x", "router_weight", "router_bias", "expert_a", "expert_b")
 
 
 def _device():
@@ -21,21 +22,9 @@ def _device():
 
 
 def make_inputs(tokens, d_in, d_out, num_experts, router, dtype, seed):
-    generator = torch.Generator().manual_seed(seed)
-
-    def randn(*shape, scale=1.0, grad=False):
-        return (torch.randn(*shape, generator=generator) * scale).to(device=_device(), dtype=dtype).requires_grad_(grad)
-
-    router_in = d_in if router == "linear" else num_experts
-    return dict(
-        x=randn(*tokens, d_in, grad=True),
-        weight=randn(d_out, d_in, scale=d_in ** -0.5),
-        bias=randn(d_out),
-        router_weight=randn(num_experts, router_in, scale=router_in ** -0.5, grad=True),
-        router_bias=randn(num_experts, grad=True),
-        expert_a=randn(num_experts, d_in, scale=d_in ** -0.5, grad=True),
-        expert_b=randn(d_out, num_experts, scale=0.3, grad=True),
-    )
+    """The shared inputs on the test device, everything but the base trainable."""
+    return make_more_inputs(tokens, d_in, d_out, num_experts, router=router, dtype=dtype, device=_device(), seed=seed,
+                            requires_grad=TRAINABLE)
 
 
 def run(inputs, top_k, backend, upcast, **options):
@@ -43,12 +32,8 @@ def run(inputs, top_k, backend, upcast, **options):
                for n, t in inputs.items()}
     y, indices, gates = more_linear(*tensors.values(), top_k, backend=backend, return_routing=True, **options)
     grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y)
-    grads = torch.autograd.grad(y, [tensors[n] for n in ("x", "router_weight", "router_bias", "expert_a", "expert_b")], grad_y)
+    grads = torch.autograd.grad(y, [tensors[n] for n in TRAINABLE], grad_y)
     return (y, indices, gates) + grads
-
-
-def relative_error(actual, expected):
-    return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max().clamp_min(1e-12)).item()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
@@ -64,7 +49,7 @@ def test_matches_reference_on_gpu(dtype, num_experts, router, gate):
     names = ("y", "indices", "gates", "x", "router_weight", "router_bias", "expert_a", "expert_b")
     for name, got, want in zip(names, actual, expected):
         if name != "indices":
-            assert relative_error(got, want) < TOLERANCE[dtype], name
+            assert_close_for(got, want, dtype, name)
 
 
 def test_decode_and_empty_batches_on_gpu():
@@ -74,7 +59,7 @@ def test_decode_and_empty_batches_on_gpu():
         actual = run(inputs, 4, "triton", False)
         assert actual[0].shape == (tokens, 320)
         if tokens:
-            assert relative_error(actual[0], expected[0]) < 1e-2
+            assert_close_for(actual[0], expected[0])
 
 
 def _captured_and_eager(call, x, fresh_x):

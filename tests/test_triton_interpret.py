@@ -10,34 +10,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from smartfed_kernels import more_linear
+from smartfed_kernels.testing import assert_close_for, make_more_inputs
 from smartfed_kernels.triton import configs
 
 # Triton chooses compiled kernels or its CPU interpreter once per process: these run in their own
 # process (tests/test_interpreter_suite.py, or TRITON_INTERPRET=1 python -m pytest -m interpreter tests).
 pytestmark = pytest.mark.interpreter
 
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2}
 DENSE_POOL = 19
 STREAMING_POOL = configs.DENSE_MAX_EXPERTS + 5
 
 
-def make_inputs(tokens, d_in, d_out, num_experts, *, router="linear", dtype=torch.float32, base=True,
-                router_bias=True, train_experts=False, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-
-    def randn(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=generator) * scale).to(dtype)
-
-    router_in = d_in if router == "linear" else num_experts
-    return dict(
-        x=randn(*tokens, d_in).requires_grad_(),
-        weight=randn(d_out, d_in, scale=d_in ** -0.5) if base else None,
-        bias=randn(d_out) if base else None,
-        router_weight=randn(num_experts, router_in, scale=router_in ** -0.5).requires_grad_(),
-        router_bias=randn(num_experts).requires_grad_() if router_bias else None,
-        expert_a=randn(num_experts, d_in, scale=d_in ** -0.5).requires_grad_(train_experts),
-        expert_b=randn(d_out, num_experts, scale=0.3).requires_grad_(train_experts),
-    )
+def make_inputs(tokens, d_in, d_out, num_experts, *, train_experts=False, **options):
+    """The shared inputs, training x and the router (and the experts with ``train_experts``)."""
+    trainable = ("x", "router_weight", "router_bias") + (("expert_a", "expert_b") if train_experts else ())
+    return make_more_inputs(tokens, d_in, d_out, num_experts, requires_grad=trainable, **options)
 
 
 def run(inputs, top_k, backend, *, upcast=False, **options):
@@ -51,14 +38,8 @@ def run(inputs, top_k, backend, *, upcast=False, **options):
     return y, indices, gates, dict(zip(trainable, grads))
 
 
-def relative_error(actual, expected):
-    scale = expected.double().abs().max().clamp_min(1e-12)
-    return ((actual.double() - expected.double()).abs().max() / scale).item()
-
-
 def assert_matches_reference(inputs, top_k, **options):
     dtype = inputs["x"].dtype
-    tolerance = TOLERANCE[dtype]
     # fp32 against a float64 reference; fp16 against the reference on the same fp16 inputs.
     expected = run(inputs, top_k, "reference", upcast=dtype == torch.float32, **options)
     actual = run(inputs, top_k, "triton", **options)
@@ -66,12 +47,12 @@ def assert_matches_reference(inputs, top_k, **options):
     assert y.dtype == dtype and y.shape == expected[0].shape
     assert indices.dtype == torch.int64 and gates.dtype == torch.float32
     assert torch.equal(indices, expected[1])
-    assert relative_error(gates, expected[2]) < tolerance
-    assert relative_error(y, expected[0]) < tolerance
+    assert_close_for(gates, expected[2], dtype, "gates")
+    assert_close_for(y, expected[0], dtype, "output")
     assert grads.keys() == expected[3].keys()
     for name, grad in grads.items():
         assert grad.dtype == dtype and grad.shape == inputs[name].shape, name
-        assert relative_error(grad, expected[3][name]) < tolerance, name
+        assert_close_for(grad, expected[3][name], dtype, f"grad of {name}")
 
 
 @pytest.mark.parametrize("num_experts", [DENSE_POOL, STREAMING_POOL], ids=["dense", "streaming"])
@@ -161,5 +142,5 @@ def test_inference_without_grad_matches_reference(num_experts, tokens):
     assert torch.equal(indices, want_indices)
     assert y.shape == (tokens, 20)
     if tokens:
-        assert relative_error(y, want_y) < TOLERANCE[torch.float32]
-        assert relative_error(gates, want_gates) < TOLERANCE[torch.float32]
+        assert_close_for(y, want_y, what="output")
+        assert_close_for(gates, want_gates, what="gates")

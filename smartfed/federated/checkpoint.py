@@ -102,16 +102,17 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_staging(output_dir) -> list:
-    """Remove the staging folders a crashed save left in ``output_dir``; returns their paths.
+def remove_stale_staging(output_dir, prefix=STAGING_PREFIX) -> list:
+    """Remove the staging folders (``<prefix><pid>-...``) a crashed save left in ``output_dir``;
+    returns their paths.
 
     A staging folder carries the pid of the process writing it; one of another process that is
     still alive is left alone, so that reading a run (``smartfed report``) while it trains never
     pulls a checkpoint from under its save. This process's own saves run one at a time, so its
     leftovers are stale too."""
     removed = []
-    for path in sorted(Path(output_dir).glob(STAGING_PREFIX + "*")):
-        pid = path.name[len(STAGING_PREFIX):].split("-", 1)[0]
+    for path in sorted(Path(output_dir).glob(prefix + "*")):
+        pid = path.name[len(prefix):].split("-", 1)[0]
         if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
             continue
         if path.is_dir():

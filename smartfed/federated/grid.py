@@ -18,8 +18,8 @@ that round's train messages) are injected here, on the client side of the transp
 raises inside the client, "timeout" gives the client a 0-second wall-clock limit so its check
 fires after its first step, "hang" sleeps 1.25 times ``client_timeout_s`` before training (so that
 the abandoned worker trains while later rounds run), "nan" and
-"shape" corrupt the trained tensors before upload, "poison" uploads the trained tensors times
-1000 and claims 10**9 examples, "malformed" sends a reply whose metrics record holds only the
+"shape" corrupt the trained tensors before upload, "poison" uploads its update (trained minus
+received state) times 1000 and claims 10**9 examples, "malformed" sends a reply whose metrics record holds only the
 example count and whose ``loss`` is a string. Under SecAgg+ only the clear-text part of the
 masked-update reply can be corrupted (``corrupt_secure_reply``); the other faults act the same.
 """
@@ -72,11 +72,13 @@ def corrupt_state(state, kind):
     return corrupted
 
 
-def poison_content(content: RecordDict, wire_dtype):
-    """A "poison" fault's reply: the trained tensors times ``POISON_SCALE`` and a claim of
-    ``POISON_EXAMPLES`` examples."""
+def poison_content(content: RecordDict, received: RecordDict, wire_dtype):
+    """A "poison" fault's reply: the update (trained minus received state) times
+    ``POISON_SCALE`` and a claim of ``POISON_EXAMPLES`` examples."""
     state = record_to_state(content.array_records[STATE])
-    content[STATE] = state_to_record({name: tensor * POISON_SCALE for name, tensor in state.items()}, wire_dtype)
+    start = record_to_state(received.array_records[STATE])
+    poisoned = {name: start[name] + POISON_SCALE * (tensor - start[name]) for name, tensor in state.items()}
+    content[STATE] = state_to_record(poisoned, wire_dtype)
     content.metric_records[METRICS][NUM_EXAMPLES] = POISON_EXAMPLES
 
 
@@ -188,7 +190,7 @@ class InProcessGrid(Grid):
             state = corrupt_state(record_to_state(reply.content.array_records[STATE]), fault)
             reply.content[STATE] = state_to_record(state, wire_dtype)
         elif fault == "poison":
-            poison_content(reply.content, wire_dtype)
+            poison_content(reply.content, msg.content, wire_dtype)
         elif fault == "malformed":
             malform_content(reply.content)
         return reply

