@@ -14,7 +14,6 @@ config has no tensor-core instruction.
 
 import argparse
 import json
-import os
 import re
 import subprocess
 import sys

@@ -17,6 +17,7 @@ from smartfed.experiments.methods import build_method
 from smartfed.federated.client import FederatedClient
 from smartfed.federated.data import Examples, FederatedData, split_clients
 from smartfed.federated.grid import InProcessGrid
+from smartfed.federated.run_dir import fsync_write
 from smartfed.federated.seeding import STREAM_EVAL_DATA, STREAM_TRAIN_DATA, derived_seed
 from smartfed.federated.strategy import SmartFedStrategy
 from smartfed.federated.trainer import ClientTrainer
@@ -103,7 +104,7 @@ def open_run(config, output_dir, *, resume=False, progress=True, trainer=None, d
         client_evaluation=client_evaluation, progress=progress,
     )
     if not resume:
-        (Path(output_dir) / CONFIG_FILE).write_text(json.dumps(config_dict, indent=1))
+        fsync_write(Path(output_dir) / CONFIG_FILE, json.dumps(config_dict, indent=1))
     return Run(config=config, trainer=trainer, layout=layout, data=data, strategy=strategy)
 
 

@@ -31,7 +31,6 @@ count (CPU reductions split their work by thread count; a resume with another co
 """
 
 import json
-import os
 import time
 import warnings
 from dataclasses import dataclass, field, replace
@@ -43,7 +42,7 @@ import torch
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord
 from flwr.common import log
 from flwr.serverapp.strategy import Result, Strategy
-from safetensors.torch import save_file
+import safetensors.torch
 from tqdm.auto import tqdm
 
 from smartfed.federated.accounting import RoundAccounting
@@ -72,6 +71,7 @@ from smartfed.federated.messages import (
     wire_size,
 )
 from smartfed.federated.privacy import CentralDP
+from smartfed.federated.run_dir import append_jsonl, fsync_write, rebuild_metrics
 from smartfed.federated.robust import bound_updates, build_aggregator, combine_importance
 from smartfed.federated.screening import check_importance, check_metrics, check_scores, screen_replies
 from smartfed.federated.secagg import fitres_to_result, instructions_to_fitins, secure_mean
@@ -91,39 +91,6 @@ ATTEMPT = "attempt"
 
 class RoundFailed(RuntimeError):
     """A round had too few valid client updates after all retries; the checkpoint is intact."""
-
-
-def _write_jsonl_atomically(path, records):
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record) + "\n")
-    os.replace(temporary, path)
-
-
-def _append_jsonl(path, record):
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def _reconcile_metrics(path, history, completed_round):
-    """On resume: keep failure records and completed rounds up to the checkpoint, and restore any
-    completed round the checkpoint has but the file lacks (a crash between the checkpoint and the
-    metrics line, or during the metrics line)."""
-    kept = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a crash; its round, if completed, is in ``history``
-            if record.get("status") == "failed" or record["round"] <= completed_round:
-                kept.append(record)
-    present = {r["round"] for r in kept if r.get("status") == "completed"}
-    kept.extend(record for record in history if record["round"] not in present)
-    _write_jsonl_atomically(path, kept)
 
 
 def last_line(reason):
@@ -243,7 +210,7 @@ class SmartFedStrategy(Strategy):
         self.state = ServerState.from_checkpoint(checkpoint)
         self.history = checkpoint.history
         restore_rng_states(checkpoint.rng)
-        _reconcile_metrics(self.metrics_path, self.history, self.state.round)
+        rebuild_metrics(self.metrics_path, self.history, self.state.round)
 
     def summary(self) -> None:
         fed = self.config.federation
@@ -579,7 +546,7 @@ class SmartFedStrategy(Strategy):
             "bytes_up": progress.accounting.bytes_up, "bytes_down": progress.accounting.bytes_down,
             "wall_s": time.perf_counter() - progress.started,
         }
-        _append_jsonl(self.metrics_path, record)
+        append_jsonl(self.metrics_path, record)
         raise RoundFailed(
             f"round {round_index}: fewer than min_clients={fed.min_clients} valid updates after "
             f"{fed.max_retries + 1} attempt(s); dropped: {progress.dropped}. The checkpoint of round "
@@ -622,22 +589,21 @@ class SmartFedStrategy(Strategy):
             },
             rng=capture_rng_states(),
         ))
-        _append_jsonl(self.metrics_path, record)
+        append_jsonl(self.metrics_path, record)
         self.round_progress = None
         return record
 
     def _finish(self, grid, result):
         """After the last round: the final state and, with ``client_evaluation``, the clients'
         scores of it on their own partitions."""
-        save_file(
+        fsync_write(self.output_dir / FINAL_STATE_FILE, safetensors.torch.save(
             {name: tensor.contiguous() for name, tensor in self.state.global_state.items()},
-            str(self.output_dir / FINAL_STATE_FILE),
             # Quotas and the config fingerprint make the file enough to re-evaluate the run
             # (``smartfed evaluate``) once its checkpoint is gone.
             metadata={"method": self.config.method, "round": str(self.state.round),
                       "pool_fingerprint": self.trainer.pool_fingerprint, "config_fingerprint": self.fingerprint,
                       "quotas": json.dumps(self.state.quotas)},
-        )
+        ))
         if not self.client_evaluation:
             return
         round_index = self.state.round
@@ -645,5 +611,5 @@ class SmartFedStrategy(Strategy):
         metrics = self.aggregate_evaluate(round_index, grid.send_and_receive(messages, timeout=self.timeout))
         if metrics is not None:
             result.evaluate_metrics_clientapp[round_index] = metrics
-        (self.output_dir / CLIENT_EVALUATION_FILE).write_text(json.dumps(self.client_scores, indent=1))
+        fsync_write(self.output_dir / CLIENT_EVALUATION_FILE, json.dumps(self.client_scores, indent=1))
         log(INFO, "SmartFed client evaluation: %s", {k: v for k, v in self.client_scores.items() if k != "clients"})
