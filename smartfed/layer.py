@@ -5,9 +5,10 @@
 The base Linear stays frozen and its weight and bias feed the fused op; only the router trains
 (and the experts, if ``train_experts``). The forward is one call to the chosen backend's
 ``more_linear_checked``, the op behind :func:`smartfed_kernels.more_linear` without its per-call
-checks: the layer's tensors are checked when they are set, x on each call. While observers are
-attached it splits into ``base(x)`` and the expert contribution so that observers (EEQA
-importance) can see both.
+checks: the layer's tensors are checked when they are set, x on each call. A CPU call that
+needs no graph (grad mode off) goes straight to the torch path's inference function instead, the
+per-call cost that matters at decode. While observers are attached it splits into ``base(x)``
+and the expert contribution so that observers (EEQA importance) can see both.
 """
 
 import sys

@@ -138,14 +138,14 @@ _ARRAY_TYPECODES = {torch.float32: "f", torch.float64: "d"}
 
 
 def _one_token(x2, weight, bias, router_weight, router_bias, expert_a, expert_b, spec, with_routing):
-    """(y, indices, gates) of one CPU token, or None unless its largest logit is finite.
+    """(y, indices, gates) of one CPU token, or None if its logits hold a NaN or +inf or are all -inf.
 
     Selection and gates of one token are a few dozen scalars, which Python handles in less time
     than the half dozen tensor ops they would take (each costs more than the arithmetic here).
     Router and shrink are GEMVs (cheaper calls than GEMMs of one row); only the [N] coefficients
-    go back to the tensor side, as the vector of the expand GEMV, whose output is the bias of the
-    base GEMM. Python's sort is stable, so ties go to the lower index as in the reference. Gates
-    and coefficients are Python floats (float64), rounded once to the input dtype.
+    go back to the tensor side, as the vector of the expand GEMV, whose output the base GEMV
+    accumulates onto. Python's sort is stable, so ties go to the lower index as in the
+    reference. Gates and coefficients are Python floats (float64), rounded once to the input dtype.
     """
     top_k, num_experts = spec.top_k, spec.num_experts
     token = x2[0]
@@ -156,8 +156,10 @@ def _one_token(x2, weight, bias, router_weight, router_bias, expert_a, expert_b,
     else:
         logits = torch.addmv(router_bias, router_weight, router_input)
     every = logits.tolist()
-    peak = max(every)
-    if peak != peak or peak == math.inf:  # NaN compares false, so max and sort mean nothing
+    peak, total = max(every), sum(every)
+    # A NaN or +inf anywhere shows in the sum (max and Python's sort misplace NaN), and without a
+    # finite logit there is nothing to subtract: the general path handles both as the reference.
+    if total != total or total == math.inf or peak == -math.inf:
         return None
     if top_k == num_experts:
         chosen = range(num_experts)
@@ -175,22 +177,21 @@ def _one_token(x2, weight, bias, router_weight, router_bias, expert_a, expert_b,
         total = sum(exps)
     else:
         total = sum(math.exp(v - peak) for v in every)
-    if total != total:  # any NaN left (the max cannot show every one): the general path
-        return None
     scale = spec.gamma / total
     responses = shrink.tolist()
     coefficients = array.array(_ARRAY_TYPECODES[x2.dtype], bytes(x2.element_size() * num_experts))
     for e, i in zip(exps, chosen):
         coefficients[i] = scale * e * responses[i]
     coefficients = torch.frombuffer(coefficients, dtype=x2.dtype)
-    if weight is None:
-        y = torch.mv(expert_b, coefficients)[None]
+    if bias is None:
+        y = torch.mv(expert_b, coefficients)
     else:
-        expanded = torch.mv(expert_b, coefficients) if bias is None else torch.addmv(bias, expert_b, coefficients)
-        y = F.linear(x2, weight, expanded)
+        y = torch.addmv(bias, expert_b, coefficients)
+    if weight is not None:
+        y = torch.addmv(y, weight, token)
     if not with_routing:
-        return y, None, None
-    return y, torch.tensor([list(chosen)]), x2.new_tensor([[e / total for e in exps]])
+        return y[None], None, None
+    return y[None], torch.tensor([list(chosen)]), x2.new_tensor([[e / total for e in exps]])
 
 
 def _decode_forward(x2, weight, bias, router_weight, router_bias, expert_a, expert_b, spec):

@@ -336,11 +336,12 @@ def test_one_token_ties_go_to_the_lower_index(num_experts):
 
 
 @pytest.mark.parametrize("special", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("where", [[0], [2, 6], [8]], ids=["first", "middle", "last"])
 @pytest.mark.parametrize("gate", GATES)
-def test_one_token_non_finite_logits_match_reference(special, gate):
+def test_one_token_non_finite_logits_match_reference(special, where, gate):
     """NaN and +inf take the general path; -inf logits are experts that can never win."""
     inputs = make_inputs(1, 12, 7, 9, seed=8)
-    inputs["router_bias"][[2, 6]] = special
+    inputs["router_bias"][where] = special
     with torch.no_grad():
         y = torch_ops.more_linear(*(inputs[n] for n in NAMES), 3, gate=gate)
     want = reference.more_linear(*(inputs[n] for n in NAMES), 3, gate=gate)
@@ -423,3 +424,11 @@ def test_layer_shortcut_sees_every_update(tokens):
         assert not torch.allclose(before, after)
     wide = copy.deepcopy(layer).to(torch.float64)
     torch.testing.assert_close(assert_layer_matches(wide, x.double()), outputs[-1].double(), rtol=1e-5, atol=1e-5)
+
+
+def test_one_token_with_no_finite_logit_matches_reference():
+    inputs = make_inputs(1, 12, 7, 9, seed=8)
+    inputs["router_bias"][:] = float("-inf")
+    with torch.no_grad():
+        y = torch_ops.more_linear(*(inputs[n] for n in NAMES), 3)
+    torch.testing.assert_close(y, reference.more_linear(*(inputs[n] for n in NAMES), 3), equal_nan=True)
