@@ -137,6 +137,17 @@ SUBCOMMANDS = {
         writes="RUN_DIR/expert_usage.json for every RUN_DIR",
         exit_codes="0 done; 2 not a SmartFed run folder or bad arguments (one line on stderr)",
     ),
+    "federation-keys": Subcommand(
+        module="smartfed.experiments.federation_keys",
+        summary="make the CA, SuperLink certificate and SuperNode key pairs of a TLS + authenticated Flower federation",
+        details="For docs/flower.md's setup: a private CA (ca.pem, ca.key), the SuperLink's certificate for the "
+                "addresses nodes dial (--host, default 127.0.0.1 and localhost) and one EC P-384 key pair per "
+                "SuperNode in OpenSSH format (flwr supernode register / --auth-supernode-private-key). Private keys "
+                "are mode 600; existing files are never overwritten without --force.",
+        example="smartfed federation-keys keys --nodes 2",
+        writes="DIR/ca.pem, ca.key, server.pem, server.key, supernode-<i>.key and supernode-<i>.pub",
+        exit_codes="0 written; 2 a file exists (nothing written; --force replaces them) or bad arguments",
+    ),
 }
 
 

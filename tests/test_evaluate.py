@@ -17,8 +17,6 @@ from smartfed.cli import main
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "configs" / "tiny.yaml"
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, cache_dir, one_torch_thread):

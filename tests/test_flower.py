@@ -5,20 +5,15 @@ against the in-process engine.
 - The strategy against a scripted grid: nodes mapped to clients by partition, bad nodes refused;
   missing, unreadable and failed replies dropped with their reasons, every byte counted.
 - Flower's simulation engine (2 virtual SuperNodes, 2 rounds) and a real deployment on loopback
-  (a SuperLink and two SuperNodes started here, each with its own FLWR_HOME and free ports,
-  driven by ``flwr run``) both end on exactly the routers (max difference 0.0) of
-  ``smartfed.experiments.runs.run_in_process`` with the same configuration and seeds: the same
-  ``SmartFedStrategy`` over another grid; clients that fail under the simulation engine are
-  dropped and the round fails as in-process.
+  (a SuperLink with TLS and SuperNode authentication and two registered SuperNodes, started by
+  ``smartfed.experiments.local_federation``, driven by ``flwr run``) both end on exactly the
+  routers (max difference 0.0) of ``smartfed.experiments.runs.run_in_process`` with the same
+  configuration and seeds: the same ``SmartFedStrategy`` over another grid; clients that fail
+  under the simulation engine are dropped and the round fails as in-process.
 """
 
 import json
-import os
 import re
-import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -27,13 +22,14 @@ import torch
 from flwr.app import ConfigRecord, Context, Error, Message, MessageType, Metadata, MetricRecord, RecordDict
 
 from smartfed.experiments import flower_apps
+from smartfed.experiments.federation_keys import make_federation_keys
+from smartfed.experiments.local_federation import LocalFederation
 from smartfed.federated import client, messages
 from smartfed.federated.protocol import ClientResult
 from smartfed.federated.strategy import ATTEMPT, CLIENT_EVALUATION_FILE, FINAL_STATE_FILE, RoundFailed
 
 REPO = Path(__file__).resolve().parents[1]
 APP_DIR = REPO / "flower_app"
-BIN = Path(sys.executable).parent
 ROUNDS = 2
 NUM_CLIENTS = 2
 
@@ -309,119 +305,21 @@ def _partitions(reference):
     return federated_data(config, task_layout(config)).partitions
 
 
-def _free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-class LoopbackFederation:
-    """A SuperLink and SuperNodes on 127.0.0.1, each in its own process group and FLWR_HOME."""
-
-    def __init__(self, root):
-        self.root = root
-        self.processes = []  # (name, Popen, log path); SuperLink first
-        self.port = _free_port()
-        self.cli_env = self.env("cli")
-        (Path(self.cli_env["FLWR_HOME"]) / "config.toml").write_text(
-            '[superlink]\ndefault = "loopback"\n\n'
-            f'[superlink.loopback]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n'
-        )
-
-    def start(self, num_nodes):
-        link = ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(self.port),
-                "--disable-runtime-dependency-installation", "--database", str(self.root / "superlink.db")]
-        self._start("superlink", link)
-        self._wait_for_superlink()
-        for index in range(num_nodes):
-            node = ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}",
-                    "--host", "127.0.0.1", "--port", str(_free_port()),
-                    "--node-config", f"partition-id={index} num-partitions={num_nodes}"]
-            self._start(f"supernode{index}", node)
-
-    def env(self, name):
-        home = self.root / f"flwr_home_{name}"
-        home.mkdir(exist_ok=True)
-        python_path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-        return dict(
-            os.environ, FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
-            PYTHONPATH=python_path, OMP_NUM_THREADS="1", PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        )
-
-    def _start(self, name, command):
-        log_path = self.root / f"{name}.log"
-        with open(log_path, "w") as log:
-            process = subprocess.Popen(
-                [str(BIN / command[0]), *command[1:]], env=self.env(name), stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        self.processes.append((name, process, log_path))
-
-    def _wait_for_superlink(self, timeout_s=60):
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
-            except OSError:
-                if time.monotonic() > deadline or self.processes[0][1].poll() is not None:
-                    raise RuntimeError(f"SuperLink not listening on port {self.port}:\n{self.logs()}")
-                time.sleep(0.2)
-
-    def flwr(self, *args, timeout_s=60):
-        return subprocess.run(
-            [str(BIN / "flwr"), *args], env=self.cli_env, capture_output=True, text=True, timeout=timeout_s,
-        )
-
-    def logs(self, tail=3000):
-        return "\n".join(f"--- {name}:\n{path.read_text()[-tail:]}" for name, _, path in self.processes)
-
-    def stop(self):
-        """SuperNodes first, then the SuperLink: each process group (a node or link and the app
-        processes it started) gets SIGTERM, SIGKILL after 15 s, then SIGKILL for any member that
-        outlived its leader."""
-        nodes = [process for name, process, _ in self.processes if name != "superlink"]
-        links = [process for name, process, _ in self.processes if name == "superlink"]
-        for group in (nodes, links):
-            for process in group:
-                _signal_group(process, signal.SIGTERM)
-            for process in group:
-                try:
-                    process.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    _signal_group(process, signal.SIGKILL)
-                    process.wait(timeout=15)
-                _signal_group(process, signal.SIGKILL)
-
-
-def _signal_group(process, signum):
-    try:
-        os.killpg(process.pid, signum)
-    except ProcessLookupError:
-        pass
-
-
 @pytest.fixture
 def loopback_federation(reference):
+    """A SuperLink with TLS and SuperNode authentication and two registered SuperNodes on
+    127.0.0.1 (docs/flower.md), each process with one torch thread."""
     root = reference["root"] / "deployment"
-    root.mkdir()
-    federation = LoopbackFederation(root)
-    try:
+    keys = make_federation_keys(root / "keys", NUM_CLIENTS)
+    with LocalFederation(root / "federation", keys, env={"OMP_NUM_THREADS": "1"}) as federation:
         federation.start(NUM_CLIENTS)
         yield federation
-    finally:
-        federation.stop()
 
 
 def test_deployment_on_loopback_matches_in_process(reference, loopback_federation):
     federation = loopback_federation
     output_dir = reference["root"] / "deployment_run"
     run_config = f"config='{reference['config_path']}' output-dir='{output_dir}' node-wait-s=60.0"
-    launched = federation.flwr("run", str(APP_DIR), "loopback", "--stream", "--run-config", run_config, timeout_s=300)
-    report = f"flwr run:\n{launched.stdout[-4000:]}\n{launched.stderr[-2000:]}\n{federation.logs()}"
-    run_id = re.search(r"Successfully started run (\d+)", launched.stdout)
-    assert run_id is not None, report
-    listed = federation.flwr("ls", "loopback", "--run-id", run_id.group(1), "--format", "json")
-    statuses = [run["status"] for run in json.loads(listed.stdout).get("runs", [])]
-    assert statuses == ["finished:completed"], f"flwr ls: {listed.stdout}\n{report}"
+    run_id, status, output = federation.run_app(APP_DIR, run_config, timeout_s=300)
+    assert status == "finished:completed", f"run {run_id}: {status}\n{output[-4000:]}\n{federation.logs()}"
     assert_same_run(output_dir, reference["outcome"])

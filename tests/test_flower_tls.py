@@ -8,14 +8,13 @@
   refuses one with an unregistered key and one with no key: each exits with Flower's exit code 305
   and the SuperLink's refusal in its log, and ``flwr supernode list`` shows only the registered
   nodes.
-- The SmartFed Flower app (flower_app/) runs 2 rounds on that federation to
-  ``finished:completed``.
+- The SmartFed Flower app runs over this same setup in tests/test_flower.py's loopback
+  deployment test, which also checks its routers against the in-process run.
 - ``--insecure`` only with ``insecure=True``, which warns.
 """
 
 import argparse
 import ipaddress
-import json
 import stat
 from pathlib import Path
 
@@ -25,10 +24,7 @@ from smartfed.experiments import federation_keys
 from smartfed.experiments.federation_keys import make_federation_keys
 from smartfed.experiments.local_federation import INSECURE_WARNING, LocalFederation
 
-REPO = Path(__file__).resolve().parents[1]
-APP_DIR = REPO / "flower_app"
 NUM_NODES = 2
-ROUNDS = 2
 
 
 def _mode(path):
@@ -138,26 +134,3 @@ def test_superlink_serves_tls_and_connects_only_registered_nodes(federation):
     nodes = federation.nodes()
     assert {node["node-id"] for node in nodes} == registered
     assert all(node["status"] == "online" for node in nodes)
-
-
-def test_smartfed_app_completes_over_tls_and_authentication(federation):
-    import yaml
-
-    from smartfed.config import config_to_dict, load_config, with_overrides
-
-    root = federation.root.parent
-    config = with_overrides(
-        load_config(REPO / "configs" / "tiny.yaml"),
-        task={"train_examples": 192, "eval_examples": 48},
-        pool={"cache_dir": str(root / "pools"), "train_steps": 10},
-        federation={"num_clients": NUM_NODES, "rounds": ROUNDS, "local_steps": 3, "min_examples_per_client": 8},
-    )
-    config_path = root / "run.yaml"
-    config_path.write_text(yaml.safe_dump(config_to_dict(config)))
-    output_dir = root / "run"
-    run_config = f"config='{config_path}' output-dir='{output_dir}' node-wait-s=60.0"
-    run_id, status, output = federation.run_app(APP_DIR, run_config, timeout_s=400)
-    assert status == "finished:completed", f"run {run_id}: {status}\n{output[-4000:]}\n{federation.logs()}"
-    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in records] == list(range(1, ROUNDS + 1))
-    assert all(r["status"] == "completed" and r["clients_used"] == list(range(NUM_NODES)) for r in records)
