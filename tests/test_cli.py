@@ -231,3 +231,19 @@ def test_sweep_plans_check_every_run_folder_and_continue_interrupted_runs(tmp_pa
     assert (done, changes) == (2, {})
     with pytest.raises(ConfigError, match=r"config.json: seed: is 1 now but 0 in the run already there"):
         plan_runs(data, output, overrides=["seed=1"], source="run.yaml")
+
+
+def test_sweep_refuses_to_start_a_fresh_run_in_a_folder_of_user_files(tmp_path):
+    from smartfed.experiments.sweep import plan_runs
+    from smartfed.federated.run_dir import RunDirError
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    data = {"model": {"tiny": None, "pretrained": str(model)}, "task": {"name": "skills_target"}}
+    output = tmp_path / "runs"
+    output.mkdir()
+    (output / "notes.txt").write_text("mine")
+    with pytest.raises(RunDirError, match="notes.txt"):
+        plan_runs(data, output, source="run.yaml")
+    assert (output / "notes.txt").read_text() == "mine"

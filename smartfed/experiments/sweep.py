@@ -148,7 +148,8 @@ def plan_runs(data, output_root, *, overrides=(), seeds=None, tasks=None, method
             raise error.located(source=where) from None
         folder = Path(output_root) / relative
         done = completed_round(folder)
-        changes = check_output(folder, config, resume=True) if done is not None else {}
+        # A fresh run may not start in a folder holding a user's files or another config's run.
+        changes = check_output(folder, config, resume=done is not None)
         plan.append((relative, config, done, changes))
     return plan
 
