@@ -57,6 +57,9 @@ RESUME_LOG = "resumes.jsonl"
 RESUMABLE_CHANGES = (
     "federation.rounds", "federation.max_retries", "federation.client_timeout_s", "faults", "pool.cache_dir", "label",
 )
+# Keys added after runs were recorded: at these values they stay out of the fingerprint, so the
+# checkpoints and final states of those runs still match their config.json.
+LATER_DEFAULTS = {"task.validation_fraction": 0}
 
 
 class ConfigError(ValueError):
@@ -220,7 +223,9 @@ class TaskSection(Section):
     sequences of ``seq_len`` content tokens whose label is shown by ``signals_per_example``
     signal tokens (the fields below). Any other ``name`` is a text task of smartfed.tasks
     (``bbc_news``, ``skills_target``) built with ``options`` as its keyword arguments and the
-    tokenizer of ``model.pretrained``; the synthetic fields are then unused."""
+    tokenizer of ``model.pretrained``; the synthetic fields are then unused.
+    ``validation_fraction`` of the training examples (any task) are held out, before the client
+    partition, as a validation split for choosing settings; the test split is never touched."""
 
     name: NonEmptyStr = SYNTHETIC_TASK
     options: dict[str, Any] = Field(default_factory=dict)
@@ -230,6 +235,13 @@ class TaskSection(Section):
     signals_per_example: PositiveInt = 3
     train_examples: PositiveInt = 512
     eval_examples: PositiveInt = 128
+    validation_fraction: _number(ge=0, lt=0.5) = 0.0
+
+    def validation_size(self, train_examples) -> int:
+        """How many of ``train_examples`` training examples the validation split holds."""
+        if self.validation_fraction == 0:
+            return 0
+        return max(1, round(self.validation_fraction * train_examples))
 
     @model_validator(mode="after")
     def _signals_fit(self):
@@ -433,9 +445,11 @@ class RunConfig(Section):
             raise ConfigError(f"task.name {self.task.name!r} is a text task: model.pretrained must name a folder "
                               "with a tokenizer", key="model.pretrained")
         needed = self.federation.min_examples_per_client * self.federation.num_clients
-        if needed > self.task.train_examples:
+        held_out = self.task.validation_size(self.task.train_examples)
+        if needed > self.task.train_examples - held_out:
+            left = f" less the {held_out} of task.validation_fraction" if held_out else ""
             raise ConfigError(f"times federation.num_clients is {needed}, more than task.train_examples "
-                              f"({self.task.train_examples})", key="federation.min_examples_per_client")
+                              f"({self.task.train_examples}){left}", key="federation.min_examples_per_client")
         return self
 
 
@@ -809,9 +823,17 @@ def _drop(data, dotted_keys):
     return data
 
 
+def _value_at(data, dotted):
+    for part in dotted.split("."):
+        data = data.get(part, {})
+    return data
+
+
 def config_fingerprint(config: RunConfig, *, ignore=RESUMABLE_CHANGES) -> str:
     """Hash of the configuration minus the keys of ``ignore`` (what may change across a resume)."""
-    data = _drop(config_to_dict(config), ignore)
+    data = config_to_dict(config)
+    at_default = tuple(key for key, value in LATER_DEFAULTS.items() if _value_at(data, key) == value)
+    data = _drop(data, tuple(ignore) + at_default)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

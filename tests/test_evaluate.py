@@ -131,4 +131,5 @@ def test_refuses_a_state_that_does_not_match_the_rebuilt_model(run_copy, capsys,
 
 def test_refuses_a_validation_split_the_task_does_not_have(finished_run, capsys):
     assert one_line_error(capsys, finished_run, "--split", "validation") == (
-        "smartfed evaluate: --split: task 'synthetic' has no validation split to score")
+        "smartfed evaluate: --split: task 'synthetic' has no validation split to score (the run's "
+        "task.validation_fraction is 0)")

@@ -73,7 +73,9 @@ def base_vocab_size(model_config):
 
 def _pool_key(config):
     pool = {k: v for k, v in vars(config.pool).items() if k not in ("cache_dir", "paths")}
-    key = {"model": vars(config.model), "seed": config.seed, "task": vars(config.task), "pool": pool}
+    # The pool never sees the target's training examples, so holding some out does not change it.
+    task = {k: v for k, v in vars(config.task).items() if k != "validation_fraction"}
+    key = {"model": vars(config.model), "seed": config.seed, "task": task, "pool": pool}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 

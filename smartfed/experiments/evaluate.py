@@ -62,6 +62,13 @@ def read_run_config(run_dir, overrides):
                               f"{', '.join(EVALUATION_CHANGES)}", key=key, source=f"--set {assignment}")
     run_config = config_from_dict(saved, source=path)
     config = config_from_dict(config_to_dict(run_config), overrides)
+    # Which training examples were held out is part of what the state was trained on.
+    if config.task.validation_fraction != run_config.task.validation_fraction:
+        key = "task.validation_fraction"
+        source = next((f"--set {a}" for a in reversed(overrides)
+                       if (key + ".").startswith(str(a).partition("=")[0].strip() + ".")), "--set")
+        raise ConfigError(f"the final state was trained with {run_config.task.validation_fraction!r} (it chose "
+                          "the training examples held out); evaluate cannot change it", key=key, source=source)
     # The tiny pool's cache key covers the task section, so the model never takes the new task.
     return with_overrides(run_config, pool={"cache_dir": config.pool.cache_dir}), config
 
@@ -164,9 +171,10 @@ def evaluate_run(run_dir, overrides=(), *, split="test", device="cpu", progress=
     trainer, _ = build_trainer(model_config, device=device, progress=progress, layout=layout)
     check_pool(final, trainer.pool_fingerprint)
     data = federated_data(config, layout)
-    examples = data.evaluation if split == "test" else getattr(data, "validation", None)
+    examples = data.evaluation if split == "test" else data.validation
     if examples is None:
-        raise ConfigError(f"task {config.task.name!r} has no validation split to score", key="--split")
+        raise ConfigError(f"task {config.task.name!r} has no validation split to score (the run's "
+                          "task.validation_fraction is 0)", key="--split")
     scores = trainer.evaluate(final["state"], final["quotas"], examples, batch_size=config.federation.eval_batch_size)
     return {
         "run_dir": str(run_dir), "split": split, "overrides": list(overrides), "config": config_to_dict(config),

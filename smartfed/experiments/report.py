@@ -177,8 +177,12 @@ def _megabytes(value):
 
 
 def markdown_report(runs, plots):
+    # Only runs with a validation split log val_accuracy; reports of the others keep their columns.
+    with_validation = any("val_accuracy" in run.records[-1] for run in runs)
     run_rows = [
         [run.path.name, run.task, run.method, run.seed, run.rounds[-1], f"{run.accuracy[-1]:.3f}",
+         *([f"{run.records[-1]['val_accuracy']:.3f}" if "val_accuracy" in run.records[-1] else "-"]
+           if with_validation else []),
          f"{max(run.accuracy):.3f}", _megabytes(run.records[-1]["total_bytes_up"]),
          _megabytes(run.cumulative_bytes[-1]), f"{sum(r.get('wall_s', 0.0) for r in run.records):.0f}"]
         for run in sorted(runs, key=lambda r: (r.task, r.method, r.seed))
@@ -210,7 +214,8 @@ def markdown_report(runs, plots):
         "Accuracy is on each task's fixed evaluation split after the round's aggregation; bytes are the "
         "serialized payloads (MB = 1e6 bytes), up + down unless marked.", "",
         "## Runs", "",
-        _table(["run", "task", "method", "seed", "rounds", "final acc", "best acc", "MB up", "MB up+down", "wall s"],
+        _table(["run", "task", "method", "seed", "rounds", "final acc",
+                *(["final val acc"] if with_validation else []), "best acc", "MB up", "MB up+down", "wall s"],
                run_rows),
         "", "## Mean over seeds", "",
         "Round reached: the first round at or above FedIT's final accuracy of the same task and seed, "

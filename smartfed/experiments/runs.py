@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from smartfed.config import CONFIG_FILE, SYNTHETIC_TASK, config_fingerprint, config_to_dict
 from smartfed.experiments.assets import build_base_model, build_tiny_pool, task_layout
 from smartfed.experiments.methods import build_method
@@ -18,7 +20,7 @@ from smartfed.federated.client import FederatedClient
 from smartfed.federated.data import Examples, FederatedData, split_clients
 from smartfed.federated.grid import InProcessGrid
 from smartfed.federated.run_dir import fsync_write
-from smartfed.federated.seeding import STREAM_EVAL_DATA, STREAM_TRAIN_DATA, derived_seed
+from smartfed.federated.seeding import STREAM_EVAL_DATA, STREAM_TRAIN_DATA, STREAM_VALIDATION, derived_seed
 from smartfed.federated.strategy import SmartFedStrategy
 from smartfed.federated.trainer import ClientTrainer
 from smartfed.tasks.synthetic import TARGET_TASK, generate_examples
@@ -43,7 +45,8 @@ def build_trainer(config, *, device="cpu", progress=False, layout=None):
 
 def federated_data(config, layout) -> FederatedData:
     """The target task's training examples split across ``config.federation.num_clients``
-    clients and its held-out evaluation examples; deterministic by ``config.seed``."""
+    clients and its held-out evaluation examples; deterministic by ``config.seed``. With
+    ``task.validation_fraction`` the validation split is held out of the training examples first."""
     if config.task.name != SYNTHETIC_TASK:
         train = Examples(layout.train_input_ids, layout.train_labels)
         evaluation = Examples(layout.eval_input_ids, layout.eval_labels)
@@ -56,7 +59,21 @@ def federated_data(config, layout) -> FederatedData:
         evaluation = Examples(*generate_examples(
             layout, TARGET_TASK, task.eval_examples, seed=derived_seed(config.seed, STREAM_EVAL_DATA), **options
         ))
-    return split_clients(train, evaluation, config.federation, seed=config.seed)
+    validation = None
+    size = config.task.validation_size(len(train))
+    if size:
+        train, validation = hold_out(train, size, seed=derived_seed(config.seed, STREAM_VALIDATION))
+    return split_clients(train, evaluation, config.federation, seed=config.seed, validation=validation)
+
+
+def hold_out(examples, size, *, seed):
+    """(the examples left, in their order; ``size`` held-out examples, stratified by label: each
+    label's count within one of its proportional share), chosen by ``seed``."""
+    order = np.random.default_rng(seed).permutation(len(examples))
+    order = order[np.argsort(examples.labels.numpy()[order], kind="stable")]
+    # Evenly spaced positions through the label-sorted order take every label in proportion.
+    picks = np.sort(order[((np.arange(size) + 0.5) * len(examples) / size).astype(np.int64)])
+    return examples.subset(np.setdiff1d(np.arange(len(examples)), picks)), examples.subset(picks)
 
 
 @dataclass
@@ -101,7 +118,7 @@ def open_run(config, output_dir, *, resume=False, progress=True, trainer=None, d
     strategy = SmartFedStrategy(
         config, trainer, data.evaluation, output_dir, fingerprint=config_fingerprint(config), partitions=data.clients,
         setup_json=json.dumps(config_dict), resume=resume, timeout=timeout, aggregate=aggregate,
-        client_evaluation=client_evaluation, progress=progress,
+        client_evaluation=client_evaluation, progress=progress, validation=data.validation,
     )
     if not resume:
         fsync_write(Path(output_dir) / CONFIG_FILE, json.dumps(config_dict, indent=1))

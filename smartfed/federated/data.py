@@ -56,13 +56,16 @@ class FederatedData:
     clients: list  # Examples per client id
     evaluation: Examples  # held-out examples of the target task for the global model
     partitions: list  # indices into the training examples, per client
+    validation: Examples = None  # held out of the training examples before the split; None: none
 
 
-def split_clients(train: Examples, evaluation: Examples, federation, *, seed) -> FederatedData:
+def split_clients(train: Examples, evaluation: Examples, federation, *, seed, validation=None) -> FederatedData:
     """``train`` split across ``federation.num_clients`` clients by label (``federation.partition``:
-    Dirichlet(``alpha``) or IID, at least ``min_examples_per_client`` each), deterministic by ``seed``."""
+    Dirichlet(``alpha``) or IID, at least ``min_examples_per_client`` each), deterministic by ``seed``;
+    ``validation`` is passed through for the server."""
     parts = partition_labels(
         train.labels.numpy(), federation.num_clients, method=federation.partition, alpha=federation.alpha,
         seed=derived_seed(seed, STREAM_PARTITION), min_per_client=federation.min_examples_per_client,
     )
-    return FederatedData(clients=[train.subset(part) for part in parts], evaluation=evaluation, partitions=parts)
+    return FederatedData(clients=[train.subset(part) for part in parts], evaluation=evaluation, partitions=parts,
+                         validation=validation)

@@ -123,7 +123,9 @@ class SmartFedStrategy(Strategy):
     """SmartFed's server for the run ``config`` in ``output_dir``.
 
     ``trainer`` (a ``ClientTrainer``) gives the method, its initial state and the pool; the
-    server evaluates the global state with it on ``evaluation`` (held-out examples).
+    server evaluates the global state with it on ``evaluation`` (held-out examples) and, when
+    given, on ``validation`` (held out of the training examples), logged as ``val_loss`` /
+    ``val_accuracy``.
     ``fingerprint`` identifies the configuration as far as a completed round depends on it
     (checked on ``resume``); ``setup_json`` is the run configuration sent to every client at
     setup; ``timeout`` bounds each wait for replies. ``partitions`` (Examples per client id,
@@ -136,10 +138,12 @@ class SmartFedStrategy(Strategy):
     """
 
     def __init__(self, config, trainer, evaluation, output_dir, *, fingerprint, partitions, setup_json="{}",
-                 resume=False, timeout=3600.0, aggregate=None, client_evaluation=False, progress=False):
+                 resume=False, timeout=3600.0, aggregate=None, client_evaluation=False, progress=False,
+                 validation=None):
         self.config = config
         self.trainer = trainer
         self.evaluation = evaluation
+        self.validation = validation
         self.output_dir = Path(output_dir)
         self.fingerprint = fingerprint
         self.setup_json = setup_json
@@ -559,11 +563,17 @@ class SmartFedStrategy(Strategy):
         evaluation = self.trainer.evaluate(
             self.state.global_state, self.state.quotas, self.evaluation, batch_size=cfg.federation.eval_batch_size
         )
+        validation = {}
+        if self.validation is not None:
+            scores = self.trainer.evaluate(
+                self.state.global_state, self.state.quotas, self.validation, batch_size=cfg.federation.eval_batch_size
+            )
+            validation = {"val_loss": scores["loss"], "val_accuracy": scores["accuracy"]}
         valid = progress.valid
         ordered = sorted(valid)
         record = {
             "round": round_index, "status": "completed", "method": cfg.method,
-            "loss": evaluation["loss"], "accuracy": evaluation["accuracy"],
+            "loss": evaluation["loss"], "accuracy": evaluation["accuracy"], **validation,
             "train_loss": progress.train_loss,
             **progress.accounting.as_dict(),
             "peak_memory_source": valid[ordered[0]].metrics["peak_memory_source"],
