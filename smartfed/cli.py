@@ -36,14 +36,16 @@ SUBCOMMANDS = {
     "bench": Subcommand(
         module="smartfed.benchmarking.command",
         summary="check every MoRE provider against the reference, then time them",
-        details="Each provider (PyTorch, Triton, peft LoRA, nn.Linear) is compared with the float64 reference "
+        details="Each provider (nn.Linear, peft LoRA, the MoRE reference, the fast PyTorch path, the MoRELinear "
+                "module, a plain dense-masked MoRE and, on CUDA, Triton) is compared with the float64 reference "
                 "on every shape first; a disagreement prints FAIL and stops before timing.",
         example="smartfed bench --quick\n  smartfed bench --shapes smollm2:T4096:N32:k4 --mode fwd full\n"
                 "  smartfed bench --gpu-check",
         writes="benchmarks/results/<device>-<date>.json, .md and .png (or --output); with --gpu-check "
                "benchmarks/results/gpu_check-<device>.json, .md and .png",
         exit_codes="0 every provider agrees with the reference; 1 one disagrees (or, with --gpu-check, a CUDA "
-                   "test fails); 2 bad arguments",
+                   "test fails); 2 bad arguments, --device cuda or --gpu-check without a CUDA device, or --gpu-check with "
+                   "TRITON_INTERPRET=1",
     ),
     "inspect": Subcommand(
         forward_to="smartfed_kernels.inspect",
@@ -117,15 +119,17 @@ SUBCOMMANDS = {
         module="smartfed.experiments.evaluate",
         summary="score a finished run's final state on its task config, or on a variant given by --set",
         details="Rebuilds the run's model from its config.json and loads final_state.safetensors (or the checkpoint "
-                "of the last round when that is all the folder kept). --set may change only the evaluation: task.*, "
-                "federation.eval_batch_size, pool.cache_dir, label. Refuses a state whose method, config "
+                "of the last round when that is all the folder kept). --set may change only the evaluation: task.* "
+                "(except task.validation_fraction, which fixes the training examples), federation.eval_batch_size, "
+                "pool.cache_dir, label. Refuses a state whose method, config "
                 "fingerprint or pool fingerprint differ from the rebuilt model's.",
         example="smartfed evaluate runs/paper_small/bbc_news/smartfed/seed0 --set task.options.split_seed=3 "
                 "--output split3.json",
         writes="RUN_DIR/evaluation.json (or --output): the config used, the state file and its sha256, accuracy, "
                "loss, examples, seconds; one line on stdout",
         exit_codes="0 done; 2 missing run folder, no final state, a state that does not match the rebuilt model, "
-                   "a --set outside the evaluation settings or bad arguments (one line on stderr)",
+                   "a --set outside the evaluation settings, --split validation on a run without a validation "
+                   "split or bad arguments (one line on stderr)",
     ),
     "expert-usage": Subcommand(
         module="smartfed.experiments.expert_usage",

@@ -772,7 +772,7 @@ def apply_overrides(data, overrides) -> dict:
     return data
 
 
-def _blamed(error, overrides):
+def blame_override(error, overrides):
     """``error`` attributed to the (last) ``--set`` that wrote its key, if one did."""
     for assignment in reversed(tuple(overrides)):
         key = str(assignment).partition("=")[0].strip()
@@ -787,7 +787,7 @@ def config_from_dict(data, overrides=(), *, source=None) -> RunConfig:
     try:
         return validate(RunConfig, apply_overrides(data, overrides))
     except ConfigError as error:
-        raise _blamed(error, overrides or ()).located(source=source) from None
+        raise blame_override(error, overrides or ()).located(source=source) from None
 
 
 def load_config(path, overrides=()) -> RunConfig:

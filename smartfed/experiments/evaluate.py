@@ -24,8 +24,8 @@ def configure_parser(parser):
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a finished run folder (config.json and its final state)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="change one evaluation setting of the run's config, e.g. --set task.options.split_seed=3 "
-                             f"or --set task.eval_examples=256; only keys under {', '.join(EVALUATION_CHANGES)}; "
-                             "repeatable")
+                             f"or --set task.eval_examples=256; only keys under {', '.join(EVALUATION_CHANGES)} "
+                             "(not task.validation_fraction); repeatable")
     parser.add_argument("--split", choices=("test", "validation"), default="test",
                         help="which held-out examples to score (default: test)")
     parser.add_argument("--output", default=None, metavar="FILE",
@@ -43,7 +43,7 @@ def read_run_config(run_dir, overrides):
     """(the config the model is rebuilt from: the run's, with the pool cache of ``overrides``; the
     config to evaluate with); a ConfigError for a missing run folder or a ``--set`` outside
     ``EVALUATION_CHANGES``."""
-    from smartfed.config import CONFIG_FILE, ConfigError, config_from_dict, config_to_dict, with_overrides
+    from smartfed.config import CONFIG_FILE, ConfigError, blame_override, config_from_dict, config_to_dict, with_overrides
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -64,11 +64,10 @@ def read_run_config(run_dir, overrides):
     config = config_from_dict(config_to_dict(run_config), overrides)
     # Which training examples were held out is part of what the state was trained on.
     if config.task.validation_fraction != run_config.task.validation_fraction:
-        key = "task.validation_fraction"
-        source = next((f"--set {a}" for a in reversed(overrides)
-                       if (key + ".").startswith(str(a).partition("=")[0].strip() + ".")), "--set")
-        raise ConfigError(f"the final state was trained with {run_config.task.validation_fraction!r} (it chose "
-                          "the training examples held out); evaluate cannot change it", key=key, source=source)
+        # Only a --set of task or task.validation_fraction can change it: blame_override names that one.
+        raise blame_override(ConfigError(f"the final state was trained with {run_config.task.validation_fraction!r} (it "
+                                  "chose the training examples held out); evaluate cannot change it",
+                                  key="task.validation_fraction"), overrides)
     # The tiny pool's cache key covers the task section, so the model never takes the new task.
     return with_overrides(run_config, pool={"cache_dir": config.pool.cache_dir}), config
 

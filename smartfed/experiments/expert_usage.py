@@ -3,7 +3,7 @@ selections and of gate mass over every token of some prompts, counted by observe
 layers (``origins`` name each expert's adapter).
 
 ``smartfed expert-usage RUN_DIR...`` rebuilds each SmartFed run's final model
-from its checkpoint (``config.json``, ``text_task.json``, ``checkpoint/``) and writes
+from its checkpoint (``config.json``, ``checkpoint/``) and writes
 ``RUN_DIR/expert_usage.json`` for the run's evaluation prompts; ``smartfed report`` tabulates it.
 """
 
@@ -63,11 +63,9 @@ def expert_usage_by_adapter(model, input_ids, *, batch_size=50):
 
 def usage_of_run(run_dir):
     """Expert usage of a finished SmartFed run's final routers on its evaluation prompts."""
-    from smartfed.config import CONFIG_FILE, ConfigError, RunConfig, validate
+    from smartfed.config import CONFIG_FILE, SYNTHETIC_TASK, ConfigError, RunConfig, validate
     from smartfed.experiments.runs import build_trainer
     from smartfed.federated.checkpoint import load_checkpoint
-    from smartfed.tasks import load_task
-    from smartfed.tasks.models import load_tokenizer
 
     run_dir = Path(run_dir)
     path = run_dir / CONFIG_FILE
@@ -76,9 +74,9 @@ def usage_of_run(run_dir):
     config = validate(RunConfig, json.loads(path.read_text()), source=path)
     if config.method != "smartfed":
         raise ConfigError(f"is {config.method!r}; expert usage needs a smartfed run", key="method", source=path)
-    summary = json.loads((run_dir / "text_task.json").read_text())
-    task = load_task(summary["name"], load_tokenizer(config.model.pretrained), **summary["options"])
-    trainer, _ = build_trainer(config)
+    if config.task.name == SYNTHETIC_TASK:
+        raise ConfigError("is the synthetic task; expert usage needs a text task run", key="task.name", source=path)
+    trainer, task = build_trainer(config)  # task: the run's text task, as text_task.json records it
     checkpoint = load_checkpoint(run_dir)
     trainer.method.load_trainable_state(trainer.model, checkpoint.global_state)
     trainer.method.apply_quotas(trainer.model, checkpoint.quotas)
