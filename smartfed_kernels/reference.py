@@ -25,12 +25,13 @@ def select_top_k(logits: torch.Tensor, top_k: int) -> torch.Tensor:
     return order[:, :top_k]
 
 
-def routing_order(indices: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-    """Positions [T, k] that put a row's experts in the documented order: largest gate first,
+def routing_order(indices: torch.Tensor, gates: torch.Tensor):
+    """Indices and gates [T, k] with a row's experts in the documented order: largest gate first,
     equal gates by lower index (distinct logits can give equal gates, e.g. two that underflow to 0)."""
     by_index = indices.sort(dim=-1).indices
     by_gate = torch.sort(gates.detach().gather(1, by_index), dim=-1, descending=True, stable=True).indices
-    return by_index.gather(1, by_gate)
+    order = by_index.gather(1, by_gate)
+    return indices.gather(1, order), gates.gather(1, order)
 
 
 def more_linear(
@@ -104,6 +105,5 @@ def more_linear_checked(x, weight, bias, router_weight, router_bias, expert_a, e
     out = out.to(x.dtype).reshape(*lead_shape, spec.d_out)
     if not return_routing:
         return out
-    order = routing_order(indices, gates)
-    indices, gates = indices.gather(1, order), gates.gather(1, order)
+    indices, gates = routing_order(indices, gates)
     return out, indices.reshape(*lead_shape, top_k), gates.reshape(*lead_shape, top_k)

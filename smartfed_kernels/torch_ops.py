@@ -42,7 +42,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from smartfed_kernels import reference
+from smartfed_kernels.reference import routing_order
 from smartfed_kernels.validation import check_more_inputs
 
 
@@ -69,12 +69,6 @@ def select_top_k(logits: torch.Tensor, top_k: int):
         indices[tied_rows] = order[:, :top_k]
         values[tied_rows] = logits[tied_rows].gather(1, indices[tied_rows])
     return values, indices
-
-
-def routing_order(indices: torch.Tensor, gates: torch.Tensor):
-    """Indices and gates [T, k] in the documented order: largest gate first, ties to lower index."""
-    order = reference.routing_order(indices, gates)
-    return indices.gather(1, order), gates.gather(1, order)
 
 
 def _routing_product(x2, router_weight, router_bias, expert_a, spec):
@@ -376,7 +370,7 @@ def more_linear_checked(x, weight, bias, router_weight, router_bias, expert_a, e
     if needs_autograd(args):
         y, indices, gates = MoRELinearFunction.apply(*args, spec)
     else:
-        y, indices, gates = more_inference(*args, spec)
+        y, indices, gates = more_inference(*args, spec, with_routing=return_routing)
     if y.dtype != x.dtype:
         y = y.to(x.dtype)
     if x.dim() != 2:

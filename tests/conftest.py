@@ -24,18 +24,9 @@ import warnings
 
 import pytest
 import torch
+from tiny_models import TINY_LLAMA
 
 INTERPRETER_PROCESS = os.environ.get("TRITON_INTERPRET") == "1"
-
-TINY_LLAMA = {
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": 100,
-    "max_position_embeddings": 64,
-}
 
 
 def build_tiny_llama(seed=0, **overrides):

@@ -16,23 +16,16 @@ import torch
 from torch import nn
 
 from smartfed import AdapterError, LoRAPool, MoREConfig, MoRELinear, inject_more, more_layers
+from smartfed_kernels.testing import relative_error
+from tiny_models import TINY_LLAMA
 
-DECODER = {
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": 100,
-    "max_position_embeddings": 64,
-}
 DECODER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 GPT2 = {"n_embd": 32, "n_layer": 2, "n_head": 4, "vocab_size": 100, "n_positions": 64}
 # family -> (transformers config class, model class, config, LoRA targets, number of adapted modules)
 FAMILIES = {
-    "llama": ("LlamaConfig", "LlamaForCausalLM", DECODER, DECODER_TARGETS, 14),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", DECODER, DECODER_TARGETS, 14),
-    "mistral": ("MistralConfig", "MistralForCausalLM", DECODER, DECODER_TARGETS, 14),
+    "llama": ("LlamaConfig", "LlamaForCausalLM", TINY_LLAMA, DECODER_TARGETS, 14),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", TINY_LLAMA, DECODER_TARGETS, 14),
+    "mistral": ("MistralConfig", "MistralForCausalLM", TINY_LLAMA, DECODER_TARGETS, 14),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", GPT2, ("c_attn", "c_proj", "c_fc"), 8),
 }
 RANK = 4
@@ -79,32 +72,23 @@ def logits(model, token_ids):
         return model(input_ids=token_ids).logits
 
 
-def relative_error(got, expected):
-    return ((got - expected).abs().max() / expected.abs().max()).item()
-
-
 def more_model(family, folder, **options):
     config = MoREConfig(top_k=RANK, router_init="zeros", **options)
     return inject_more(build(family), LoRAPool.from_pretrained(folder), config)
 
 
-@pytest.fixture
-def token_ids():
-    return torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(1234))
-
-
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_single_adapter_pool_reproduces_peft(family, tmp_path, token_ids, one_torch_thread):
+def test_single_adapter_pool_reproduces_peft(family, tmp_path, random_token_ids, one_torch_thread):
     folder = save_adapter(tmp_path / family, family)
-    expected = logits(peft_model(family, folder), token_ids)
-    assert relative_error(logits(build(family), token_ids), expected) > 0.1
+    expected = logits(peft_model(family, folder), random_token_ids)
+    assert relative_error(logits(build(family), random_token_ids), expected) > 0.1
 
     model = more_model(family, folder)
     assert len(more_layers(model)) == FAMILIES[family][4]
-    assert relative_error(logits(model, token_ids), expected) <= 1e-5
+    assert relative_error(logits(model, random_token_ids), expected) <= 1e-5
 
 
-def test_gpt2_conv1d_layers_are_replaced_in_linear_orientation(tmp_path, token_ids, one_torch_thread):
+def test_gpt2_conv1d_layers_are_replaced_in_linear_orientation(tmp_path, random_token_ids, one_torch_thread):
     from transformers.pytorch_utils import Conv1D
 
     folder = save_adapter(tmp_path / "gpt2", "gpt2", target_modules=("c_attn",))
@@ -120,7 +104,8 @@ def test_gpt2_conv1d_layers_are_replaced_in_linear_orientation(tmp_path, token_i
     assert layer.base_weight_out_in().shape == (96, 32)
     assert layer.base_weight_out_in().data_ptr() == layer.base.weight.data_ptr()
     assert isinstance(model.transformer.h[0].attn.c_proj, Conv1D)
-    assert relative_error(logits(model, token_ids), logits(peft_model("gpt2", folder), token_ids)) <= 1e-5
+    expected = logits(peft_model("gpt2", folder), random_token_ids)
+    assert relative_error(logits(model, random_token_ids), expected) <= 1e-5
 
 
 def test_conv1d_base_matches_linear_base_in_output_and_router_gradients():
@@ -153,20 +138,20 @@ def test_conv1d_base_matches_linear_base_in_output_and_router_gradients():
         MoRELinear(nn.Conv2d(16, 24, 1), expert_a, expert_b, 3)
 
 
-def test_peft_model_is_refused_with_what_to_pass(tmp_path, token_ids, one_torch_thread):
+def test_peft_model_is_refused_with_what_to_pass(tmp_path, random_token_ids, one_torch_thread):
     from peft import LoraConfig, inject_adapter_in_model
 
     folder = save_adapter(tmp_path / "llama", "llama", target_modules=("q_proj", "v_proj"))
     pool = LoRAPool.from_pretrained(folder)
     wrapped = peft_model("llama", folder)
-    expected = logits(wrapped, token_ids)
+    expected = logits(wrapped, random_token_ids)
     with pytest.raises(TypeError, match=re.escape("model: is a peft PeftModel; expected the plain base model")
                        + r".*pass peft_model\.unload\(\) \(after unmerge_adapter\(\) if merged\)"):
         inject_more(wrapped, pool, MoREConfig(top_k=RANK))
     assert not more_layers(wrapped)
 
     model = inject_more(wrapped.unload(), pool, MoREConfig(top_k=RANK, router_init="zeros"))
-    assert relative_error(logits(model, token_ids), expected) <= 1e-5
+    assert relative_error(logits(model, random_token_ids), expected) <= 1e-5
 
     injected = inject_adapter_in_model(LoraConfig(r=2, target_modules=["k_proj"]), build("llama"))
     found = "model: holds peft adapter layers ('model.layers.0.self_attn.k_proj': peft.tuners.lora.layer.Linear)"
@@ -280,10 +265,11 @@ def variant_options(name):
 
 
 @pytest.mark.parametrize("variant", ["velora", "monteclora", "mica", "gaussian_excluding"])
-def test_variants_with_the_plain_lora_forward_are_accepted(variant, tmp_path, token_ids, one_torch_thread):
+def test_variants_with_the_plain_lora_forward_are_accepted(variant, tmp_path, random_token_ids, one_torch_thread):
     folder = save_adapter(tmp_path / variant, "llama", target_modules=("q_proj", "v_proj"), **variant_options(variant))
     pool = LoRAPool.from_pretrained(folder)
     assert len(pool.modules) == (3 if variant == "gaussian_excluding" else 4)
     assert all(experts.num_experts == RANK for experts in pool.modules.values())
     model = more_model("llama", folder)
-    assert relative_error(logits(model, token_ids), logits(peft_model("llama", folder), token_ids)) <= 1e-5
+    expected = logits(peft_model("llama", folder), random_token_ids)
+    assert relative_error(logits(model, random_token_ids), expected) <= 1e-5

@@ -177,8 +177,9 @@ def run(args) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("smartfed bench: --device cuda, but torch sees no CUDA device", file=sys.stderr)
         return 2
-    if args.gpu_check and gpu_check.unusable_reason(torch):
-        print(f"smartfed bench: {gpu_check.unusable_reason(torch)}", file=sys.stderr)
+    unusable = args.gpu_check and gpu_check.unusable_reason(torch)
+    if unusable:
+        print(f"smartfed bench: {unusable}", file=sys.stderr)
         return 2
     if args.gpu_check and args.device == "cpu":
         print("smartfed bench: --gpu-check runs on CUDA, not with --device cpu", file=sys.stderr)
@@ -246,9 +247,10 @@ def run(args) -> int:
         record["tests"] = tests
     print("\nTimings (median; x linear = median of per-round ratios to nn.Linear):")
     print(report.text_table(report.RESULT_COLUMNS, report.result_rows(results)))
-    if report.target_rows(results):
+    target_rows = report.target_rows(results)
+    if target_rows:
         print("\nTargets:")
-        print(report.text_table(report.TARGET_COLUMNS, report.target_rows(results)))
+        print(report.text_table(report.TARGET_COLUMNS, target_rows))
     paths = _output_paths(args.output, device.type, environment["device_name"], date, args.gpu_check)
     report.write_json(record, paths["json"])
     paths["md"].write_text(report.markdown_report(record))

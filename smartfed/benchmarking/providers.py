@@ -78,15 +78,22 @@ def _trainable(tensor):
     return tensor.detach().clone().requires_grad_()
 
 
+def _base_linear(case) -> nn.Linear:
+    """The case's base weight and bias in an nn.Linear."""
+    s, t = case.shape, case.tensors
+    layer = nn.Linear(s.d_in, s.d_out, device=case.device, dtype=case.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(t["weight"])
+        layer.bias.copy_(t["bias"])
+    return layer
+
+
 class LinearProvider(Provider):
     name, kind, description = "linear", "linear", "nn.Linear alone (the floor)"
 
     def build(self, case):
-        s, t = case.shape, case.tensors
-        layer = nn.Linear(s.d_in, s.d_out, device=case.device, dtype=case.dtype)
-        with torch.no_grad():
-            layer.weight.copy_(t["weight"])
-            layer.bias.copy_(t["bias"])
+        t = case.tensors
+        layer = _base_linear(case)
         x = _trainable(t["x"])
         arguments = {**t, "x": x, "weight": layer.weight, "bias": layer.bias,
                      "expert_b": torch.zeros_like(t["expert_b"])}
@@ -164,10 +171,7 @@ class LayerProvider(Provider):
         from smartfed.layer import MoRELinear
 
         s, t = case.shape, case.tensors
-        base = nn.Linear(s.d_in, s.d_out, device=case.device, dtype=case.dtype)
-        with torch.no_grad():
-            base.weight.copy_(t["weight"])
-            base.bias.copy_(t["bias"])
+        base = _base_linear(case)
         layer = MoRELinear(base, t["expert_a"], t["expert_b"], s.top_k, router_init="zeros")
         with torch.no_grad():
             layer.router_weight.copy_(t["router_weight"])

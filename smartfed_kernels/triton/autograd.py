@@ -11,6 +11,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from smartfed_kernels import torch_ops
+from smartfed_kernels.reference import routing_order
 from smartfed_kernels.triton import launch
 
 def _saved_shapes(num_tokens, num_experts, top_k, gate, router):
@@ -138,5 +139,5 @@ def more_linear_checked(x, weight, bias, router_weight, router_bias, expert_a, e
     y = y.reshape(*lead_shape, spec.d_out)
     if not return_routing:
         return y
-    indices, gates = torch_ops.routing_order(indices.to(torch.int64), gates)
+    indices, gates = routing_order(indices.to(torch.int64), gates)
     return y, indices.reshape(*lead_shape, spec.top_k), gates.reshape(*lead_shape, spec.top_k)
