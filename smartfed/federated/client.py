@@ -48,6 +48,7 @@ class FederatedClient:
         self.trainer = trainer
         self.data = data
         self.config = config
+        self.names = sorted(trainer.initial_state())  # the trainable tensors, as SecAgg+ orders them
         # partition id -> the Context of that in-process node (its SecAgg+ state between stages)
         self.contexts = {} if contexts is None else contexts
 
@@ -85,7 +86,7 @@ class FederatedClient:
                     run_id=0, node_id=int(partition_id), node_config={}, state=RecordDict(), run_config={}
                 ))
             return secure_train(
-                msg, context, names=sorted(self.trainer.initial_state()),
+                msg, context, names=self.names,
                 train=lambda instructions: self.trainer.train(instructions, examples, time_limit_s=limit),
             )
         result = self.trainer.train(content_to_instructions(msg.content), examples, time_limit_s=limit)

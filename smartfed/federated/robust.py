@@ -67,7 +67,7 @@ def bound_updates(states, reference, *, mode, multiple, max_norm=None):
     return kept, summary, flags, dropped
 
 
-def flower_aggregator(inner: Strategy, *, server_round=0):
+def flower_aggregator(inner: Strategy):
     """An ``aggregate(states, weights)`` for ``SmartFedStrategy`` made of a Flower strategy's
     ``aggregate_train`` (FedAvg, FedMedian, FedTrimmedAvg, Krum, MultiKrum, Bulyan: the ones
     whose aggregation depends on the replies alone). Each screened update goes in as a reply
@@ -85,7 +85,7 @@ def flower_aggregator(inner: Strategy, *, server_round=0):
                 "arrays": state_to_record(state, "fp32"), "metrics": MetricRecord({NUM_EXAMPLES: int(weight)}),
             })
             replies.append(Message(metadata=metadata, content=content))
-        arrays, _ = inner.aggregate_train(server_round, replies)
+        arrays, _ = inner.aggregate_train(0, replies)  # the round plays no part in their aggregation
         if arrays is None:
             raise RuntimeError(f"{type(inner).__name__}.aggregate_train returned no arrays for {len(states)} updates")
         return record_to_state(arrays)

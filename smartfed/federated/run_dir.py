@@ -21,14 +21,16 @@ from pathlib import Path
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
+FINAL_STATE_FILE = "final_state.safetensors"
+CLIENT_EVALUATION_FILE = "client_evaluation.json"
 # Every name a run writes into its folder; a module that writes a new one adds it here, or the
 # guard will take a crashed run of that module for a user's folder.
 RUN_FILES = (
     CONFIG_FILE,
     METRICS_FILE,
     "resumes.jsonl",
-    "final_state.safetensors",
-    "client_evaluation.json",
+    FINAL_STATE_FILE,
+    CLIENT_EVALUATION_FILE,
     "text_task.json",
     "expert_usage.json",
     "checkpoint",

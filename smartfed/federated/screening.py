@@ -91,6 +91,15 @@ def check_importance(importance, *, estimator, modules, max_count) -> Optional[s
     return None
 
 
+def check_values(result, *, quotas, estimator, max_count) -> Optional[str]:
+    """Why a reply's metrics or importance statistics cannot be used, or None. ``quotas``: the
+    run's (None: no quotas); ``estimator`` and ``max_count`` as for ``check_importance``."""
+    return check_metrics(result.metrics) or check_importance(
+        result.importance, estimator=estimator, modules=None if quotas is None else sorted(quotas),
+        max_count=max_count,
+    )
+
+
 @dataclass
 class Screened:
     """The outcome of screening one attempt's replies: the usable results, each client's weight
@@ -109,11 +118,8 @@ def screen_replies(state, results, *, partition_sizes, example_counts, estimator
     ``check_importance``."""
     structural, dropped = screen_results(state, results)
     screened = Screened(dropped=dropped)
-    modules = None if state.quotas is None else sorted(state.quotas)
     for client_id, result in structural.items():
-        reason = check_metrics(result.metrics) or check_importance(
-            result.importance, estimator=estimator, modules=modules, max_count=max_count
-        )
+        reason = check_values(result, quotas=state.quotas, estimator=estimator, max_count=max_count)
         if reason is not None:
             screened.dropped.append({"client": client_id, "reason": reason})
             continue

@@ -71,9 +71,16 @@ from smartfed.federated.messages import (
     wire_size,
 )
 from smartfed.federated.privacy import CentralDP
-from smartfed.federated.run_dir import append_jsonl, fsync_write, rebuild_metrics
+from smartfed.federated.run_dir import (
+    CLIENT_EVALUATION_FILE,
+    FINAL_STATE_FILE,
+    METRICS_FILE,
+    append_jsonl,
+    fsync_write,
+    rebuild_metrics,
+)
 from smartfed.federated.robust import bound_updates, build_aggregator, combine_importance
-from smartfed.federated.screening import check_importance, check_metrics, check_scores, screen_replies
+from smartfed.federated.screening import check_scores, check_values, screen_replies
 from smartfed.federated.secagg import fitres_to_result, instructions_to_fitins, secure_mean
 from smartfed.federated.server import (
     ServerState,
@@ -83,9 +90,6 @@ from smartfed.federated.server import (
     server_state_for,
 )
 
-METRICS_FILE = "metrics.jsonl"
-FINAL_STATE_FILE = "final_state.safetensors"
-CLIENT_EVALUATION_FILE = "client_evaluation.json"
 ATTEMPT = "attempt"
 
 
@@ -168,18 +172,20 @@ class SmartFedStrategy(Strategy):
         self.timeout = timeout
         self.round_progress = None
         self.history = []
-        existing = find_checkpoint(self.output_dir)
-        if existing is not None and not resume:
-            raise FileExistsError(
-                f"output directory {self.output_dir} already holds a checkpoint: pass --resume to continue it "
-                "or choose another --output"
-            )
-        if resume and existing is None:
-            raise FileNotFoundError(f"--resume: no checkpoint under {self.output_dir} to continue from")
-        self.output_dir.mkdir(parents=True, exist_ok=True)
         if resume:
-            self._resume()
+            # One verified read of the checkpoint, for the check and the state alike.
+            try:
+                checkpoint = load_checkpoint(self.output_dir)
+            except FileNotFoundError:
+                raise FileNotFoundError(f"--resume: no checkpoint under {self.output_dir} to continue from") from None
+            self._resume(checkpoint)
         else:
+            if find_checkpoint(self.output_dir) is not None:
+                raise FileExistsError(
+                    f"output directory {self.output_dir} already holds a checkpoint: pass --resume to continue it "
+                    "or choose another --output"
+                )
+            self.output_dir.mkdir(parents=True, exist_ok=True)
             self.state = server_state_for(
                 config, trainer.initial_state(), trainer.max_per_matrix(), uses_quotas=trainer.method.uses_quotas
             )
@@ -190,8 +196,7 @@ class SmartFedStrategy(Strategy):
             released = [r["privacy"]["releases"] for r in self.history if r.get("privacy")]
             self.dp = CentralDP(config.privacy.dp, releases=max(released, default=0))
 
-    def _resume(self):
-        checkpoint = load_checkpoint(self.output_dir)
+    def _resume(self, checkpoint):
         if checkpoint.config_fingerprint != self.fingerprint:
             raise ValueError(
                 f"--resume: the checkpoint in {self.output_dir} was made with another configuration "
@@ -386,11 +391,8 @@ class SmartFedStrategy(Strategy):
         known = self.partition_sizes[client_id]
         if result.num_examples != known:
             return f"claimed {result.num_examples!r} examples, its partition holds {known}"
-        return check_metrics(result.metrics) or check_importance(
-            result.importance, estimator=self.config.eeqa.importance,
-            modules=None if self.state.quotas is None else sorted(self.state.quotas),
-            max_count=self.max_importance_count,
-        )
+        return check_values(result, quotas=self.state.quotas, estimator=self.config.eeqa.importance,
+                            max_count=self.max_importance_count)
 
     # --- client-side evaluation -------------------------------------------------------------
 
