@@ -96,7 +96,7 @@ def read_final_state(run_dir, config):
     import safetensors.torch
 
     from smartfed.config import ConfigError
-    from smartfed.federated.strategy import FINAL_STATE_FILE
+    from smartfed.federated.run_dir import FINAL_STATE_FILE
 
     run_dir = Path(run_dir)
     path = run_dir / FINAL_STATE_FILE

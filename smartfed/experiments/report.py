@@ -16,7 +16,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-METRICS_FILE = "metrics.jsonl"
+from smartfed.federated.run_dir import METRICS_FILE
+
 USAGE_FILE = "expert_usage.json"
 
 
