@@ -9,6 +9,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["smartfed", "smartfed.*", "smartfed_kernels", "smartfed_kernels.*"]),
+    # The C sources of the CPU kernels, compiled on the user's machine at first use.
+    package_data={"smartfed_kernels.cpu": ["*.c", "*.h"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0",

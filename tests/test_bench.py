@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+import smartfed_kernels.cpu
 from smartfed.benchmarking import command, gpu_check, providers, report
 from smartfed.benchmarking.shapes import default_shape_specs, parse_shapes
 from smartfed.cli import main
@@ -20,12 +21,13 @@ def test_bench_writes_record_table_and_plot(tmp_path, capsys):
     assert json_path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     markdown = json_path.with_suffix(".md").read_text()
 
-    names = ["linear", "peft-lora", "more-reference", "more-torch", "more-layer", "dense-masked"]
+    names = ["linear", "peft-lora", "more-reference", "more-torch", "more-torch-ops", "more-layer", "dense-masked"]
     assert list(record["providers"]) == names
     assert "more-triton" in record["skipped"]
     env = record["environment"]
     assert env["device"] == "cpu" and env["torch"] and env["triton"] and env["python"]
     assert len(env["load_before"]) == 3 and len(env["load_after"]) == 3
+    assert env["cpu_kernels"] == smartfed_kernels.cpu.status() and "C kernels:" in markdown
     assert record["dtype"] == "fp32" and record["shapes"][0]["d_in"] == 48
     assert {(r["provider"], r["mode"]) for r in record["results"]} == {(n, m) for n in names for m in ("fwd", "full")}
     for row in record["results"]:

@@ -23,7 +23,8 @@ from pathlib import Path
 from smartfed.benchmarking.shapes import default_shape_specs, parse_shapes
 
 MODES = ("fwd", "bwd", "full")
-PROVIDER_NAMES = ("linear", "peft-lora", "more-reference", "more-torch", "more-triton", "more-layer", "dense-masked")
+PROVIDER_NAMES = ("linear", "peft-lora", "more-reference", "more-torch", "more-torch-ops", "more-triton", "more-layer",
+                  "dense-masked")
 DTYPE_NAMES = ("fp32", "fp16", "bf16", "fp64")
 ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp64": 8}
 
@@ -204,6 +205,10 @@ def run(args) -> int:
         "triton": _version("triton"), "peft": _version("peft"), "python": platform.python_version(),
         "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "load_before": _load(),
     }
+    if device.type == "cpu":
+        from smartfed_kernels import cpu
+
+        environment["cpu_kernels"] = cpu.status()
     print(f"smartfed bench on {environment['device_name']} ({device.type}), {args.dtype}, "
           f"{environment['threads']} threads, torch {environment['torch']}, load {environment['load_before']}")
     if device.type == "cpu" and environment["load_before"][0] > 0.5 * (os.cpu_count() or 1):

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 import smartfed_kernels
+import smartfed_kernels.cpu
 from smartfed.benchmarking.shapes import Shape
 from smartfed_kernels import dispatch
 from smartfed_kernels.testing import ARGUMENTS, make_more_inputs, relative_error
@@ -163,6 +164,23 @@ class MoREProvider(Provider):
         return smartfed_kernels.more_linear(*arguments, backend=self.backend)
 
 
+class TorchOpsProvider(MoREProvider):
+    """The fast path with smartfed_kernels.cpu switched off: what a machine without a C compiler
+    runs, beside more-torch in the same run."""
+
+    def __init__(self):
+        super().__init__("torch", "MoRE fast path on PyTorch ops alone (C kernels off)", "more-torch-ops")
+
+    def unavailable_reason(self, device, explicit):
+        if device.type != "cpu":
+            return "the C kernels are CPU-only: on this device it is more-torch"
+        return None
+
+    def more(self, *arguments):
+        with smartfed_kernels.cpu.disabled():
+            return super().more(*arguments)
+
+
 class LayerProvider(Provider):
     name, kind = "more-layer", "more"
     description = "MoRELinear module, backend auto (smartfed.layer)"
@@ -228,7 +246,8 @@ PROVIDERS = {
         LinearProvider(),
         PeftLoRAProvider(),
         MoREProvider("reference", "MoRE reference (smartfed_kernels.reference)"),
-        MoREProvider("torch", "MoRE fast PyTorch path (smartfed_kernels.torch_ops)"),
+        MoREProvider("torch", "MoRE fast path (smartfed_kernels.torch_ops; on CPU with smartfed_kernels.cpu)"),
+        TorchOpsProvider(),
         TritonProvider(),
         LayerProvider(),
         DenseMaskedProvider(),

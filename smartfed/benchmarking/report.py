@@ -60,7 +60,7 @@ def markdown_report(record) -> str:
         "",
         f"{record['date']}; torch {env['torch']}, triton {env['triton']}, peft {env['peft']}, "
         f"python {env['python']}; {env['threads']} threads; load average before {env['load_before']}, "
-        f"after {env['load_after']}.",
+        f"after {env['load_after']}." + (f" C kernels: {env['cpu_kernels']}." if "cpu_kernels" in env else ""),
         "Times are medians over interleaved rounds; `x linear` is the median of per-round ratios to "
         "nn.Linear; GFLOP and MB are the minimum work of the call (see smartfed/benchmarking/work.py).",
         "",

@@ -1,0 +1,157 @@
+"""ctypes entry points of the MoRE CPU kernels (more_cpu.c), on validated CPU tensors.
+
+Each call reads the tensors in place (any row stride, unit column stride; others are copied; B in
+any layout) and accumulates the expert contribution onto ``out``, which already holds the base
+product. None means the kernels did not run and nothing was written: some token's logits hold a
+NaN or an infinity (the general path treats those as the reference does).
+
+A call costs a few microseconds of Python, which at decode sizes is most of the call: the problem
+goes to C as one int64 array (pointers included), written by a single slice assignment into a
+per-thread buffer, and the fields fixed by the call's CallSpec are computed once per spec.
+"""
+
+import ctypes
+import threading
+
+import torch
+
+from smartfed_kernels.cpu.build import load_library
+
+GATES = {"topk_softmax": 0, "softmax_topk": 1}
+_SUFFIXES = {torch.float32: "f32", torch.float64: "f64"}
+_NON_FINITE, _NO_MEMORY = 1, 2
+# A thread's block of tokens should hold at least this many multiply-adds (k selected shrink dot
+# products and k expand rows per token): fewer do not pay for waking the thread.
+_WORK_PER_THREAD = 2 ** 20
+# The int64 fields of struct more_problem, in order (its last field, gamma, is passed apart).
+_FIELDS = (
+    "tokens", "num_experts", "top_k", "d_out", "logits", "logits_stride", "router_bias", "shrink",
+    "shrink_stride", "expert_bt", "bt_stride", "bt_column_stride", "out", "out_stride", "indices", "gates",
+    "gate", "threads", "rows_per_thread_min", "x", "x_stride", "router_weight", "router_weight_stride",
+    "expert_a", "expert_a_stride", "d_in", "expert_space",
+)
+_Problem = ctypes.c_int64 * (len(_FIELDS) + 1)
+_buffers = threading.local()
+_enabled = True
+
+
+def enabled() -> bool:
+    return _enabled
+
+
+def set_enabled(value: bool) -> bool:
+    """Turns the kernels on or off for the process (see smartfed_kernels.cpu.disabled); returns
+    the previous setting."""
+    global _enabled
+    previous, _enabled = _enabled, bool(value)
+    return previous
+
+
+def supports(x2: torch.Tensor) -> bool:
+    """Whether the kernels can take a call with this (flattened) input: CPU fp32/fp64, outside
+    torch.compile's tracing (a ctypes call cannot be traced), with the library built and enabled."""
+    return (_enabled and x2.is_cpu and x2.dtype in _SUFFIXES and not torch.compiler.is_compiling()
+            and load_library() is not None)
+
+
+_ENTRY_NAMES = ("more_route_expand", "more_token")
+_entry_points = {}
+# CallSpec -> its fields below, by identity (hashing the frozen dataclass on every call would
+# cost more than the lookup saves); the spec is kept in the entry so its id cannot be reused.
+_spec_cache = {}
+_SPEC_CACHE_SIZE = 4096
+
+
+def _entry_points_for(dtype):
+    """(more_route_expand, more_token) of the library for this dtype, typed once."""
+    functions = _entry_points.get(dtype)
+    if functions is None:
+        functions = []
+        for name in _ENTRY_NAMES:
+            function = getattr(load_library(), f"{name}_{_SUFFIXES[dtype]}")
+            function.argtypes = (ctypes.POINTER(_Problem), ctypes.c_double)
+            function.restype = ctypes.c_int
+            functions.append(function)
+        functions = _entry_points[dtype] = tuple(functions)
+    return functions
+
+
+def _spec_fields(spec):
+    """(num_experts, top_k, d_out), (gate, rows_per_thread_min) and (d_in, expert_space) of a spec."""
+    entry = _spec_cache.get(id(spec))
+    if entry is not None and entry[0] is spec:
+        return entry[1]
+    if len(_spec_cache) >= _SPEC_CACHE_SIZE:
+        _spec_cache.clear()
+    fields = ((spec.num_experts, spec.top_k, spec.d_out),
+              (GATES[spec.gate], max(1, _WORK_PER_THREAD // (spec.top_k * (spec.d_in + spec.d_out)))),
+              (spec.d_in, spec.router == "expert_space"))
+    _spec_cache[id(spec)] = (spec, fields)
+    return fields
+
+
+def _rows(t):
+    """``t`` if its columns are adjacent in memory, else a contiguous copy."""
+    return t if t.is_contiguous() or t.stride()[-1] == 1 else t.contiguous()
+
+
+def _run(entry, head, tail, spec, fields, expert_b, out, with_routing):
+    """Runs entry point ``entry`` (0: more_route_expand, 1: more_token) on the fields ``head``
+    (tokens to shrink_stride) + the output fields + ``tail`` (x to expert_space): (indices, gates),
+    (None, None) without ``with_routing``, or None."""
+    if expert_b.stride()[0] != 1 and head[0] * spec.top_k >= spec.num_experts:
+        # The expand reads k rows of B^T per token, vectorised only where they are contiguous
+        # (MoRELinear keeps B column-major); a few tokens read them strided rather than copy B.
+        expert_b = expert_b.t().contiguous().t()
+    indices = gates = None
+    if with_routing:
+        indices = torch.empty(head[0], spec.top_k, dtype=torch.int64)
+        gates = out.new_empty(head[0], spec.top_k)
+    gate, rows_per_thread_min = fields[1]
+    problem = getattr(_buffers, "problem", None)
+    if problem is None:
+        problem = _buffers.problem = _Problem()
+    problem[:len(_FIELDS)] = (
+        *head, expert_b.data_ptr(), expert_b.stride()[1], expert_b.stride()[0], out.data_ptr(), out.stride()[0],
+        0 if indices is None else indices.data_ptr(), 0 if gates is None else gates.data_ptr(),
+        gate, torch.get_num_threads(), rows_per_thread_min, *tail,
+    )
+    status = _entry_points_for(out.dtype)[entry](problem, spec.gamma)
+    if status == _NO_MEMORY:
+        raise MemoryError("smartfed_kernels.cpu: the MoRE CPU kernel could not allocate its scratch")
+    return None if status == _NON_FINITE else (indices, gates)
+
+
+def route_expand(logits, router_bias, shrink, expert_b, out, spec, with_routing, x2=None, expert_a=None):
+    """``out += gamma * sum_j g_j h[i_j] B[:, i_j]`` over the top-k of ``logits + router_bias``.
+
+    ``logits`` [T, N] may be a row-strided view. h is ``shrink`` [T, N] or, when that is None,
+    ``A x`` of the k selected experts alone, from ``x2`` [T, d_in] and ``expert_a``. Returns
+    (indices, gates) [T, k], (None, None) without ``with_routing``, or None (nothing written).
+    """
+    logits = _rows(logits)
+    router_bias = None if router_bias is None else _rows(router_bias)
+    fields = _spec_fields(spec)
+    if shrink is None:
+        x2, expert_a = _rows(x2), _rows(expert_a)
+        shrink_fields = (0, 0)
+        tail = (x2.data_ptr(), x2.stride()[0], 0, 0, expert_a.data_ptr(), expert_a.stride()[0], *fields[2])
+    else:
+        shrink = _rows(shrink)
+        shrink_fields = (shrink.data_ptr(), shrink.stride()[0])
+        tail = (0,) * 8
+    head = (logits.shape[0], *fields[0], logits.data_ptr(), logits.stride()[0],
+            0 if router_bias is None else router_bias.data_ptr(), *shrink_fields)
+    return _run(0, head, tail, spec, fields, expert_b, out, with_routing)
+
+
+def one_token(x2, router_weight, router_bias, expert_a, expert_b, out, spec, with_routing):
+    """As :func:`route_expand` for one token (``x2`` [1, d_in]), its logits and A x computed in the
+    kernel (for the linear router, A x of the k selected experts alone)."""
+    x2, router_weight, expert_a = _rows(x2), _rows(router_weight), _rows(expert_a)
+    router_bias = None if router_bias is None else _rows(router_bias)
+    fields = _spec_fields(spec)
+    head = (1, *fields[0], 0, 0, 0 if router_bias is None else router_bias.data_ptr(), 0, 0)
+    tail = (x2.data_ptr(), 0, router_weight.data_ptr(), router_weight.stride()[0], expert_a.data_ptr(),
+            expert_a.stride()[0], *fields[2])
+    return _run(1, head, tail, spec, fields, expert_b, out, with_routing)
