@@ -32,9 +32,9 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError, field_validator, model_validator
 
 from smartfed.eeqa.importance import ESTIMATORS
-from smartfed.layer import ROUTER_INITS
+from smartfed.layer import LAYER_ROUTERS, ROUTER_INITS
 from smartfed_kernels.dispatch import BACKENDS
-from smartfed_kernels.validation import GATES, ROUTERS
+from smartfed_kernels.validation import GATES
 
 # The run-level vocabularies are named here and nowhere else; the kernel and layer ones are
 # imported above from where the code that acts on them lives.
@@ -59,7 +59,7 @@ RESUMABLE_CHANGES = (
 )
 # Keys added after runs were recorded: at these values they stay out of the fingerprint, so the
 # checkpoints and final states of those runs still match their config.json.
-LATER_DEFAULTS = {"task.validation_fraction": 0}
+LATER_DEFAULTS = {"task.validation_fraction": 0, "more.router_dim": 32, "more.projection_seed": 0}
 
 
 class ConfigError(ValueError):
@@ -268,10 +268,13 @@ class PoolSection(Section):
 
 
 class MoRESection(Section):
-    """MoRE layers of the "smartfed" method (passed to smartfed.MoREConfig); ``gamma`` null means k."""
+    """MoRE layers of the "smartfed" method (passed to smartfed.MoREConfig); ``gamma`` null means k;
+    ``router_dim`` and ``projection_seed`` are the projected router's m and the seed of its P."""
 
     top_k: PositiveInt = 4
-    router: Literal[ROUTERS] = "linear"
+    router: Literal[LAYER_ROUTERS] = "linear"
+    router_dim: PositiveInt = 32
+    projection_seed: NonNegativeInt = 0
     gate: Literal[GATES] = "topk_softmax"
     router_init: Literal[ROUTER_INITS] = "normal"
     router_bias: bool = True
@@ -511,10 +514,22 @@ class PoolSpec(Section):
 # --------------------------------------------------------------------------- sweep
 
 
+# A method entry with ``lr_grid`` runs once per rate, each run named <entry>@lr=<rate>
+# (smartfed.experiments.selection.point_name); an entry named so would pass for one of them.
+LR_GRID_MARK = "@lr="
+
+
+class LearningRateGrid(Section):
+    """The ``lr_grid`` of one ``sweep.methods`` entry, checked by the run config's number rules."""
+
+    lr_grid: Annotated[list[Positive], Field(min_length=1)]
+
+
 class SweepGrid(Section):
     """``seeds`` outermost, then ``tasks`` (name -> run config values of that task), then
     ``methods`` (name -> run config values that differ from ``base``; ``per_task`` holds values
-    for one task only; a ``method`` key makes the entry an ablation of that method)."""
+    for one task only; a ``method`` key makes the entry an ablation of that method; ``lr_grid``
+    runs the entry once per learning rate, each setting ``federation.lr``)."""
 
     seeds: Annotated[list[NonNegativeInt], Field(min_length=1)]
     tasks: Annotated[dict[NonEmptyStr, Optional[dict[str, Any]]], Field(min_length=1)]
@@ -528,6 +543,33 @@ class SweepGrid(Section):
             if unknown:
                 raise ConfigError(f"names task(s) {unknown} that sweep.tasks lacks",
                                   key=f"methods.{method}.per_task")
+        return self
+
+    @model_validator(mode="after")
+    def _lr_grids(self):
+        for method, entry in self.methods.items():
+            key = f"methods.{method}"
+            if LR_GRID_MARK in method:
+                raise ConfigError(f"must not contain {LR_GRID_MARK!r}, which names the runs of an lr_grid", key=key)
+            entry = entry or {}
+            if "lr_grid" not in entry:
+                continue
+            try:
+                rates = validate(LearningRateGrid, {"lr_grid": entry["lr_grid"]}).lr_grid
+            except ConfigError as error:
+                raise error.located(prefix=key) from None
+            for index, rate in enumerate(rates):
+                first = rates.index(rate)
+                if first < index:
+                    raise ConfigError(f"repeats lr_grid[{first}] ({rates[first]!r})", key=f"{key}.lr_grid[{index}]")
+            per_task = entry.get("per_task")
+            places = [(key, entry)] + [(f"{key}.per_task.{task}", values or {})
+                                       for task, values in (per_task.items() if isinstance(per_task, dict) else ())]
+            for where, values in places:
+                federation = values.get("federation") if isinstance(values, dict) else None
+                if isinstance(federation, dict) and "lr" in federation:
+                    raise ConfigError("cannot be set in an entry with lr_grid: each rate of the grid sets it",
+                                      key=f"{where}.federation.lr")
         return self
 
 

@@ -19,10 +19,13 @@ from typing import Dict, Mapping, Optional, Sequence, Union
 
 from torch import nn
 
-from smartfed.layer import ROUTER_INITS, MoRELinear, check_choice, is_conv1d, type_name, weight_out_in
+from smartfed.layer import (
+    LAYER_ROUTERS, ROUTER_INITS, MoRELinear, check_choice, check_router_projection, is_conv1d, type_name,
+    weight_out_in,
+)
 from smartfed.pool import LoRAPool, check_target_modules
 from smartfed_kernels.dispatch import BACKENDS
-from smartfed_kernels.validation import GATES, ROUTERS, resolve_gamma
+from smartfed_kernels.validation import GATES, resolve_gamma
 
 TopK = Union[int, Mapping[str, int]]
 
@@ -41,6 +44,9 @@ class MoREConfig:
     (``["*.0.*q_proj"]``), kept from before. None: every pool module. Each list entry (or the
     regex) must match at least one module.
     ``seed`` seeds ``router_init="normal"`` per module (stable whatever the injection order).
+    ``router="projected"`` routes on ``U (P x)``: ``router_dim`` is m, the width of U [N, m], and
+    ``projection_seed`` seeds the fixed P [m, d_in] that every client rebuilds from it
+    (:func:`smartfed.layer.router_projection`); both are ignored by the other router forms.
     """
 
     top_k: TopK = 8
@@ -53,9 +59,12 @@ class MoREConfig:
     target_modules: Union[str, Sequence[str], None] = None
     backend: str = "auto"
     seed: int = 0
+    router_dim: int = 32
+    projection_seed: int = 0
 
     def __post_init__(self):
-        check_choice("router", self.router, ROUTERS)
+        check_choice("router", self.router, LAYER_ROUTERS)
+        check_router_projection(self.router_dim, self.projection_seed)
         check_choice("gate", self.gate, GATES)
         check_choice("router_init", self.router_init, ROUTER_INITS)
         check_choice("backend", self.backend, BACKENDS)
@@ -223,7 +232,8 @@ def inject_more(model: nn.Module, pool: LoRAPool, config: Optional[MoREConfig] =
             modules[model_name], experts.expert_a, experts.expert_b, top_k[pool_name],
             router=config.router, gate=config.gate, gamma=config.gamma, router_init=config.router_init,
             router_bias=config.router_bias, train_experts=config.train_experts, backend=config.backend,
-            origins=experts.origins, seed=_module_seed(config.seed, pool_name),
+            origins=experts.origins, seed=_module_seed(config.seed, pool_name), router_dim=config.router_dim,
+            projection_seed=config.projection_seed,
         )
         layer.pool_module_name = pool_name
         layer.pool_fingerprint = pool.fingerprint
@@ -242,8 +252,8 @@ def describe(model: nn.Module) -> str:
         gamma = "k" if layer.gamma is None else f"{layer.gamma:g}"
         lines.append(
             f"  {name}: [{layer.out_features} x {layer.in_features}] N={layer.num_experts} k={layer.top_k} "
-            f"router={layer.router} gate={layer.gate} gamma={gamma} "
-            f"router parameters={layer.num_router_parameters()}"
+            f"router={layer.router}{f' m={layer.router_dim}' if layer.router == 'projected' else ''} "
+            f"gate={layer.gate} gamma={gamma} router parameters={layer.num_router_parameters()}"
         )
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -11,6 +11,7 @@ per-call cost that matters at decode. While observers are attached it splits int
 and the expert contribution so that observers (EEQA importance) can see both.
 """
 
+import math
 import sys
 from collections import OrderedDict
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -24,6 +25,11 @@ from smartfed_kernels.dispatch import BACKENDS, backend_module, resolve_backend
 from smartfed_kernels.validation import GATES, ROUTERS, CallSpec, check_more_inputs, resolve_gamma
 
 ROUTER_INITS = ("zeros", "normal", "affinity")
+# The op's router forms, and "projected": z = U (P x) + br with P [m, d_in] fixed (seeded random
+# signs, never trained or sent) and U [N, m] the trained router. The layer hands the op the linear
+# router U P, so every backend runs it unchanged and autograd carries dWr to dU = dWr P^T; what
+# changes is what clients train and exchange: N*m numbers instead of N*d_in.
+LAYER_ROUTERS = (*ROUTERS, "projected")
 # Calls the inference shortcut of MoRELinear.forward takes: the backends that run the torch path on
 # the CPU, in the dtypes it computes in directly (CPU half precision is upcast by the general path).
 _INFERENCE_BACKENDS = ("auto", "torch")
@@ -36,6 +42,15 @@ Observer = Callable[["MoRELinear", torch.Tensor, torch.Tensor, torch.Tensor], No
 def check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name}: expected one of {choices}, got {value!r}")
+
+
+def check_router_projection(router_dim, projection_seed) -> None:
+    """The projected router's size m and the seed of its P (checked whatever the router form, so
+    that a bad value fails where it is written, not when the form changes)."""
+    if isinstance(router_dim, bool) or not isinstance(router_dim, int) or router_dim < 1:
+        raise ValueError(f"router_dim: expected an int >= 1, got {router_dim!r}")
+    if isinstance(projection_seed, bool) or not isinstance(projection_seed, int) or projection_seed < 0:
+        raise ValueError(f"projection_seed: expected an int >= 0, got {projection_seed!r}")
 
 
 def is_conv1d(module) -> bool:
@@ -56,20 +71,35 @@ def type_name(value) -> str:
     return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
 
 
+def router_projection(router_dim: int, d_in: int, seed: int) -> torch.Tensor:
+    """P [router_dim, d_in] of the projected router, float32: random signs / sqrt(d_in), so each row
+    has norm 1 and P x keeps the scale of x. Integers from a seeded CPU generator, so every client
+    builds the same P from the seed alone (bit for bit; P is never sent)."""
+    generator = torch.Generator().manual_seed(seed)
+    signs = torch.randint(0, 2, (router_dim, d_in), generator=generator)
+    return (signs.float() * 2 - 1) / math.sqrt(d_in)
+
+
 def initial_router_weight(router: str, router_init: str, expert_a: torch.Tensor,
-                          generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Router weight [N, d_in] (linear) or [N, N] (expert_space) in float32 for ``router_init``."""
+                          generator: Optional[torch.Generator] = None,
+                          projection: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Router weight [N, d_in] (linear), [N, N] (expert_space) or [N, m] (projected, given its
+    ``projection`` P [m, d_in]) in float32 for ``router_init``."""
     num_experts, d_in = expert_a.shape
-    width = d_in if router == "linear" else num_experts
+    width = {"linear": d_in, "expert_space": num_experts}.get(router) or projection.shape[0]
     if router_init == "zeros":
         return torch.zeros(num_experts, width)
     if router_init == "normal":
         return torch.randn(num_experts, width, generator=generator) * NORMAL_INIT_STD
+    if router == "expert_space":
+        return torch.eye(num_experts)
+    # Affinity: the logit of expert i is the cosine-scaled response of its A row to x.
+    rows = expert_a.detach().float().cpu()
+    rows = rows / rows.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
     if router == "linear":
-        # Affinity: the logit of expert i is the cosine-scaled response of its A row to x.
-        rows = expert_a.detach().float().cpu()
-        return rows / rows.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-    return torch.eye(num_experts)
+        return rows
+    # U P approximates those rows: E[P^T P] = (m / d_in) I for P's random signs.
+    return rows @ projection.t() * (d_in / projection.shape[0])
 
 
 class MoRELinear(nn.Module):
@@ -97,15 +127,18 @@ class MoRELinear(nn.Module):
         backend: str = "auto",
         origins: Optional[Sequence[Tuple[str, int]]] = None,
         seed: Optional[int] = None,
+        router_dim: int = 32,
+        projection_seed: int = 0,
     ):
         super().__init__()
         if not isinstance(base, nn.Linear) and not is_conv1d(base):
             raise TypeError(f"base: expected an nn.Linear, got {type(base).__name__} ({type_name(base)}; "
                             "a transformers Conv1D is accepted too)")
-        check_choice("router", router, ROUTERS)
+        check_choice("router", router, LAYER_ROUTERS)
         check_choice("gate", gate, GATES)
         check_choice("router_init", router_init, ROUTER_INITS)
         check_choice("backend", backend, BACKENDS)
+        check_router_projection(router_dim, projection_seed)
         for name, tensor in (("expert_a", expert_a), ("expert_b", expert_b)):
             if not isinstance(tensor, torch.Tensor) or tensor.dim() != 2:
                 raise ValueError(f"{name}: expected a 2-D tensor, got {getattr(tensor, 'shape', type(tensor))}")
@@ -145,8 +178,14 @@ class MoRELinear(nn.Module):
             else:
                 self.register_buffer(name, tensor)
 
+        projection = None
+        self.router_dim = self.projection_seed = None
+        if router == "projected":
+            self.router_dim, self.projection_seed = router_dim, projection_seed
+            projection = router_projection(router_dim, d_in, projection_seed)
+            self.register_buffer("router_projection", projection.to(**place))
         generator = None if seed is None else torch.Generator().manual_seed(seed)
-        weight = initial_router_weight(router, router_init, expert_a, generator)
+        weight = initial_router_weight(router, router_init, expert_a, generator, projection)
         self.router_weight = nn.Parameter(weight.to(**place))
         if router_bias:
             self.router_bias = nn.Parameter(torch.zeros(num_experts, **place))
@@ -211,23 +250,42 @@ class MoRELinear(nn.Module):
         self._observers[handle.id] = fn
         return handle
 
+    def effective_router_weight(self) -> torch.Tensor:
+        """The router weight the op runs: U P for the projected router (differentiable in U),
+        the parameter itself otherwise."""
+        if self.router == "projected":
+            return self.router_weight @ self.router_projection.to(self.router_weight.dtype)
+        return self.router_weight
+
     def _routing_tensors(self, dtype: torch.dtype):
-        tensors = (self.router_weight, self.router_bias, self.expert_a, self.expert_b)
+        tensors = (self.effective_router_weight(), self.router_bias, self.expert_a, self.expert_b)
         return [t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors]
+
+    @property
+    def op_router(self) -> str:
+        """The op's router form: the projected router runs as the linear router U P."""
+        return "linear" if self.router == "projected" else self.router
+
+    def router_input_width(self) -> int:
+        """The router weight's width: d_in (linear), N (expert_space) or m (projected)."""
+        return {"linear": self.in_features, "expert_space": self.num_experts}.get(self.router, self.router_dim)
 
     def _call_spec(self) -> CallSpec:
         """Sizes and options of a forward, validated again only when an option was reassigned."""
         key = (self._top_k, self.gamma, self.gate, self.router)
         if key != self._spec_key:
-            check_choice("router", self.router, ROUTERS)
+            check_choice("router", self.router, LAYER_ROUTERS)
             check_choice("gate", self.gate, GATES)
+            if self.router == "projected" and self.router_dim is None:
+                raise ValueError("router: 'projected' needs the layer to be built with it (it owns the "
+                                 "projection P); build a new MoRELinear with router='projected'")
             d_out, d_in = self.base_weight_out_in().shape
-            router_in = d_in if self.router == "linear" else self.num_experts
-            if tuple(self.router_weight.shape) != (self.num_experts, router_in):
+            expected = (self.num_experts, self.router_input_width())
+            if tuple(self.router_weight.shape) != expected:
                 raise ValueError(f"router_weight (router={self.router!r}): expected shape "
-                                 f"{(self.num_experts, router_in)}, got {tuple(self.router_weight.shape)}")
+                                 f"{expected}, got {tuple(self.router_weight.shape)}")
             self._spec = CallSpec(d_in, d_out, self.num_experts, self._top_k,
-                                  resolve_gamma(self.gamma, self._top_k), self.gate, self.router)
+                                  resolve_gamma(self.gamma, self._top_k), self.gate, self.op_router)
             self._spec_key = key
         return self._spec
 
@@ -249,6 +307,8 @@ class MoRELinear(nn.Module):
         if (weight.dtype != dtype or router_weight.dtype != dtype or expert_a.dtype != dtype
                 or expert_b.dtype != dtype or not weight.is_cpu):
             return None
+        if self.router == "projected":
+            router_weight = router_weight @ self._buffers["router_projection"].to(dtype)
         if self._base_is_conv1d:
             weight = weight.t()
         flat = len(shape) == 2
@@ -286,4 +346,6 @@ class MoRELinear(nn.Module):
         gamma = "k" if self.gamma is None else f"{self.gamma:g}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"num_experts={self.num_experts}, top_k={self.top_k}, router={self.router!r}, "
-                f"gate={self.gate!r}, gamma={gamma}, router_bias={self.router_bias is not None}")
+                f"gate={self.gate!r}, gamma={gamma}, router_bias={self.router_bias is not None}"
+                + (f", router_dim={self.router_dim}, projection_seed={self.projection_seed}"
+                   if self.router == "projected" else ""))

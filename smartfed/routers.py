@@ -112,17 +112,7 @@ def save_routers(model: nn.Module, directory, pool: LoRAPool) -> Path:
         "tensors_sha256": hashlib.sha256(data).hexdigest(),
         "pool": pool.provenance(),
         "config": None if config is None else config.to_dict(),
-        "layers": {
-            pool_name: {
-                "top_k": layer.top_k,
-                "num_experts": layer.num_experts,
-                "router": layer.router,
-                "gate": layer.gate,
-                "gamma": layer.gamma,
-                "router_bias": layer.router_bias is not None,
-            }
-            for pool_name, layer in layers.items()
-        },
+        "layers": {pool_name: {"top_k": layer.top_k, **_layer_settings(layer)} for pool_name, layer in layers.items()},
     }
     (directory / CHECKPOINT_TENSORS).write_bytes(data)
     (directory / CHECKPOINT_META).write_text(json.dumps(meta, indent=2), encoding="utf-8")
@@ -191,19 +181,33 @@ def _same_setting(saved, current) -> bool:
     return isinstance(saved, (int, float)) and not isinstance(saved, bool) and saved == current
 
 
+def projection_digest(layer) -> str:
+    """sha256 of a projected router's P as float32 bytes: routers trained against one P mean
+    nothing against another, and P is rebuilt from its seed, never sent."""
+    return hashlib.sha256(layer.router_projection.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def _layer_settings(layer) -> dict:
+    """What a module's routers were trained under, as saved in routers.json."""
+    settings = {
+        "num_experts": layer.num_experts,
+        "router": layer.router,
+        "gate": layer.gate,
+        "gamma": layer.gamma,
+        "router_bias": layer.router_bias is not None,
+    }
+    if layer.router == "projected":
+        settings.update(router_dim=layer.router_dim, projection_seed=layer.projection_seed,
+                        projection_sha256=projection_digest(layer))
+    return settings
+
+
 def _check_layer(meta_path: Path, pool_name: str, saved, layer) -> None:
     """The settings saved for one module must be the model's layer's: the routers were trained
     under them, so loading them under others would silently compute something else."""
     if not isinstance(saved, dict):
         raise ValueError(f"{meta_path}: layers[{pool_name!r}]: expected an object, got {type(saved).__name__}")
-    current = {
-        "router": layer.router,
-        "gate": layer.gate,
-        "gamma": layer.gamma,
-        "num_experts": layer.num_experts,
-        "router_bias": layer.router_bias is not None,
-    }
-    for name, value in current.items():
+    for name, value in _layer_settings(layer).items():
         if name not in saved:
             raise ValueError(f"{meta_path}: module {pool_name!r}: {name} is missing (the model's layer has "
                              f"{name}={value!r})")
@@ -224,7 +228,8 @@ def load_routers(model: nn.Module, directory, pool: LoRAPool) -> None:
     sha256, a readable safetensors file), the pool fingerprint in routers.json and in the
     safetensors metadata (equal to each other and to ``pool``'s), a model injected with ``pool``
     with the same modules, each module's router form, gate, gamma, expert count, router bias and
-    top_k, and every tensor's name, shape and finite floating-point values. A mismatch raises an
+    top_k (and for a projected router m, the seed and the sha256 of P), and every tensor's name,
+    shape and finite floating-point values. A mismatch raises an
     error naming the file and the field, and leaves the model as it was.
     """
     directory = Path(directory)

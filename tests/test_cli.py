@@ -125,7 +125,8 @@ def test_a_config_error_in_a_fresh_process_is_one_line_exit_2(tmp_path):
     assert done.stderr == f"smartfed train: {path}: federation.alpha: must be finite, got inf\n"
 
 
-def test_sweep_validates_every_selected_run_before_starting(tmp_path, capsys):
+def test_sweep_validates_every_selected_run_before_starting(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the sweep's relative pool paths then name nothing, built or not
     error = one_line_error(capsys, "sweep", "--config", ROOT / "configs" / "paper_small.yaml", "--output",
                            tmp_path, "--seeds", "0", "--tasks", "bbc_news", "--methods", "smartfed")
     assert error.startswith("smartfed sweep: ") and "run bbc_news/smartfed/seed0: pool.paths[0]: " in error

@@ -9,8 +9,8 @@ import pytest
 
 from smartfed.config import (
     GATES,
+    LAYER_ROUTERS,
     ROUTER_INITS,
-    ROUTERS,
     WIRE_DTYPES,
     ConfigError,
     FlowerRunSettings,
@@ -50,7 +50,7 @@ def error_of(data, schema=RunConfig):
     ({"federation": {"min_clients": 5}}, "federation.min_clients: must be <= federation.num_clients (4), got 5"),
     ({"eeqa": {"per_expert": "yes"}}, "eeqa.per_expert: must be true or false, got the string 'yes'"),
     ({"eeqa": {"client_budgets": {1: 1.5}}}, "eeqa.client_budgets[1]: must be <= 1, got 1.5"),
-    ({"more": {"router": "dense"}}, "more.router: must be one of 'linear' or 'expert_space', got 'dense'"),
+    ({"more": {"router": "dense"}}, "more.router: must be one of 'linear', 'expert_space' or 'projected', got 'dense'"),
     ({"communication": {"wire_dtype": "int8"}}, "communication.wire_dtype: must be one of 'fp32' or 'bf16'"),
     ({"faults": {2: {0: "explode"}}}, "faults[2][0]: must be one of 'raise', 'nan'"),
     ({"pool": {"target_modules": []}}, "pool.target_modules: must not be empty"),
@@ -99,10 +99,11 @@ def test_vocabulary_is_defined_once():
     from smartfed_kernels import validation
     from smartfed_kernels.triton import configs
 
-    assert configs.GATES is validation.GATES is GATES and configs.ROUTERS is validation.ROUTERS is ROUTERS
+    assert configs.GATES is validation.GATES is GATES and configs.ROUTERS is validation.ROUTERS
+    assert LAYER_ROUTERS == (*validation.ROUTERS, "projected")
     fields = RunConfig.model_fields["more"].annotation.model_fields
     assert typing.get_args(fields["gate"].annotation) == GATES
-    assert typing.get_args(fields["router"].annotation) == ROUTERS
+    assert typing.get_args(fields["router"].annotation) == LAYER_ROUTERS
     assert typing.get_args(fields["router_init"].annotation) == ROUTER_INITS
     wire = RunConfig.model_fields["communication"].annotation.model_fields["wire_dtype"].annotation
     assert typing.get_args(wire) == WIRE_DTYPES == tuple(messages.WIRE_DTYPES)

@@ -143,3 +143,24 @@ def test_inference_without_grad_matches_reference(num_experts, tokens):
     if tokens:
         assert_close_for(y, want_y, what="output")
         assert_close_for(gates, want_gates, what="gates")
+
+
+def test_projected_router_layer_forward_and_router_gradient():
+    """The layer's projected router (z = U (P x)) runs on the Triton kernels as the linear router U P."""
+    from smartfed.layer import MoRELinear
+    from smartfed_kernels import reference
+
+    generator = torch.Generator().manual_seed(5)
+    layer = MoRELinear(torch.nn.Linear(24, 16), torch.randn(DENSE_POOL, 24, generator=generator) * 0.3,
+                       torch.randn(16, DENSE_POOL, generator=generator) * 0.3, 4, router="projected", router_dim=6,
+                       backend="triton", router_init="affinity")
+    x = torch.randn(11, 24, generator=generator)
+    y = layer(x)
+    u = layer.router_weight.detach().clone().requires_grad_()
+    want = reference.more_linear(x, layer.base.weight, layer.base.bias, u @ layer.router_projection,
+                                 layer.router_bias.detach(), layer.expert_a, layer.expert_b, 4)
+    assert_close_for(y, want)
+    grad_y = torch.randn(y.shape, generator=generator)
+    (y * grad_y).sum().backward()
+    (want * grad_y).sum().backward()
+    assert_close_for(layer.router_weight.grad, u.grad, what="grad U")

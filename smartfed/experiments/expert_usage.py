@@ -31,7 +31,7 @@ def expert_usage_by_adapter(model, input_ids, *, batch_size=50):
         router_weight, router_bias, expert_a, expert_b = layer._routing_tensors(x.dtype)
         _, indices, gates = smartfed_kernels.more_linear(
             x, None, None, router_weight, router_bias, expert_a, expert_b, layer.top_k, gate=layer.gate,
-            gamma=layer.gamma, router=layer.router, backend=layer.backend, return_routing=True,
+            gamma=layer.gamma, router=layer.op_router, backend=layer.backend, return_routing=True,
         )
         owners = [layer.origins[i][0] for i in range(layer.num_experts)]
         projection = layer_names[id(layer)].rsplit(".", 1)[-1]

@@ -8,13 +8,20 @@ and half its bytes, per task and seed) and PNG plots: accuracy vs round, accurac
 bytes (up + down), EEQA quota per matrix over rounds (one heatmap per run that has quotas), and
 expert usage by source adapter: a plot for runs whose records carry ``expert_usage`` per round,
 a table for runs with an ``expert_usage.json`` (final routers, smartfed.experiments.expert_usage).
+
+Runs of a sweep entry with ``lr_grid`` (``<method>@lr=<rate>``) are first narrowed to the rate
+chosen on validation (smartfed.experiments.selection): ``selection.json`` and ``selection.md``
+record every rate's validation numbers, ``validation_accuracy_chosen.png`` plots the chosen
+rates' validation accuracy per round, and every other table and plot shows only the chosen runs,
+under the entry's name.
 """
 
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Optional
 
 from smartfed.federated.run_dir import METRICS_FILE
 
@@ -29,6 +36,7 @@ class Run:
     seed: int
     records: list = field(default_factory=list)  # completed rounds, in order
     local_steps: int = 1  # optimizer steps per client and round, to turn client compute into step time
+    chosen_lr: Optional[float] = None  # a run of an lr_grid entry: its rate, chosen on validation
 
     @property
     def rounds(self):
@@ -177,11 +185,18 @@ def _megabytes(value):
     return f"{value / 1e6:.3f}"
 
 
-def markdown_report(runs, plots):
+def _chosen_lr(run):
+    return "-" if run.chosen_lr is None else repr(run.chosen_lr)
+
+
+def markdown_report(runs, plots, selections=()):
+    """report.md of ``runs``; with ``selections`` (smartfed.experiments.selection), ``runs`` are
+    the chosen ones (:func:`headline_runs`) and the report opens with how they were chosen."""
     # Only runs with a validation split log val_accuracy; reports of the others keep their columns.
     with_validation = any("val_accuracy" in run.records[-1] for run in runs)
     run_rows = [
-        [run.path.name, run.task, run.method, run.seed, run.rounds[-1], f"{run.accuracy[-1]:.3f}",
+        [run.path.name, run.task, run.method, *([_chosen_lr(run)] if selections else []), run.seed, run.rounds[-1],
+         f"{run.accuracy[-1]:.3f}",
          *([f"{run.records[-1]['val_accuracy']:.3f}" if "val_accuracy" in run.records[-1] else "-"]
            if with_validation else []),
          f"{max(run.accuracy):.3f}", _megabytes(run.records[-1]["total_bytes_up"]),
@@ -199,7 +214,8 @@ def markdown_report(runs, plots):
         per_round = bytes_mean / _mean_std([m.rounds[-1] for m in members])[0]
         reached_rounds, reached_megabytes = _reach_columns(members, runs)
         steps = [seconds for m in members for seconds in m.client_step_seconds]
-        group_rows.append([task, method, len(members), f"{final_mean:.3f} ± {final_std:.3f}", f"{best_mean:.3f}",
+        group_rows.append([task, method, *([_chosen_lr(members[0])] if selections else []), len(members),
+                           f"{final_mean:.3f} ± {final_std:.3f}", f"{best_mean:.3f}",
                            _megabytes(bytes_mean), _megabytes(per_round), reached_rounds, reached_megabytes,
                            f"{_median(steps):.2f}" if steps else "-"])
     checks = target_checks(runs)
@@ -214,15 +230,17 @@ def markdown_report(runs, plots):
         "# Federated runs", "",
         "Accuracy is on each task's fixed evaluation split after the round's aggregation; bytes are the "
         "serialized payloads (MB = 1e6 bytes), up + down unless marked.", "",
+        *([selection_markdown(selections), ""] if selections else []),
         "## Runs", "",
-        _table(["run", "task", "method", "seed", "rounds", "final acc",
+        _table(["run", "task", "method", *(["chosen lr"] if selections else []), "seed", "rounds", "final acc",
                 *(["final val acc"] if with_validation else []), "best acc", "MB up", "MB up+down", "wall s"],
                run_rows),
         "", "## Mean over seeds", "",
         "Round reached: the first round at or above FedIT's final accuracy of the same task and seed, "
         "per seed in seed order ('-': never); MB at reach: mean over the seeds that reached it. "
         "Client step: median seconds per local optimizer step over every sampled client and round.", "",
-        _table(["task", "method", "seeds", "final acc (mean ± std)", "best acc", "MB up+down", "MB per round",
+        _table(["task", "method", *(["chosen lr"] if selections else []), "seeds", "final acc (mean ± std)",
+                "best acc", "MB up+down", "MB per round",
                 "round reached FedIT final", "MB at reach", "client step s"], group_rows),
         "", "## Target (docs/design.md §8): reach FedIT's final accuracy in <= 1/3 of its rounds with <= 1/2 of its bytes", "",
         _table(["task", "seed", "method", "FedIT final acc", "FedIT rounds", "FedIT MB", "round reached",
@@ -247,6 +265,78 @@ def markdown_report(runs, plots):
     return "\n".join(parts) + "\n"
 
 
+def headline_runs(runs, selections):
+    """``runs`` with the runs of each lr_grid entry narrowed to its chosen rate, named after the entry."""
+    from smartfed.experiments.selection import grid_point
+
+    chosen = {id(run): selection for selection in selections for run in selection.chosen.runs}
+    headline = []
+    for run in runs:
+        selection = chosen.get(id(run))
+        if selection is not None:
+            headline.append(replace(run, method=selection.family, chosen_lr=selection.chosen.lr))
+        elif grid_point(run.method) is None:
+            headline.append(run)
+    return headline
+
+
+def selection_markdown(selections):
+    """The section of report.md (and the whole of selection.md) that shows how each lr_grid
+    entry's rate was chosen: every rate's validation numbers, none of its test numbers."""
+    from smartfed.experiments.selection import LAST_ROUNDS, RULE
+
+    rows = [[selection.task, selection.family, repr(candidate.lr), len(candidate.runs),
+             f"{candidate.mean:.3f} ± {candidate.std:.3f}",
+             " / ".join(f"{score:.3f}" for score in candidate.scores),
+             "**chosen**" if candidate is selection.chosen else ""]
+            for selection in selections for candidate in selection.candidates]
+    return "\n".join([
+        "## Learning rates chosen on validation", "",
+        f"Rule: {RULE}. Every other table and plot shows only the chosen rate's runs, under the method's name.", "",
+        _table(["task", "method", "lr", "seeds", f"val acc, last {LAST_ROUNDS} rounds (mean ± std over seeds)",
+                "per seed", "chosen"], rows),
+    ])
+
+
+def _plot_panels(panels, path, *, xlabel, ylabel, log_x=False):
+    """One subplot per task of ``panels`` (task -> (title, {label: [(xs, ys), ...]})), a color per
+    label and a line per series."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for axis, (title, lines) in zip(axes[0], (panels[task] for task in sorted(panels))):
+        for color, (label, series) in zip(plt.cm.tab10.colors, lines.items()):
+            for index, (xs, ys) in enumerate(series):
+                axis.plot(xs, ys, marker="o", markersize=3, color=color, alpha=0.8,
+                          label=label if index == 0 else None)
+        axis.set_title(title)
+        axis.set_xlabel(xlabel)
+        if log_x:
+            axis.set_xscale("log")
+        axis.set_ylabel(ylabel)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_validation(selections, path):
+    """Validation accuracy per round of the chosen rate of every lr_grid entry, one line per seed."""
+    panels = {}
+    for selection in selections:
+        series = []
+        for run in selection.chosen.runs:
+            scored = [record for record in run.records if "val_accuracy" in record]
+            series.append(([record["round"] for record in scored], [record["val_accuracy"] for record in scored]))
+        lines = panels.setdefault(selection.task, (f"{selection.task}: chosen learning rates", {}))[1]
+        lines[f"{selection.family} (lr {selection.chosen.lr!r})"] = series
+    _plot_panels(panels, path, xlabel="round", ylabel="validation accuracy")
+
+
 def _group_curves(runs, x_of):
     groups = {}
     for run in runs:
@@ -256,28 +346,10 @@ def _group_curves(runs, x_of):
 
 
 def plot_accuracy(runs, path, *, by_bytes):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     curves = _group_curves(runs, (lambda r: r.cumulative_bytes) if by_bytes else (lambda r: r.rounds))
-    figure, axes = plt.subplots(1, len(curves), figsize=(6 * len(curves), 4), squeeze=False)
-    for axis, (task, methods) in zip(axes[0], sorted(curves.items())):
-        for color, (method, series) in zip(plt.cm.tab10.colors, sorted(methods.items())):
-            for index, (xs, ys) in enumerate(series):
-                axis.plot(xs, ys, marker="o", markersize=3, color=color, alpha=0.8,
-                          label=method if index == 0 else None)
-        axis.set_title(task)
-        axis.set_xlabel("cumulative bytes (up + down)" if by_bytes else "round")
-        if by_bytes:
-            axis.set_xscale("log")
-        axis.set_ylabel("accuracy")
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    panels = {task: (task, dict(sorted(methods.items()))) for task, methods in curves.items()}
+    _plot_panels(panels, path, xlabel="cumulative bytes (up + down)" if by_bytes else "round", ylabel="accuracy",
+                 log_x=by_bytes)
 
 
 def _natural_key(name):
@@ -337,11 +409,28 @@ def plot_expert_usage(run, path):
 
 
 def write_report(run_paths, output_dir):
-    """Write report.md, summary.json and the plots into ``output_dir``; returns the report path."""
+    """Write report.md, summary.json and the plots into ``output_dir`` (and, for runs of lr_grid
+    entries, selection.json, selection.md and the chosen rates' validation plot); returns the
+    report path."""
+    from smartfed.experiments.selection import (
+        SELECTION_FILE,
+        SELECTION_TABLE,
+        VALIDATION_PLOT,
+        select_by_validation,
+        selection_record,
+    )
+
     runs = find_runs(run_paths)
+    selections = select_by_validation(runs)
+    runs = headline_runs(runs, selections)
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     plots = ["accuracy_vs_round.png", "accuracy_vs_bytes.png"]
+    if selections:
+        (output / SELECTION_FILE).write_text(json.dumps(selection_record(selections), indent=1))
+        (output / SELECTION_TABLE).write_text(selection_markdown(selections) + "\n")
+        plots.append(VALIDATION_PLOT)
+        plot_validation(selections, output / VALIDATION_PLOT)
     plot_accuracy(runs, output / plots[0], by_bytes=False)
     plot_accuracy(runs, output / plots[1], by_bytes=True)
     for run in runs:
@@ -353,10 +442,11 @@ def write_report(run_paths, output_dir):
             plots.append(f"expert_usage_{label}.png")
             plot_expert_usage(run, output / plots[-1])
     report = output / "report.md"
-    report.write_text(markdown_report(runs, plots))
+    report.write_text(markdown_report(runs, plots, selections))
     summary = {
-        "runs": [{"path": str(r.path), "task": r.task, "method": r.method, "seed": r.seed, "rounds": r.rounds,
-                  "accuracy": r.accuracy, "cumulative_bytes": r.cumulative_bytes} for r in runs],
+        "runs": [{"path": str(r.path), "task": r.task, "method": r.method, "chosen_lr": r.chosen_lr, "seed": r.seed,
+                  "rounds": r.rounds, "accuracy": r.accuracy, "cumulative_bytes": r.cumulative_bytes}
+                 for r in runs],
         "target_checks": target_checks(runs),
     }
     (output / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -5,8 +5,10 @@ task's splits and client label counts beside the run's metrics (``text_task.json
 the default SmolLM2 folder on first use. A config with a top-level ``sweep`` section
 (configs/paper_small.yaml, schema ``smartfed.config.SweepConfig``) runs every (seed, task,
 method) of it, one run folder each (``DIR/<task>/<method>/seed<k>``), seeds outermost so that a
-sweep cut short holds whole seeds. Every run is validated, and every run folder checked, before
-the first run starts; finished runs are skipped, interrupted ones continue from their checkpoint.
+sweep cut short holds whole seeds; a method with an ``lr_grid`` runs once per rate, in folders
+``<method>@lr=<rate>`` (smartfed.experiments.selection chooses among them on validation). Every
+run is validated, and every run folder checked, before the first run starts; finished runs are
+skipped, interrupted ones continue from their checkpoint.
 """
 
 import json
@@ -32,7 +34,8 @@ def configure_parser(parser):
                         help="run only these seeds of sweep.seeds")
     parser.add_argument("--tasks", nargs="+", default=None, metavar="TASK", help="run only these entries of sweep.tasks")
     parser.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
-                        help="run only these entries of sweep.methods")
+                        help="run only these entries of sweep.methods (an lr_grid entry: all its rates, or "
+                             "one rate named <method>@lr=<rate>)")
 
 
 def run_text_experiment(config, output_dir, *, progress=True, device="cpu", resume=False, resume_changes=None,
@@ -79,40 +82,72 @@ def sweep_runs(data, *, source=None):
     ``base`` (a run config), ``sweep.seeds``, ``sweep.tasks`` and ``sweep.methods`` (name -> the
     config values that differ from ``base``). A method entry may hold ``per_task`` (task name ->
     values for that task only, e.g. another pool) and may name a ``method`` of its own, which
-    makes it an ablation of that method: its runs get the entry's name as their ``label``."""
+    makes it an ablation of that method: its runs get the entry's name as their ``label``. An
+    entry with ``lr_grid`` becomes one run per rate, named (folder and ``label``)
+    ``<entry>@lr=<rate>`` (smartfed.experiments.selection.point_name), setting ``federation.lr``."""
     from smartfed.config import SweepConfig, validate
+    from smartfed.experiments.selection import point_name
 
     sweep = validate(SweepConfig, data, source=source)
     grid = sweep.sweep
-    methods = {}
-    for method, entry in grid.methods.items():
+    methods = []  # (family, run name, the entry's values for that run, per_task)
+    for family, entry in grid.methods.items():
         entry = dict(entry or {})
-        methods[method] = entry, entry.pop("per_task", None) or {}
+        per_task = entry.pop("per_task", None) or {}
+        rates = entry.pop("lr_grid", None)
+        if rates is None:
+            methods.append((family, family, entry, per_task))
+        else:
+            methods += [(family, point_name(family, lr), _merged(entry, {"federation": {"lr": lr}}), per_task)
+                        for lr in rates]
     runs = []
     for seed in grid.seeds:
         for task, task_override in grid.tasks.items():
-            for method, (method_override, per_task) in methods.items():
+            for family, name, method_override, per_task in methods:
                 config = _merged(_merged(sweep.base, task_override), method_override)
                 config = _merged(config, per_task.get(task))
-                config = {**config, "seed": seed, "method": config.get("method", method)}
-                if config["method"] != method:
-                    config["label"] = method
-                runs.append((Path(task) / method / f"seed{seed}", config))
+                config = {**config, "seed": seed, "method": config.get("method", family)}
+                if config["method"] != name:
+                    config["label"] = name
+                runs.append((Path(task) / name / f"seed{seed}", config))
     return runs
+
+
+def _method_names(name):
+    """The names ``--methods`` selects the run ``name`` by: itself, and its lr_grid entry's name."""
+    from smartfed.experiments.selection import grid_point
+
+    point = grid_point(name)
+    return {name} if point is None else {name, point[0]}
 
 
 def _selected(runs, *, seeds, tasks, methods):
     from smartfed.config import ConfigError
 
     available = {"--seeds": {int(r.parts[2][len("seed"):]) for r, _ in runs},
-                 "--tasks": {r.parts[0] for r, _ in runs}, "--methods": {r.parts[1] for r, _ in runs}}
+                 "--tasks": {r.parts[0] for r, _ in runs},
+                 "--methods": {name for r, _ in runs for name in _method_names(r.parts[1])}}
     for option, wanted in (("--seeds", seeds), ("--tasks", tasks), ("--methods", methods)):
         unknown = sorted(set(wanted or ()) - available[option], key=str)
         if unknown:
             raise ConfigError(f"{unknown} not in this sweep; it has {sorted(available[option], key=str)}", key=option)
     return [(relative, config) for relative, config in runs
             if (seeds is None or int(relative.parts[2][len("seed"):]) in seeds)
-            and (tasks is None or relative.parts[0] in tasks) and (methods is None or relative.parts[1] in methods)]
+            and (tasks is None or relative.parts[0] in tasks)
+            and (methods is None or _method_names(relative.parts[1]) & set(methods))]
+
+
+def _check_grid_overrides(runs, overrides):
+    """Refuse a ``--set`` of federation.lr over lr_grid runs: it would give every rate the same one."""
+    from smartfed.config import ConfigError
+    from smartfed.experiments.selection import grid_point
+
+    grid_runs = [relative for relative, _ in runs if grid_point(relative.parts[1]) is not None]
+    for assignment in overrides or ():
+        key = str(assignment).partition("=")[0].strip()
+        if grid_runs and key in ("federation", "federation.lr"):
+            raise ConfigError(f"would set the learning rate of every lr_grid run (e.g. {grid_runs[0]}); "
+                              f"change the sweep's lr_grid instead", key=key, source=f"--set {assignment}")
 
 
 def _require_text_task(config):
@@ -132,6 +167,7 @@ def plan_runs(data, output_root, *, overrides=(), seeds=None, tasks=None, method
 
     if "sweep" in data:
         runs = _selected(sweep_runs(data, source=source), seeds=seeds, tasks=tasks, methods=methods)
+        _check_grid_overrides(runs, overrides)
     else:
         for option, value in (("--seeds", seeds), ("--tasks", tasks), ("--methods", methods)):
             if value is not None:

@@ -47,7 +47,8 @@ def more_forward_flops_per_token(d_in, d_out, num_experts, top_k, router):
     """Forward FLOPs of one MoRE layer's adapter path per token, base product excluded:
     router logits (linear: N*d_in MACs; expert_space: all N shrinks N*d_in plus N*N), the k
     active experts' shrink (k*d_in, already paid by expert_space) and expand (k*d_out).
-    One multiply-add = 2 FLOPs."""
+    ``router`` is the op's form: a projected router runs as the linear router U P (its N*m*d_in
+    MACs to form U P are paid once per call, not per token). One multiply-add = 2 FLOPs."""
     if router == "linear":
         macs = num_experts * d_in + top_k * d_in + top_k * d_out
     elif router == "expert_space":

@@ -69,7 +69,8 @@ class SmartFedMethod(FederatedMethod):
         options = MoREConfig(
             top_k=more.top_k, router=more.router, gate=more.gate, router_init=more.router_init,
             router_bias=more.router_bias, gamma=more.gamma, backend=more.backend,
-            seed=derived_seed(self.config.seed, STREAM_ROUTER_INIT) % (2**31),
+            seed=derived_seed(self.config.seed, STREAM_ROUTER_INIT) % (2**31), router_dim=more.router_dim,
+            projection_seed=more.projection_seed,
         )
         return inject_more(base_model, pool, options)
 
@@ -88,7 +89,7 @@ class SmartFedMethod(FederatedMethod):
 
         return sum(
             more_forward_flops_per_token(
-                layer.in_features, layer.out_features, layer.num_experts, layer.top_k, layer.router
+                layer.in_features, layer.out_features, layer.num_experts, layer.top_k, layer.op_router
             )
             for layer in more_layers(model).values()
         )

@@ -1,0 +1,244 @@
+"""Choosing learning rates on validation: ``lr_grid`` entries of a sweep expand into one run per
+rate, and ``smartfed report`` picks each entry's rate by validation accuracy (last 3 rounds, mean
+over seeds, ties to the lower rate), then shows test numbers of the chosen rate only."""
+
+import json
+
+import pytest
+
+from smartfed.cli import main
+from smartfed.config import ConfigError, SweepConfig, validate
+from smartfed.experiments import report
+from smartfed.experiments.selection import grid_point, point_name, select_by_validation
+from smartfed.experiments.sweep import plan_runs, sweep_runs
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def sweep_data(methods, *, tasks=None, base=None):
+    return {"base": base or {}, "sweep": {"seeds": [0, 1], "tasks": tasks or {"skills": {}}, "methods": methods}}
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"lr_grid": "0.01"}, "sweep.methods.fedit.lr_grid: must be a list, got the string '0.01'"),
+    ({"lr_grid": 0.01}, "sweep.methods.fedit.lr_grid: must be a list, got 0.01"),
+    ({"lr_grid": None}, "sweep.methods.fedit.lr_grid: must be a list, got null"),
+    ({"lr_grid": []}, "sweep.methods.fedit.lr_grid: must not be empty"),
+    ({"lr_grid": [0.01, "3e-3"]}, "sweep.methods.fedit.lr_grid[1]: must be a number, got the string '3e-3' "
+                                  "(YAML reads an exponent without a dot as a string: write 1.0e-2, not 1e-2)"),
+    ({"lr_grid": [True]}, "sweep.methods.fedit.lr_grid[0]: must be a number, got True"),
+    ({"lr_grid": [0.01, 0]}, "sweep.methods.fedit.lr_grid[1]: must be > 0, got 0"),
+    ({"lr_grid": [-0.01]}, "sweep.methods.fedit.lr_grid[0]: must be > 0, got -0.01"),
+    ({"lr_grid": [float("inf")]}, "sweep.methods.fedit.lr_grid[0]: must be finite, got inf"),
+    ({"lr_grid": [0.01, 0.03, 0.010]}, "sweep.methods.fedit.lr_grid[2]: repeats lr_grid[0] (0.01)"),
+    ({"lr_grid": [1, 1.0]}, "sweep.methods.fedit.lr_grid[1]: repeats lr_grid[0] (1)"),
+    ({"lr_grid": [0.01], "federation": {"lr": 0.1}},
+     "sweep.methods.fedit.federation.lr: cannot be set in an entry with lr_grid: each rate of the grid sets it"),
+    ({"lr_grid": [0.01], "per_task": {"skills": {"federation": {"lr": 0.1}}}},
+     "sweep.methods.fedit.per_task.skills.federation.lr: cannot be set in an entry with lr_grid: each rate of the "
+     "grid sets it"),
+])
+def test_a_bad_lr_grid_is_a_one_line_config_error_naming_its_key(entry, message):
+    with pytest.raises(ConfigError) as caught:
+        validate(SweepConfig, sweep_data({"fedit": entry}), source="sweep.yaml")
+    assert str(caught.value) == f"sweep.yaml: {message}"
+
+
+def test_a_method_name_may_not_pass_for_a_grid_point():
+    with pytest.raises(ConfigError) as caught:
+        validate(SweepConfig, sweep_data({"fedit@lr=0.01": {}}))
+    assert str(caught.value) == "sweep.methods.fedit@lr=0.01: must not contain '@lr=', which names the runs of an lr_grid"
+
+
+def test_a_point_name_reads_back_as_its_rate():
+    assert [point_name("fedit", lr) for lr in (0.003, 3.0e-3, 0.01, 1e-05, 1)] == [
+        "fedit@lr=0.003", "fedit@lr=0.003", "fedit@lr=0.01", "fedit@lr=1e-05", "fedit@lr=1.0"]
+    assert grid_point("smartfed_uniform_quota@lr=1e-05") == ("smartfed_uniform_quota", 1e-05)
+    assert grid_point("smartfed_expert_space") is None
+
+
+def test_an_lr_grid_entry_runs_once_per_rate_with_ablations_and_per_task_values():
+    data = sweep_data({
+        "fedit": {"lr_grid": [0.003, 0.01]},
+        "uniform": {"method": "smartfed", "eeqa": {"enabled": False}, "lr_grid": [0.03],
+                    "per_task": {"skills": {"pool": {"paths": ["a"]}}}},
+        "linear_merge": {},
+    }, tasks={"skills": {}, "bbc": {}}, base={"federation": {"rounds": 4, "lr": 0.5}})
+    runs = {str(path): config for path, config in sweep_runs(data)}
+    assert list(runs)[:4] == ["skills/fedit@lr=0.003/seed0", "skills/fedit@lr=0.01/seed0",
+                              "skills/uniform@lr=0.03/seed0", "skills/linear_merge/seed0"]
+    assert len(runs) == 2 * 2 * 4
+    fedit = runs["bbc/fedit@lr=0.01/seed1"]
+    assert (fedit["method"], fedit["label"], fedit["seed"]) == ("fedit", "fedit@lr=0.01", 1)
+    assert fedit["federation"] == {"rounds": 4, "lr": 0.01}
+    assert "lr_grid" not in fedit and "per_task" not in fedit
+    uniform = runs["skills/uniform@lr=0.03/seed0"]
+    assert (uniform["method"], uniform["label"]) == ("smartfed", "uniform@lr=0.03")
+    assert uniform["federation"]["lr"] == 0.03 and uniform["eeqa"] == {"enabled": False}
+    assert uniform["pool"] == {"paths": ["a"]} and "pool" not in runs["bbc/uniform@lr=0.03/seed0"]
+    assert "label" not in runs["skills/linear_merge/seed0"]
+    assert runs["skills/linear_merge/seed0"]["federation"]["lr"] == 0.5
+
+
+@pytest.fixture
+def text_sweep(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    base = {"model": {"tiny": None, "pretrained": str(model)}, "task": {"name": "skills_target"}}
+    return sweep_data({"fedit": {"lr_grid": [0.003, 0.01]}, "linear_merge": {}}, base=base)
+
+
+def test_the_methods_option_selects_a_whole_grid_or_one_rate(text_sweep, tmp_path):
+    output = tmp_path / "runs"
+    plan = plan_runs(text_sweep, output, seeds=[0], methods=["fedit"], source="sweep.yaml")
+    assert [(str(relative), config.label, config.federation.lr) for relative, config, _, _ in plan] == [
+        ("skills/fedit@lr=0.003/seed0", "fedit@lr=0.003", 0.003), ("skills/fedit@lr=0.01/seed0", "fedit@lr=0.01", 0.01)]
+    plan = plan_runs(text_sweep, output, methods=["fedit@lr=0.01", "linear_merge"], source="sweep.yaml")
+    assert [str(relative) for relative, *_ in plan] == [
+        "skills/fedit@lr=0.01/seed0", "skills/linear_merge/seed0", "skills/fedit@lr=0.01/seed1",
+        "skills/linear_merge/seed1"]
+    with pytest.raises(ConfigError) as caught:
+        plan_runs(text_sweep, output, methods=["fedit@lr=0.1"], source="sweep.yaml")
+    assert str(caught.value) == ("--methods: ['fedit@lr=0.1'] not in this sweep; it has ['fedit', 'fedit@lr=0.003', "
+                                 "'fedit@lr=0.01', 'linear_merge']")
+
+
+def test_a_set_learning_rate_over_an_lr_grid_is_refused(text_sweep, tmp_path):
+    with pytest.raises(ConfigError) as caught:
+        plan_runs(text_sweep, tmp_path / "runs", overrides=["federation.lr=0.1"], source="sweep.yaml")
+    assert str(caught.value) == ("--set federation.lr=0.1: federation.lr: would set the learning rate of every lr_grid "
+                                 "run (e.g. skills/fedit@lr=0.003/seed0); change the sweep's lr_grid instead")
+    plan = plan_runs(text_sweep, tmp_path / "runs", overrides=["federation.lr=0.1"], methods=["linear_merge"],
+                     source="sweep.yaml")
+    assert [config.federation.lr for _, config, _, _ in plan] == [0.1, 0.1]
+
+
+# --------------------------------------------------------------------------- selection and report
+
+
+def write_run(root, name, seed, *, test, val=None, method="fedit", label=None, lr=0.01, task="bbc_news"):
+    """A finished run folder as smartfed sweep leaves it: config.json, text_task.json, metrics.jsonl."""
+    folder = root / task / name / f"seed{seed}"
+    folder.mkdir(parents=True)
+    config = {"method": method, "seed": seed, "more": {"router": "expert_space"},
+              "federation": {"lr": lr, "local_steps": 2}, **({"label": label} if label else {})}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "text_task.json").write_text(json.dumps({"name": task}))
+    records = []
+    for index, accuracy in enumerate(test):
+        record = {"round": index + 1, "status": "completed", "accuracy": accuracy, "loss": 1.0,
+                  "total_bytes_up": 100 * (index + 1), "total_bytes_down": 100 * (index + 1), "bytes_up": 100}
+        if val is not None:
+            record["val_accuracy"] = val[index]
+        records.append(json.dumps(record))
+    (folder / report.METRICS_FILE).write_text("\n".join(records) + "\n")
+    return folder
+
+
+def write_point(root, family, lr, seed, *, test, val, task="bbc_news"):
+    return write_run(root, point_name(family, lr), seed, test=test, val=val, label=point_name(family, lr), lr=lr,
+                     task=task)
+
+
+@pytest.fixture
+def grid_root(tmp_path):
+    """FedIT at three rates, two seeds. On test, 0.1 is best; on validation over the last 3 of 5
+    rounds, 0.01 is (0.001 leads on validation only in its first rounds)."""
+    root = tmp_path / "runs"
+    for seed in (0, 1):
+        write_point(root, "fedit", 0.001, seed, test=[0.5, 0.5, 0.5, 0.5, 0.5],
+                    val=[0.9, 0.9, 0.6, 0.6, 0.6])
+        write_point(root, "fedit", 0.01, seed, test=[0.6, 0.6, 0.6, 0.6, (0.7, 0.72)[seed]],
+                    val=[0.5, 0.6, 0.7, 0.7, (0.7, 0.72)[seed]])
+        write_point(root, "fedit", 0.1, seed, test=[0.9, 0.95, 0.95, 0.95, 0.987],
+                    val=[0.5, 0.6, 0.65, 0.66, 0.67])
+        write_run(root, "smartfed", seed, test=[0.69, 0.72, 0.72, 0.72, 0.72], val=[0.5] * 5, method="smartfed")
+    return root
+
+
+def test_selection_chooses_by_validation_over_the_last_rounds_not_by_test(grid_root):
+    [selection] = select_by_validation(report.find_runs([grid_root]))
+    assert (selection.task, selection.family, selection.chosen.lr) == ("bbc_news", "fedit", 0.01)
+    assert [candidate.lr for candidate in selection.candidates] == [0.001, 0.01, 0.1]
+    assert [[run.seed for run in candidate.runs] for candidate in selection.candidates] == [[0, 1]] * 3
+    assert selection.chosen.scores == pytest.approx([0.7, 0.7 + 0.02 / 3])
+    assert selection.candidates[2].mean == pytest.approx(0.66)
+    assert selection.candidates[0].mean == pytest.approx(0.6) and selection.candidates[0].std == 0.0
+
+
+def test_the_report_shows_test_numbers_of_the_chosen_rate_only(grid_root, tmp_path):
+    output = tmp_path / "report"
+    text = report.write_report([grid_root], output).read_text()
+    record = json.loads((output / "selection.json").read_text())
+    [chosen] = record["selections"]
+    assert (chosen["task"], chosen["method"], chosen["chosen_lr"], chosen["chosen_run"]) == (
+        "bbc_news", "fedit", 0.01, "fedit@lr=0.01")
+    assert [(c["lr"], c["chosen"], c["seeds"]) for c in chosen["candidates"]] == [
+        (0.001, False, [0, 1]), (0.01, True, [0, 1]), (0.1, False, [0, 1])]
+    assert chosen["candidates"][2]["val_accuracy_mean"] == pytest.approx(0.66)
+    assert "last 3 evaluated rounds" in record["rule"] and record["last_rounds"] == 3
+    table = (output / "selection.md").read_text()
+    assert "| bbc_news | fedit | 0.01 | 2 | 0.703 ± 0.005 | 0.700 / 0.707 | **chosen** |" in table
+    assert "| bbc_news | fedit | 0.1 | 2 | 0.660 ± 0.000 | 0.660 / 0.660 |  |" in table
+    assert table in text
+    # Headline: the chosen rate under the family's name, and FedIT's target reference is that rate.
+    assert "| bbc_news | fedit | 0.01 | 2 | 0.710 ± 0.014 |" in text
+    assert "| bbc_news | smartfed_expert_space | - | 2 | 0.720 ± 0.000 |" in text
+    checks = {c["seed"]: c for c in json.loads((output / "summary.json").read_text())["target_checks"]}
+    assert checks[0]["fedit_final_accuracy"] == 0.7 and checks[0]["reached_round"] == 2
+    assert checks[1]["fedit_final_accuracy"] == 0.72 and checks[1]["reached_round"] == 2
+    # Nothing of the rates not chosen reaches a table of test numbers.
+    assert "0.987" not in text and "0.950" not in text and "@lr=" not in text.split("## Runs")[1]
+    summary = json.loads((output / "summary.json").read_text())
+    assert sorted((r["method"], r["chosen_lr"], r["seed"]) for r in summary["runs"]) == [
+        ("fedit", 0.01, 0), ("fedit", 0.01, 1), ("smartfed_expert_space", None, 0),
+        ("smartfed_expert_space", None, 1)]
+    assert (output / "validation_accuracy_chosen.png").read_bytes()[:8] == PNG_MAGIC
+    assert "![validation_accuracy_chosen.png](validation_accuracy_chosen.png)" in text
+
+
+def test_a_tie_on_validation_goes_to_the_lower_rate(tmp_path):
+    for lr in (0.03, 0.01):
+        write_point(tmp_path, "fedit", lr, 0, test=[0.5 + lr] * 4, val=[0.1, 0.2, 0.6, 0.4])
+    [selection] = select_by_validation(report.find_runs([tmp_path]))
+    assert selection.chosen.lr == 0.01
+
+
+def test_selection_refuses_runs_without_validation_numbers(tmp_path, capsys):
+    write_point(tmp_path, "fedit", 0.01, 0, test=[0.5, 0.6], val=[0.5, 0.6])
+    missing = write_point(tmp_path, "fedit", 0.03, 0, test=[0.5, 0.6], val=None)
+    status = main(["report", str(tmp_path), "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert status == 2 and len(err.splitlines()) == 1
+    assert err == (f"smartfed report: {missing} has no val_accuracy in its metrics: choosing a learning rate on "
+                   f"validation needs a sweep run with task.validation_fraction > 0\n")
+    assert not (tmp_path / "out").exists()
+
+
+def test_selection_refuses_rates_on_other_seeds_or_rounds(tmp_path):
+    write_point(tmp_path / "seeds", "fedit", 0.01, 0, test=[0.5], val=[0.5])
+    write_point(tmp_path / "seeds", "fedit", 0.01, 1, test=[0.5], val=[0.5])
+    write_point(tmp_path / "seeds", "fedit", 0.1, 0, test=[0.5], val=[0.9])
+    with pytest.raises(ValueError, match=r"^bbc_news: the rates of fedit ran different seeds \(lr 0\.01: seeds "
+                                         r"\[0, 1\]; lr 0\.1: seeds \[0\]\)"):
+        select_by_validation(report.find_runs([tmp_path / "seeds"]))
+    write_point(tmp_path / "rounds", "fedit", 0.01, 0, test=[0.5, 0.5], val=[0.5, 0.5])
+    write_point(tmp_path / "rounds", "fedit", 0.1, 0, test=[0.5], val=[0.9])
+    with pytest.raises(ValueError, match=r"^bbc_news: the runs of fedit end at different rounds \(lr 0\.01: \[2\]; "
+                                         r"lr 0\.1: \[1\]\)"):
+        select_by_validation(report.find_runs([tmp_path / "rounds"]))
+
+
+def test_selection_refuses_a_method_both_on_a_grid_and_off_it(tmp_path):
+    write_point(tmp_path, "fedit", 0.01, 0, test=[0.5], val=[0.5])
+    write_run(tmp_path, "fedit", 0, test=[0.5], val=[0.5])
+    with pytest.raises(ValueError, match=r"^bbc_news: runs of fedit both with and without an lr_grid"):
+        select_by_validation(report.find_runs([tmp_path]))
+
+
+def test_a_report_without_grid_runs_writes_no_selection(tmp_path):
+    write_run(tmp_path / "runs", "fedit", 0, test=[0.5, 0.6])
+    text = report.write_report([tmp_path / "runs"], tmp_path / "out").read_text()
+    assert not (tmp_path / "out" / "selection.json").exists() and "chosen on validation" not in text
+    assert "| run | task | method | seed | rounds | final acc | best acc |" in text
