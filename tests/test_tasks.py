@@ -133,6 +133,9 @@ def test_source_skills_and_distractor(tokenizer):
     letters = load_task("skills_next_letter", tokenizer)
     assert tokenizer.decode_ids(letters.eval_input_ids[2]) == "Letter after c:"
     assert letters.label_words[int(letters.eval_labels[2])] == " d"
+    before = load_task("skills_previous_letter", tokenizer)
+    assert tokenizer.decode_ids(before.eval_input_ids[2]) == "Letter before d:"
+    assert before.label_words[int(before.eval_labels[2])] == " c"
 
 
 def test_a_missing_gguf_package_names_the_install_command_that_compiles_nothing():

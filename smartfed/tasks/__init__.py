@@ -9,7 +9,8 @@ within the label set). ``load_task(name, tokenizer, **options)`` builds one by n
 - ``bbc_news``: BBC News topic (5 labels), the federated target task (smartfed.tasks.bbc_news)
 - ``bbc_news_source``: BBC News topic over a subset of labels, on the articles kept public for
   the adapter pool (disjoint from the target's train and evaluation articles)
-- ``skills_target``, ``skills_arithmetic``, ``skills_number_words``, ``skills_next_letter``:
+- ``skills_target``, ``skills_arithmetic``, ``skills_number_words``, ``skills_next_letter``,
+  ``skills_previous_letter``:
   the skill-composition suite (smartfed.tasks.skills)
 
 ``smartfed.tasks.synthetic`` is the tiny token-level task of configs/tiny.yaml (no tokenizer);
@@ -26,6 +27,7 @@ TASK_BUILDERS = {
     "skills_arithmetic": skills.arithmetic_task,
     "skills_number_words": skills.number_words_task,
     "skills_next_letter": skills.next_letter_task,
+    "skills_previous_letter": skills.previous_letter_task,
 }
 
 

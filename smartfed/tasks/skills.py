@@ -7,6 +7,7 @@
   problems are split (by ``split_seed``) into training and test problems, so the test asks for
   sums the federation never saw spelled out; the arithmetic source skill has seen them as digits.
 - ``skills_next_letter`` (the distractor, unrelated to both): ``"Letter after c:"`` -> ``" d"``.
+- ``skills_previous_letter`` (a second distractor, for larger pools): ``"Letter before d:"`` -> ``" c"``.
 
 Answers are single tokens within a fixed label set, so accuracy is exact match of the answer.
 """
@@ -90,4 +91,16 @@ def next_letter_task(tokenizer, *, copies=2):
     return _task(
         "skills_next_letter", tokenizer, prompts, labels, words, np.arange(len(prompts)), np.arange(25),
         "'Letter after c:' -> next letter (distractor)",
+    )
+
+
+def previous_letter_task(tokenizer, *, copies=2):
+    """A second distractor: the letter before a letter (b..z)."""
+    letters = string.ascii_lowercase
+    prompts = [f"Letter before {letters[i + 1]}:" for i in range(25)] * copies
+    labels = list(range(25)) * copies
+    words = [f" {letters[i]}" for i in range(25)]
+    return _task(
+        "skills_previous_letter", tokenizer, prompts, labels, words, np.arange(len(prompts)), np.arange(25),
+        "'Letter before d:' -> previous letter (distractor)",
     )
