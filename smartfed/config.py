@@ -782,6 +782,11 @@ def _check_path(schema, parts, assignment):
         node = _unwrap(node.model_fields[part].annotation)
 
 
+def override_key(assignment) -> str:
+    """The dotted key of an ``"a.b=value"`` assignment, unchecked (for attributing and refusing)."""
+    return str(assignment).partition("=")[0].strip()
+
+
 def parse_override(assignment):
     """``"a.b=value"`` -> (["a", "b"], value parsed as YAML), the path checked against RunConfig."""
     import yaml
@@ -817,7 +822,7 @@ def apply_overrides(data, overrides) -> dict:
 def blame_override(error, overrides):
     """``error`` attributed to the (last) ``--set`` that wrote its key, if one did."""
     for assignment in reversed(tuple(overrides)):
-        key = str(assignment).partition("=")[0].strip()
+        key = override_key(assignment)
         if error.key == key or str(error.key).startswith((key + ".", key + "[")):
             return error.located(source=f"--set {assignment}")
     return error

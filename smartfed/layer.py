@@ -80,13 +80,12 @@ def router_projection(router_dim: int, d_in: int, seed: int) -> torch.Tensor:
     return (signs.float() * 2 - 1) / math.sqrt(d_in)
 
 
-def initial_router_weight(router: str, router_init: str, expert_a: torch.Tensor,
+def initial_router_weight(router: str, router_init: str, expert_a: torch.Tensor, width: int,
                           generator: Optional[torch.Generator] = None,
                           projection: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Router weight [N, d_in] (linear), [N, N] (expert_space) or [N, m] (projected, given its
-    ``projection`` P [m, d_in]) in float32 for ``router_init``."""
+    """Router weight [N, width] in float32 for ``router_init``: width d_in (linear), N
+    (expert_space) or m (projected, whose ``projection`` P [m, d_in] affinity needs)."""
     num_experts, d_in = expert_a.shape
-    width = {"linear": d_in, "expert_space": num_experts}.get(router) or projection.shape[0]
     if router_init == "zeros":
         return torch.zeros(num_experts, width)
     if router_init == "normal":
@@ -185,7 +184,8 @@ class MoRELinear(nn.Module):
             projection = router_projection(router_dim, d_in, projection_seed)
             self.register_buffer("router_projection", projection.to(**place))
         generator = None if seed is None else torch.Generator().manual_seed(seed)
-        weight = initial_router_weight(router, router_init, expert_a, generator, projection)
+        weight = initial_router_weight(router, router_init, expert_a, self.router_input_width(), generator,
+                                       projection)
         self.router_weight = nn.Parameter(weight.to(**place))
         if router_bias:
             self.router_bias = nn.Parameter(torch.zeros(num_experts, **place))
@@ -308,7 +308,7 @@ class MoRELinear(nn.Module):
                 or expert_b.dtype != dtype or not weight.is_cpu):
             return None
         if self.router == "projected":
-            router_weight = router_weight @ self._buffers["router_projection"].to(dtype)
+            router_weight = self.effective_router_weight()
         if self._base_is_conv1d:
             weight = weight.t()
         flat = len(shape) == 2

@@ -30,10 +30,10 @@ Backward with gY [T, d_out] (A and B frozen unless they require grad), u = gY . 
 
 The autograd Function saves X, H [T, N], I and g [T, k] (and P for softmax_topk), so backward
 never re-runs the router. A call that needs no gradient (grad mode off, or no input requiring
-one) skips it: :func:`more_inference` runs the forward alone. Decode-shaped calls
-(T <= DECODE_MAX_TOKENS) take variants with fewer ops: one CPU token selects and gates in
-Python between GEMVs (each tensor op costs more than that arithmetic), a few tokens expand
-through a dense [T, N] coefficient tile in one GEMM into the base output.
+one) skips it: :func:`more_inference` runs the forward alone, on the CPU through the C kernels
+of :mod:`smartfed_kernels.cpu` (selection, gates and expand fused per token). Where they do not
+run, decode-shaped calls (T <= DECODE_MAX_TOKENS) expand through a dense [T, N] coefficient tile
+in one GEMM into the base output.
 """
 
 import torch

@@ -1,6 +1,7 @@
 """The MoRE CPU kernels in C (smartfed_kernels.cpu): the same selection, gates and outputs as the
 reference on every input class, threads included, and a clean fall-back when they cannot run."""
 
+import os
 import subprocess
 import sys
 import threading
@@ -179,8 +180,6 @@ print(float(y.abs().sum()))
 
 
 def fresh_process(tmp_path, **environment):
-    import os
-
     env = {**os.environ, build.CACHE_VARIABLE: str(tmp_path / "cache"), **environment}
     done = subprocess.run([sys.executable, "-c", FRESH_PROCESS], env=env, capture_output=True, text=True,
                           timeout=300)

@@ -43,7 +43,9 @@ def read_run_config(run_dir, overrides):
     """(the config the model is rebuilt from: the run's, with the pool cache of ``overrides``; the
     config to evaluate with); a ConfigError for a missing run folder or a ``--set`` outside
     ``EVALUATION_CHANGES``."""
-    from smartfed.config import CONFIG_FILE, ConfigError, blame_override, config_from_dict, config_to_dict, with_overrides
+    from smartfed.config import (
+        CONFIG_FILE, ConfigError, blame_override, config_from_dict, config_to_dict, override_key, with_overrides,
+    )
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -56,7 +58,7 @@ def read_run_config(run_dir, overrides):
     except ValueError as error:
         raise ConfigError(f"not valid JSON ({error})", source=path) from None
     for assignment in overrides:
-        key = str(assignment).partition("=")[0].strip()
+        key = override_key(assignment)
         if not _evaluation_key(key):
             raise ConfigError(f"the final state was trained with this setting; evaluate may change only "
                               f"{', '.join(EVALUATION_CHANGES)}", key=key, source=f"--set {assignment}")

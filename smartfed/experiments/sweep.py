@@ -139,12 +139,12 @@ def _selected(runs, *, seeds, tasks, methods):
 
 def _check_grid_overrides(runs, overrides):
     """Refuse a ``--set`` of federation.lr over lr_grid runs: it would give every rate the same one."""
-    from smartfed.config import ConfigError
+    from smartfed.config import ConfigError, override_key
     from smartfed.experiments.selection import grid_point
 
     grid_runs = [relative for relative, _ in runs if grid_point(relative.parts[1]) is not None]
     for assignment in overrides or ():
-        key = str(assignment).partition("=")[0].strip()
+        key = override_key(assignment)
         if grid_runs and key in ("federation", "federation.lr"):
             raise ConfigError(f"would set the learning rate of every lr_grid run (e.g. {grid_runs[0]}); "
                               f"change the sweep's lr_grid instead", key=key, source=f"--set {assignment}")

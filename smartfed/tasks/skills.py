@@ -82,25 +82,24 @@ def number_words_task(tokenizer, *, copies=4):
     )
 
 
+def _letter_task(tokenizer, name, relation, shift, copies, description):
+    """``"Letter <relation> x:"`` -> the letter ``shift`` places from x (+1 after, -1 before), over
+    the 25 letters that have one: the distractors of the suite."""
+    letters = string.ascii_lowercase
+    start = 1 if shift < 0 else 0
+    prompts = [f"Letter {relation} {letters[start + i]}:" for i in range(25)] * copies
+    labels = list(range(25)) * copies
+    words = [f" {letters[start + i + shift]}" for i in range(25)]
+    return _task(name, tokenizer, prompts, labels, words, np.arange(len(prompts)), np.arange(25), description)
+
+
 def next_letter_task(tokenizer, *, copies=2):
     """The distractor: the letter after a letter (a..y)."""
-    letters = string.ascii_lowercase
-    prompts = [f"Letter after {letters[i]}:" for i in range(25)] * copies
-    labels = list(range(25)) * copies
-    words = [f" {letters[i + 1]}" for i in range(25)]
-    return _task(
-        "skills_next_letter", tokenizer, prompts, labels, words, np.arange(len(prompts)), np.arange(25),
-        "'Letter after c:' -> next letter (distractor)",
-    )
+    return _letter_task(tokenizer, "skills_next_letter", "after", 1, copies,
+                        "'Letter after c:' -> next letter (distractor)")
 
 
 def previous_letter_task(tokenizer, *, copies=2):
     """A second distractor: the letter before a letter (b..z)."""
-    letters = string.ascii_lowercase
-    prompts = [f"Letter before {letters[i + 1]}:" for i in range(25)] * copies
-    labels = list(range(25)) * copies
-    words = [f" {letters[i]}" for i in range(25)]
-    return _task(
-        "skills_previous_letter", tokenizer, prompts, labels, words, np.arange(len(prompts)), np.arange(25),
-        "'Letter before d:' -> previous letter (distractor)",
-    )
+    return _letter_task(tokenizer, "skills_previous_letter", "before", -1, copies,
+                        "'Letter before d:' -> previous letter (distractor)")
