@@ -109,11 +109,13 @@ SUBCOMMANDS = {
         details="Reads every metrics.jsonl under the given folders (a run folder or a folder of run folders) with "
                 "the config.json beside it: one row per run, per task and method averaged over seeds, and the "
                 "target check (does SmartFed reach FedIT's final accuracy within a third of its rounds and half "
-                "its bytes). Methods swept over an lr_grid are chosen on validation first (mean over seeds of "
-                "the last 3 rounds' validation accuracy); only the chosen rate's test numbers are reported.",
+                "its bytes). Methods swept over an lr_grid are chosen on validation first (the last 3 rounds' "
+                "validation accuracy, averaged over the seeds every rate ran; the chosen rate reports all its "
+                "seeds), then SmartFed's configuration among its lr_grid entries (e.g. router forms); only "
+                "the chosen runs' test numbers are reported.",
         example="smartfed report runs/paper_small --output runs/paper_small/report",
-        writes="OUTPUT/report.md, OUTPUT/summary.json, OUTPUT/*.png (accuracy vs round and vs bytes, EEQA "
-               "quotas per matrix, expert usage); with lr_grid runs also OUTPUT/selection.json, "
+        writes="OUTPUT/report.md, OUTPUT/summary.json, OUTPUT/*.png (accuracy vs round and vs bytes, mean "
+               "accuracy vs bytes, EEQA quotas per matrix, expert usage); with lr_grid runs also OUTPUT/selection.json, "
                "OUTPUT/selection.md and OUTPUT/validation_accuracy_chosen.png",
         exit_codes="0 done; 2 no runs found, lr_grid runs without validation numbers or bad arguments (one line "
                    "on stderr)",

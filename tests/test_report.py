@@ -67,7 +67,7 @@ def test_write_report_tables_and_plots(runs_root, tmp_path):
     assert "| bbc_news | 1 | smartfed_expert_space | 0.900 | 6 | 0.012 | not reached | - | no |" in text
     assert "| bbc_news | smartfed_expert_space | 2 | 0.875 ± 0.007 | 0.875 | 0.001 | 0.000 | 2 / - | 0.000 | 1.50 |" in text
     plots = sorted(p.name for p in output.glob("*.png"))
-    assert plots == sorted(["accuracy_vs_round.png", "accuracy_vs_bytes.png",
+    assert plots == sorted(["accuracy_vs_round.png", "accuracy_vs_bytes.png", "accuracy_vs_bytes_mean.png",
                             "quotas_bbc_news_smartfed_expert_space_seed0_smartfed_s0.png",
                             "quotas_bbc_news_smartfed_expert_space_seed1_smartfed_s1.png"])
     assert all((output / name).read_bytes()[:8] == PNG_MAGIC for name in plots)

@@ -179,8 +179,8 @@ def test_the_report_shows_test_numbers_of_the_chosen_rate_only(grid_root, tmp_pa
     assert chosen["candidates"][2]["val_accuracy_mean"] == pytest.approx(0.66)
     assert "last 3 evaluated rounds" in record["rule"] and record["last_rounds"] == 3
     table = (output / "selection.md").read_text()
-    assert "| bbc_news | fedit | 0.01 | 2 | 0.703 ± 0.005 | 0.700 / 0.707 | **chosen** |" in table
-    assert "| bbc_news | fedit | 0.1 | 2 | 0.660 ± 0.000 | 0.660 / 0.660 |  |" in table
+    assert "| bbc_news | fedit | 0.01 | 0, 1 | 0.703 ± 0.005 | 0.700 / 0.707 | **chosen**, runs seeds 0, 1 |" in table
+    assert "| bbc_news | fedit | 0.1 | 0, 1 | 0.660 ± 0.000 | 0.660 / 0.660 |  |" in table
     assert table in text
     # Headline: the chosen rate under the family's name, and FedIT's target reference is that rate.
     assert "| bbc_news | fedit | 0.01 | 2 | 0.710 ± 0.014 |" in text
@@ -216,12 +216,12 @@ def test_selection_refuses_runs_without_validation_numbers(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_selection_refuses_rates_on_other_seeds_or_rounds(tmp_path):
-    write_point(tmp_path / "seeds", "fedit", 0.01, 0, test=[0.5], val=[0.5])
+def test_selection_refuses_rates_without_a_common_seed_or_on_other_rounds(tmp_path):
     write_point(tmp_path / "seeds", "fedit", 0.01, 1, test=[0.5], val=[0.5])
+    write_point(tmp_path / "seeds", "fedit", 0.01, 2, test=[0.5], val=[0.5])
     write_point(tmp_path / "seeds", "fedit", 0.1, 0, test=[0.5], val=[0.9])
-    with pytest.raises(ValueError, match=r"^bbc_news: the rates of fedit ran different seeds \(lr 0\.01: seeds "
-                                         r"\[0, 1\]; lr 0\.1: seeds \[0\]\)"):
+    with pytest.raises(ValueError, match=r"^bbc_news: the rates of fedit share no seed \(lr 0\.01: seeds "
+                                         r"\[1, 2\]; lr 0\.1: seeds \[0\]\)"):
         select_by_validation(report.find_runs([tmp_path / "seeds"]))
     write_point(tmp_path / "rounds", "fedit", 0.01, 0, test=[0.5, 0.5], val=[0.5, 0.5])
     write_point(tmp_path / "rounds", "fedit", 0.1, 0, test=[0.5], val=[0.9])
@@ -242,3 +242,54 @@ def test_a_report_without_grid_runs_writes_no_selection(tmp_path):
     text = report.write_report([tmp_path / "runs"], tmp_path / "out").read_text()
     assert not (tmp_path / "out" / "selection.json").exists() and "chosen on validation" not in text
     assert "| run | task | method | seed | rounds | final acc | best acc |" in text
+
+
+def test_rates_are_compared_on_the_seeds_they_all_ran_and_the_chosen_one_reports_all_its_seeds(tmp_path):
+    """The protocol of configs/protocol_small.yaml: the whole grid on seed 0, the chosen rate alone
+    on seeds 1 and 2. A rate's extra seed, however good on validation, takes no part in the choice."""
+    write_point(tmp_path, "fedit", 0.01, 0, test=[0.4, 0.5], val=[0.6, 0.6])
+    write_point(tmp_path, "fedit", 0.1, 0, test=[0.9, 0.9], val=[0.5, 0.5])
+    write_point(tmp_path, "fedit", 0.1, 3, test=[0.9, 0.9], val=[1.0, 1.0])
+    for seed in (1, 2):
+        write_point(tmp_path, "fedit", 0.01, seed, test=[0.5, 0.6 + seed / 10], val=[0.1, 0.1])
+    [selection] = select_by_validation(report.find_runs([tmp_path]))
+    assert selection.chosen.lr == 0.01 and selection.selection_seeds == (0,)
+    assert [candidate.scores for candidate in selection.candidates] == [[0.6], [0.5]]
+    assert [run.seed for run in selection.chosen.runs] == [0, 1, 2]
+    text = report.write_report([tmp_path], tmp_path / "out").read_text()
+    assert "| bbc_news | fedit | 0.01 | 0 | 0.600 ± 0.000 | 0.600 | **chosen**, runs seeds 0, 1, 2 |" in text
+    assert "| bbc_news | fedit | 0.01 | 3 | 0.667 ± 0.153 |" in text
+    record = json.loads((tmp_path / "out" / "selection.json").read_text())["selections"][0]
+    assert (record["selection_seeds"], record["chosen_seeds"]) == ([0], [0, 1, 2])
+    assert [c["seeds"] for c in record["candidates"]] == [[0], [0]]
+
+
+def write_smartfed_point(root, family, lr, seed, *, test, val, router, task="bbc_news"):
+    folder = write_point(root, family, lr, seed, test=test, val=val, task=task)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(method="smartfed", more={"router": router})
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_the_smartfed_form_is_chosen_on_validation_and_the_target_verdict_counts_its_pairs(tmp_path):
+    for seed in (0, 1):
+        write_point(tmp_path, "fedit", 0.001, seed, test=[0.3, 0.5, 0.6], val=[0.5] * 3)
+        # The linear router is best on test but not on validation: the projected form is chosen.
+        write_smartfed_point(tmp_path, "linear", 0.01, seed, test=[0.9, 0.9, 0.9], val=[0.6] * 3, router="linear")
+        write_smartfed_point(tmp_path, "projected", 0.01, seed, test=[(0.7, 0.5)[seed], 0.55, 0.8],
+                             val=[0.7] * 3, router="projected")
+    write_smartfed_point(tmp_path, "projected", 0.1, 0, test=[0.1] * 3, val=[0.1] * 3, router="projected")
+    output = tmp_path / "out"
+    text = report.write_report([tmp_path], output).read_text()
+    record = json.loads((output / "selection.json").read_text())
+    [configuration] = record["configurations"]
+    assert (configuration["chosen"], configuration["chosen_lr"], configuration["seeds"]) == ("projected", 0.01, [0])
+    assert configuration["val_accuracy_by_entry"] == {"linear": pytest.approx(0.6), "projected": pytest.approx(0.7)}
+    assert "| bbc_news | smartfed | 0 | linear 0.600, **projected** 0.700 | projected (lr 0.01) |" in text
+    assert ("The configuration chosen on validation per task (bbc_news: projected) meets the target in 1 of 2 "
+            "(task, seed) pairs.") in text
+    assert "- bbc_news seed 1 (projected): reaches it at round 3, after a third of FedIT's 3 rounds" in text
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["chosen_configuration_checks"] == {"bbc_news": {"entry": "projected", "met": 1, "pairs": 2}}
+    assert (output / "accuracy_vs_bytes_mean.png").read_bytes()[:8] == PNG_MAGIC

@@ -17,15 +17,17 @@ under the entry's name.
 """
 
 import json
-import math
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
+from smartfed.experiments.selection import mean_std
 from smartfed.federated.run_dir import METRICS_FILE
 
 USAGE_FILE = "expert_usage.json"
+TRADEOFF_PLOT = "accuracy_vs_bytes_mean.png"
+USAGE_PLOT = "expert_usage_final.png"
 
 
 @dataclass
@@ -34,6 +36,7 @@ class Run:
     task: str
     method: str  # method label: the method, with the router form for SmartFed
     seed: int
+    base_method: str = ""  # the method the run trained (config "method"): smartfed for every router form
     records: list = field(default_factory=list)  # completed rounds, in order
     local_steps: int = 1  # optimizer steps per client and round, to turn client compute into step time
     chosen_lr: Optional[float] = None  # a run of an lr_grid entry: its rate, chosen on validation
@@ -95,7 +98,7 @@ def load_run(metrics_path):
     method = method_label(config) if config else records[0].get("method", "unknown")
     local_steps = int((config.get("federation") or {}).get("local_steps", 1))
     return Run(path=folder, task=task, method=method, seed=int(config.get("seed", 0)), records=records,
-               local_steps=local_steps)
+               local_steps=local_steps, base_method=config.get("method", records[0].get("method", "unknown")))
 
 
 def find_runs(paths):
@@ -110,12 +113,6 @@ def find_runs(paths):
             raise FileNotFoundError(f"no {METRICS_FILE} under {path}")
         runs.extend(load_run(metrics) for metrics in found)
     return runs
-
-
-def _mean_std(values):
-    mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return mean, std
 
 
 def reach(run, accuracy):
@@ -139,7 +136,7 @@ def target_checks(runs, *, reference="fedit"):
     checks = []
     for (task, seed, method), run in sorted(by_key.items()):
         base = references.get((task, seed))
-        if method == reference or base is None or not method.startswith("smartfed"):
+        if method == reference or base is None or run.base_method != "smartfed":
             continue
         goal, rounds, total = base.accuracy[-1], base.rounds[-1], base.cumulative_bytes[-1]
         reached = reach(run, goal)
@@ -189,9 +186,10 @@ def _chosen_lr(run):
     return "-" if run.chosen_lr is None else repr(run.chosen_lr)
 
 
-def markdown_report(runs, plots, selections=()):
+def markdown_report(runs, plots, selections=(), configurations=None):
     """report.md of ``runs``; with ``selections`` (smartfed.experiments.selection), ``runs`` are
-    the chosen ones (:func:`headline_runs`) and the report opens with how they were chosen."""
+    the chosen ones (:func:`headline_runs`) and the report opens with how they were chosen, and
+    with ``configurations`` the target section says how the entry chosen among SmartFed's fares."""
     # Only runs with a validation split log val_accuracy; reports of the others keep their columns.
     with_validation = any("val_accuracy" in run.records[-1] for run in runs)
     run_rows = [
@@ -208,10 +206,10 @@ def markdown_report(runs, plots, selections=()):
         groups.setdefault((run.task, run.method), []).append(run)
     group_rows = []
     for (task, method), members in sorted(groups.items()):
-        final_mean, final_std = _mean_std([m.accuracy[-1] for m in members])
-        best_mean, _ = _mean_std([max(m.accuracy) for m in members])
-        bytes_mean, _ = _mean_std([m.cumulative_bytes[-1] for m in members])
-        per_round = bytes_mean / _mean_std([m.rounds[-1] for m in members])[0]
+        final_mean, final_std = mean_std([m.accuracy[-1] for m in members])
+        best_mean, _ = mean_std([max(m.accuracy) for m in members])
+        bytes_mean, _ = mean_std([m.cumulative_bytes[-1] for m in members])
+        per_round = bytes_mean / mean_std([m.rounds[-1] for m in members])[0]
         reached_rounds, reached_megabytes = _reach_columns(members, runs)
         steps = [seconds for m in members for seconds in m.client_step_seconds]
         group_rows.append([task, method, *([_chosen_lr(members[0])] if selections else []), len(members),
@@ -230,7 +228,7 @@ def markdown_report(runs, plots, selections=()):
         "# Federated runs", "",
         "Accuracy is on each task's fixed evaluation split after the round's aggregation; bytes are the "
         "serialized payloads (MB = 1e6 bytes), up + down unless marked.", "",
-        *([selection_markdown(selections), ""] if selections else []),
+        *([selection_markdown(selections, configurations), ""] if selections else []),
         "## Runs", "",
         _table(["run", "task", "method", *(["chosen lr"] if selections else []), "seed", "rounds", "final acc",
                 *(["final val acc"] if with_validation else []), "best acc", "MB up", "MB up+down", "wall s"],
@@ -246,6 +244,7 @@ def markdown_report(runs, plots, selections=()):
         _table(["task", "seed", "method", "FedIT final acc", "FedIT rounds", "FedIT MB", "round reached",
                 "MB at reach", "target met"], check_rows) if check_rows
         else "No task and seed has both a FedIT and a SmartFed run.",
+        *(["", verdict] if (verdict := _verdict_markdown(checks, configurations or {})) else []),
         "", "## Plots", "",
     ]
     parts += [f"![{name}]({name})" for name in plots]
@@ -280,22 +279,81 @@ def headline_runs(runs, selections):
     return headline
 
 
-def selection_markdown(selections):
+def selection_markdown(selections, configurations=None):
     """The section of report.md (and the whole of selection.md) that shows how each lr_grid
-    entry's rate was chosen: every rate's validation numbers, none of its test numbers."""
-    from smartfed.experiments.selection import LAST_ROUNDS, RULE
+    entry's rate, and each method's entry (``configurations``), was chosen: validation numbers
+    only, none of the test split."""
+    from smartfed.experiments.selection import CONFIGURATION_RULE, LAST_ROUNDS, RULE
 
-    rows = [[selection.task, selection.family, repr(candidate.lr), len(candidate.runs),
+    rows = [[selection.task, selection.family, repr(candidate.lr),
+             ", ".join(str(seed) for seed in candidate.selection_seeds),
              f"{candidate.mean:.3f} ± {candidate.std:.3f}",
              " / ".join(f"{score:.3f}" for score in candidate.scores),
-             "**chosen**" if candidate is selection.chosen else ""]
+             ("**chosen**, runs seeds " + ", ".join(str(run.seed) for run in candidate.runs))
+             if candidate is selection.chosen else ""]
             for selection in selections for candidate in selection.candidates]
-    return "\n".join([
+    parts = [
         "## Learning rates chosen on validation", "",
         f"Rule: {RULE}. Every other table and plot shows only the chosen rate's runs, under the method's name.", "",
-        _table(["task", "method", "lr", "seeds", f"val acc, last {LAST_ROUNDS} rounds (mean ± std over seeds)",
+        _table(["task", "method", "lr", "seeds scored", f"val acc, last {LAST_ROUNDS} rounds (mean ± std)",
                 "per seed", "chosen"], rows),
-    ])
+    ]
+    if configurations:
+        rows = [[task, configuration.method, ", ".join(str(seed) for seed in configuration.seeds),
+                 ", ".join(f"{'**' + entry + '**' if entry == configuration.chosen.family else entry} "
+                           f"{score:.3f}" for entry, score in configuration.scores.items()),
+                 f"{configuration.chosen.family} (lr {configuration.chosen.chosen.lr!r})"]
+                for task, configuration in sorted(configurations.items())]
+        parts += ["", "## Configuration chosen on validation", "",
+                  f"Rule: {CONFIGURATION_RULE}.", "",
+                  _table(["task", "method", "seeds scored", "val acc of each entry's chosen rate", "chosen"], rows)]
+    return "\n".join(parts)
+
+
+def configuration_verdicts(checks, configurations):
+    """Per task, the target checks of the configuration chosen on validation: (entry, checks)."""
+    return {task: (configuration.chosen.family,
+                   [check for check in checks if check["task"] == task and check["method"] == configuration.chosen.family])
+            for task, configuration in sorted(configurations.items())}
+
+
+def _verdict_markdown(checks, configurations):
+    verdicts = configuration_verdicts(checks, configurations)
+    pairs = [check for _, task_checks in verdicts.values() for check in task_checks]
+    if not pairs:
+        return ""
+    met = [check for check in pairs if check["rounds_ok"] and check["bytes_ok"]]
+    lines = [f"The configuration chosen on validation per task ({', '.join(f'{task}: {entry}' for task, (entry, _) in verdicts.items())}) "
+             f"meets the target in {len(met)} of {len(pairs)} (task, seed) pairs."]
+    for check in pairs:
+        if check["rounds_ok"] and check["bytes_ok"]:
+            continue
+        if check["reached_round"] is None:
+            why = f"never reaches FedIT's final {check['fedit_final_accuracy']:.3f}"
+        else:
+            why = "; ".join(reason for ok, reason in (
+                (check["rounds_ok"], f"reaches it at round {check['reached_round']}, after a third of FedIT's "
+                                     f"{check['fedit_rounds']} rounds"),
+                (check["bytes_ok"], f"needs {_megabytes(check['reached_bytes'])} MB, over half of FedIT's "
+                                    f"{_megabytes(check['fedit_bytes'])} MB")) if not ok)
+        lines.append(f"- {check['task']} seed {check['seed']} ({check['method']}): {why}")
+    return "\n".join(lines)
+
+
+def _save(figure, path):
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _style_axis(axis, *, title, xlabel, ylabel, legend_size):
+    axis.set_title(title, fontsize=9)
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=legend_size)
 
 
 def _plot_panels(panels, path, *, xlabel, ylabel, log_x=False):
@@ -312,28 +370,27 @@ def _plot_panels(panels, path, *, xlabel, ylabel, log_x=False):
             for index, (xs, ys) in enumerate(series):
                 axis.plot(xs, ys, marker="o", markersize=3, color=color, alpha=0.8,
                           label=label if index == 0 else None)
-        axis.set_title(title)
-        axis.set_xlabel(xlabel)
         if log_x:
             axis.set_xscale("log")
-        axis.set_ylabel(ylabel)
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+        _style_axis(axis, title=title, xlabel=xlabel, ylabel=ylabel, legend_size=8)
+    _save(figure, path)
 
 
 def plot_validation(selections, path):
-    """Validation accuracy per round of the chosen rate of every lr_grid entry, one line per seed."""
+    """Validation accuracy per round of the chosen rate of every lr_grid entry, the mean over its
+    seeds (rounds every seed scored), to show whether it had flattened."""
     panels = {}
     for selection in selections:
-        series = []
+        by_round = {}
         for run in selection.chosen.runs:
-            scored = [record for record in run.records if "val_accuracy" in record]
-            series.append(([record["round"] for record in scored], [record["val_accuracy"] for record in scored]))
-        lines = panels.setdefault(selection.task, (f"{selection.task}: chosen learning rates", {}))[1]
-        lines[f"{selection.family} (lr {selection.chosen.lr!r})"] = series
+            for record in run.records:
+                if "val_accuracy" in record:
+                    by_round.setdefault(record["round"], []).append(record["val_accuracy"])
+        seeds = len(selection.chosen.runs)
+        rounds = [round_ for round_, scores in sorted(by_round.items()) if len(scores) == seeds]
+        lines = panels.setdefault(selection.task, (f"{selection.task}: chosen learning rates, mean over seeds", {}))[1]
+        lines[f"{selection.family} (lr {selection.chosen.lr!r}, {seeds} seed{'s' if seeds > 1 else ''})"] = [
+            (rounds, [mean_std(by_round[round_])[0] for round_ in rounds])]
     _plot_panels(panels, path, xlabel="round", ylabel="validation accuracy")
 
 
@@ -380,9 +437,7 @@ def plot_quotas(run, path):
     axis.set_xlabel("round")
     axis.set_title(f"EEQA quota k per matrix: {run.path.name}")
     figure.colorbar(image, ax=axis, label="k")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    _save(figure, path)
 
 
 def plot_expert_usage(run, path):
@@ -403,9 +458,68 @@ def plot_expert_usage(run, path):
     axis.set_xlabel("round")
     axis.set_ylabel("share of activations")
     axis.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    _save(figure, path)
+
+
+def plot_tradeoff(runs, path, configurations=None):
+    """Accuracy against cumulative MB (up + down), mean over seeds per round, one line per method
+    and a panel per task; FedIT's final accuracy and half its bytes as guides, the configuration
+    chosen on validation drawn thick."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = {}
+    for run in runs:
+        groups.setdefault(run.task, {}).setdefault(run.method, []).append(run)
+    tasks = sorted(groups)
+    figure, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.5), squeeze=False)
+    for axis, task in zip(axes[0], tasks):
+        chosen = configurations[task].chosen.family if configurations and task in configurations else None
+        for color, (method, members) in zip(plt.cm.tab10.colors, sorted(groups[task].items())):
+            length = min(len(member.records) for member in members)
+            megabytes = [mean_std(member.cumulative_bytes[i] / 1e6 for member in members)[0] for i in range(length)]
+            accuracy = [mean_std(member.accuracy[i] for member in members)[0] for i in range(length)]
+            label = f"{method} ({len(members)} seed{'s' if len(members) > 1 else ''})"
+            axis.plot(megabytes, accuracy, marker="o", markersize=3, color=color,
+                      linewidth=3 if method == chosen else 1.2, label=label + (", chosen" if method == chosen else ""))
+            if method == "fedit":
+                axis.axhline(accuracy[-1], color=color, linestyle=":", linewidth=1)
+                axis.axvline(megabytes[-1] / 2, color=color, linestyle="--", linewidth=1)
+        axis.set_xscale("log")
+        guides = " (dotted: FedIT final, dashed: half its MB)" if "fedit" in groups[task] else ""
+        _style_axis(axis, title=f"{task}: mean over seeds{guides}", xlabel="cumulative MB (up + down)",
+                    ylabel="test accuracy", legend_size=7)
+    _save(figure, path)
+
+
+def plot_final_expert_usage(usages, path):
+    """Stacked bars of the share of top-k selections per source adapter, one bar per run
+    (``usages``: [(run, expert_usage.json contents)]), a panel per task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({run.task for run, _ in usages})
+    adapters = sorted({name for _, usage in usages for name in usage["selections"]})
+    colors = dict(zip(adapters, plt.cm.tab10.colors))
+    figure, axes = plt.subplots(1, len(tasks), figsize=(9 * len(tasks), 0.35 * len(usages) + 2), squeeze=False)
+    for axis, task in zip(axes[0], tasks):
+        members = sorted(((run, usage) for run, usage in usages if run.task == task),
+                         key=lambda item: (item[0].method, item[0].seed))
+        labels = [f"{run.method} seed {run.seed}" for run, _ in members]
+        left = [0.0] * len(members)
+        for adapter in adapters:
+            shares = [usage["selections"].get(adapter, 0.0) for _, usage in members]
+            axis.barh(labels, shares, left=left, color=colors[adapter], label=adapter)
+            left = [a + b for a, b in zip(left, shares)]
+        axis.set_xlim(0, 1)
+        axis.set_xlabel("share of top-k selections (final routers, evaluation prompts)")
+        axis.set_title(f"{task}: expert usage by source adapter", fontsize=9)
+        axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    _save(figure, path)
 
 
 def write_report(run_paths, output_dir):
@@ -416,23 +530,31 @@ def write_report(run_paths, output_dir):
         SELECTION_FILE,
         SELECTION_TABLE,
         VALIDATION_PLOT,
+        choose_configuration,
         select_by_validation,
         selection_record,
     )
 
     runs = find_runs(run_paths)
     selections = select_by_validation(runs)
+    configurations = choose_configuration(selections, "smartfed")
     runs = headline_runs(runs, selections)
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    plots = ["accuracy_vs_round.png", "accuracy_vs_bytes.png"]
+    plots = ["accuracy_vs_round.png", "accuracy_vs_bytes.png", TRADEOFF_PLOT]
     if selections:
-        (output / SELECTION_FILE).write_text(json.dumps(selection_record(selections), indent=1))
-        (output / SELECTION_TABLE).write_text(selection_markdown(selections) + "\n")
+        (output / SELECTION_FILE).write_text(json.dumps(selection_record(selections, configurations), indent=1))
+        (output / SELECTION_TABLE).write_text(selection_markdown(selections, configurations) + "\n")
         plots.append(VALIDATION_PLOT)
         plot_validation(selections, output / VALIDATION_PLOT)
     plot_accuracy(runs, output / plots[0], by_bytes=False)
     plot_accuracy(runs, output / plots[1], by_bytes=True)
+    plot_tradeoff(runs, output / TRADEOFF_PLOT, configurations)
+    usages = [(run, json.loads((run.path / USAGE_FILE).read_text())) for run in runs
+              if (run.path / USAGE_FILE).is_file()]
+    if usages:
+        plots.append(USAGE_PLOT)
+        plot_final_expert_usage(usages, output / USAGE_PLOT)
     for run in runs:
         label = f"{run.task}_{run.method}_seed{run.seed}_{run.path.name}"
         if any(r.get("quotas") for r in run.records):
@@ -442,12 +564,17 @@ def write_report(run_paths, output_dir):
             plots.append(f"expert_usage_{label}.png")
             plot_expert_usage(run, output / plots[-1])
     report = output / "report.md"
-    report.write_text(markdown_report(runs, plots, selections))
+    report.write_text(markdown_report(runs, plots, selections, configurations))
+    checks = target_checks(runs)
     summary = {
         "runs": [{"path": str(r.path), "task": r.task, "method": r.method, "chosen_lr": r.chosen_lr, "seed": r.seed,
                   "rounds": r.rounds, "accuracy": r.accuracy, "cumulative_bytes": r.cumulative_bytes}
                  for r in runs],
-        "target_checks": target_checks(runs),
+        "target_checks": checks,
+        "chosen_configuration_checks": {
+            task: {"entry": entry, "met": sum(c["rounds_ok"] and c["bytes_ok"] for c in task_checks),
+                   "pairs": len(task_checks)}
+            for task, (entry, task_checks) in configuration_verdicts(checks, configurations).items()},
     }
     (output / "summary.json").write_text(json.dumps(summary, indent=1))
     return report

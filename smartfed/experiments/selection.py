@@ -4,60 +4,103 @@ choosing settings on validation").
 A ``sweep.methods`` entry with ``lr_grid`` runs once per rate, each run named
 ``<entry>@lr=<rate>`` (:func:`point_name`). For every (task, entry) with such runs,
 :func:`select_by_validation` scores each run by its validation accuracy averaged over its last
-``LAST_ROUNDS`` evaluated rounds, averages that over seeds, and chooses the rate with the highest
-mean (ties: the lower rate). Only ``val_accuracy`` is read here: the test accuracy of a rate
-that is not chosen plays no part, and ``smartfed report`` shows test numbers of the chosen rate only.
+``LAST_ROUNDS`` evaluated rounds, averages that over the selection seeds (those every rate of the
+entry ran), and chooses the rate with the highest mean (ties: the lower rate). The chosen rate may
+have run more seeds: a sweep can run the whole grid on one seed and only the chosen rate on the
+others. :func:`choose_configuration` then picks, among the entries of one method (SmartFed's
+router forms), the one whose chosen rate scores highest on validation. Only ``val_accuracy`` is
+read here: the test accuracy of a rate that is not chosen plays no part, and ``smartfed report``
+shows test numbers of the chosen rate only.
 """
 
 import math
 import statistics
 from dataclasses import dataclass
 
-from smartfed.config import LR_GRID_MARK
-
 LAST_ROUNDS = 3
 SELECTION_FILE = "selection.json"
 SELECTION_TABLE = "selection.md"
 VALIDATION_PLOT = "validation_accuracy_chosen.png"
 RULE = (f"per task and method, the learning rate whose validation accuracy, averaged over each run's last "
-        f"{LAST_ROUNDS} evaluated rounds and then over seeds, is highest; ties go to the lower rate; the test "
-        f"split is read only for the chosen rate")
+        f"{LAST_ROUNDS} evaluated rounds and then over the seeds every rate of the method ran, is highest; ties "
+        f"go to the lower rate; the test split is read only for the chosen rate, on every seed it ran")
+CONFIGURATION_RULE = ("per task and method, among its sweep entries (e.g. SmartFed's router forms), the entry whose "
+                      "chosen rate has the highest validation score on the seeds every entry's rates ran; ties go to "
+                      "the entry named first in alphabetical order")
 
 
 def point_name(family, lr) -> str:
     """The run name of rate ``lr`` of the ``lr_grid`` entry ``family``: the rate as Python's
     shortest text that reads back as the same float (0.003, 0.01, 1e-05, 1.0), so that two rates
     never share a name and 3e-3 and 0.003 get the same one."""
+    from smartfed.config import LR_GRID_MARK  # pydantic stays out of `smartfed --help`
+
     return f"{family}{LR_GRID_MARK}{float(lr)!r}"
 
 
 def grid_point(name):
     """(entry, rate) of a run named by :func:`point_name`, or None for any other run."""
+    from smartfed.config import LR_GRID_MARK
+
     family, mark, rate = name.partition(LR_GRID_MARK)
     return (family, float(rate)) if mark else None
+
+
+def mean_std(values):
+    """(mean, sample standard deviation; 0 for one value) of ``values``."""
+    values = list(values)
+    return math.fsum(values) / len(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 @dataclass
 class Candidate:
     lr: float
     runs: list  # the rate's runs (smartfed.experiments.report.Run), in seed order
-    scores: list  # validation score of each run
+    selection_seeds: tuple  # the seeds every rate of the entry ran: the only ones scored
+
+    @property
+    def scored_runs(self):
+        return [run for run in self.runs if run.seed in self.selection_seeds]
+
+    @property
+    def scores(self):
+        """Validation score of each run on a selection seed, in seed order."""
+        return [validation_score(run) for run in self.scored_runs]
 
     @property
     def mean(self):
-        return math.fsum(self.scores) / len(self.scores)
+        return mean_std(self.scores)[0]
 
     @property
     def std(self):
-        return statistics.stdev(self.scores) if len(self.scores) > 1 else 0.0
+        return mean_std(self.scores)[1]
+
+    def score_on(self, seeds):
+        return mean_std(validation_score(run) for run in self.runs if run.seed in seeds)[0]
 
 
 @dataclass
 class Selection:
     task: str
     family: str  # the sweep.methods entry
+    method: str  # the method its runs train (smartfed for every router form)
     candidates: list  # one Candidate per rate, ascending
     chosen: Candidate
+
+    @property
+    def selection_seeds(self):
+        return self.chosen.selection_seeds
+
+
+@dataclass
+class Configuration:
+    """The entry chosen among a method's lr_grid entries on one task (:func:`choose_configuration`)."""
+
+    task: str
+    method: str
+    seeds: tuple  # the seeds the entries were compared on
+    scores: dict  # entry -> validation score of its chosen rate on ``seeds``
+    chosen: Selection
 
 
 def validation_score(run):
@@ -70,23 +113,25 @@ def validation_score(run):
     return math.fsum(last) / len(last)
 
 
-def _check_comparable(task, family, by_rate):
-    """Refuse rates that ran different seeds or stopped at different rounds: their scores would
-    average different things."""
+def _selection_seeds(task, family, by_rate):
+    """The seeds every rate of ``family`` ran, refusing a seed run twice, none in common, or runs
+    that stopped at different rounds: their scores would average different things."""
     seeds = {lr: [run.seed for run in members] for lr, members in by_rate.items()}
     for lr, listed in seeds.items():
         if len(set(listed)) < len(listed):
             raise ValueError(f"{task}: {point_name(family, lr)} has seeds {sorted(listed)}, one of them twice; "
                              f"report each sweep folder on its own")
-    if len({tuple(sorted(listed)) for listed in seeds.values()}) > 1:
+    common = set.intersection(*(set(listed) for listed in seeds.values()))
+    if not common:
         ran = "; ".join(f"lr {lr!r}: seeds {sorted(listed)}" for lr, listed in sorted(seeds.items()))
-        raise ValueError(f"{task}: the rates of {family} ran different seeds ({ran}); rates are compared on the "
-                         f"same seeds, so finish the sweep first")
+        raise ValueError(f"{task}: the rates of {family} share no seed ({ran}); rates are compared on the "
+                         f"seeds they all ran, so finish the sweep first")
     last_rounds = {lr: sorted({run.rounds[-1] for run in members}) for lr, members in by_rate.items()}
     if len({round_ for rounds in last_rounds.values() for round_ in rounds}) > 1:
         ended = "; ".join(f"lr {lr!r}: {rounds}" for lr, rounds in sorted(last_rounds.items()))
         raise ValueError(f"{task}: the runs of {family} end at different rounds ({ended}); rates are compared "
                          f"after the same rounds, so finish the sweep first")
+    return tuple(sorted(common))
 
 
 def select_by_validation(runs):
@@ -103,30 +148,64 @@ def select_by_validation(runs):
     for (task, family), by_rate in sorted(grid_runs.items()):
         if (task, family) in plain:
             raise ValueError(f"{task}: runs of {family} both with and without an lr_grid; report them separately")
-        _check_comparable(task, family, by_rate)
-        candidates = []
-        for lr, members in sorted(by_rate.items()):
-            members = sorted(members, key=lambda run: run.seed)
-            candidates.append(Candidate(lr=lr, runs=members, scores=[validation_score(run) for run in members]))
+        seeds = _selection_seeds(task, family, by_rate)
+        candidates = [Candidate(lr=lr, runs=sorted(members, key=lambda run: run.seed), selection_seeds=seeds)
+                      for lr, members in sorted(by_rate.items())]
         chosen = max(candidates, key=lambda candidate: (candidate.mean, -candidate.lr))
-        selections.append(Selection(task=task, family=family, candidates=candidates, chosen=chosen))
+        methods = {run.base_method for candidate in candidates for run in candidate.runs}
+        if len(methods) > 1:
+            raise ValueError(f"{task}: the runs of {family} train different methods {sorted(methods)}")
+        selections.append(Selection(task=task, family=family, method=methods.pop(), candidates=candidates,
+                                    chosen=chosen))
     return selections
 
 
-def selection_record(selections):
-    """The JSON-able record of ``selections``: the rule, and per (task, entry) every rate's
-    validation scores and which rate was chosen."""
+def choose_configuration(selections, method):
+    """{task: Configuration} choosing, per task, among the ``method`` entries of ``selections``
+    (two or more), the one whose chosen rate scores best on validation on the seeds all of them
+    ran (ties: the first entry by name); tasks with fewer than two such entries are left out."""
+    by_task = {}
+    for selection in selections:
+        if selection.method == method:
+            by_task.setdefault(selection.task, []).append(selection)
+    configurations = {}
+    for task, entries in sorted(by_task.items()):
+        if len(entries) < 2:
+            continue
+        seeds = tuple(sorted(set.intersection(*(set(entry.selection_seeds) for entry in entries))))
+        if not seeds:
+            ran = "; ".join(f"{entry.family}: seeds {list(entry.selection_seeds)}" for entry in entries)
+            raise ValueError(f"{task}: the {method} entries share no selection seed ({ran}); finish the sweep first")
+        entries = sorted(entries, key=lambda entry: entry.family)
+        scores = {entry.family: entry.chosen.score_on(seeds) for entry in entries}
+        chosen = max(entries, key=lambda entry: scores[entry.family])
+        configurations[task] = Configuration(task=task, method=method, seeds=seeds, scores=scores, chosen=chosen)
+    return configurations
+
+
+def selection_record(selections, configurations=None):
+    """The JSON-able record of ``selections``: the rule, per (task, entry) every rate's
+    validation scores and which rate was chosen, and the ``configurations`` chosen among a
+    method's entries (:func:`choose_configuration`)."""
     return {
         "rule": RULE, "last_rounds": LAST_ROUNDS,
         "selections": [{
-            "task": selection.task, "method": selection.family, "chosen_lr": selection.chosen.lr,
-            "chosen_run": point_name(selection.family, selection.chosen.lr),
+            "task": selection.task, "method": selection.family, "trains": selection.method,
+            "chosen_lr": selection.chosen.lr, "chosen_run": point_name(selection.family, selection.chosen.lr),
+            "selection_seeds": list(selection.selection_seeds),
+            "chosen_seeds": [run.seed for run in selection.chosen.runs],
             "candidates": [{
                 "lr": candidate.lr, "run": point_name(selection.family, candidate.lr),
-                "chosen": candidate is selection.chosen, "seeds": [run.seed for run in candidate.runs],
-                "paths": [str(run.path) for run in candidate.runs],
+                "chosen": candidate is selection.chosen, "seeds": [run.seed for run in candidate.scored_runs],
+                "paths": [str(run.path) for run in candidate.scored_runs],
                 "val_accuracy_last_rounds": candidate.scores,
                 "val_accuracy_mean": candidate.mean, "val_accuracy_std": candidate.std,
             } for candidate in selection.candidates],
         } for selection in selections],
+        "configuration_rule": CONFIGURATION_RULE,
+        "configurations": [{
+            "task": task, "method": configuration.method, "seeds": list(configuration.seeds),
+            "val_accuracy_by_entry": configuration.scores, "chosen": configuration.chosen.family,
+            "chosen_lr": configuration.chosen.chosen.lr,
+        } for task, configuration in sorted((configurations or {}).items())],
     }
