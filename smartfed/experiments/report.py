@@ -150,6 +150,11 @@ def target_checks(runs, *, reference="fedit"):
     return checks
 
 
+def target_met(check):
+    """Whether a :func:`target_checks` row meets both halves of the target."""
+    return check["rounds_ok"] and check["bytes_ok"]
+
+
 def _median(values):
     ordered = sorted(values)
     middle = len(ordered) // 2
@@ -221,7 +226,7 @@ def markdown_report(runs, plots, selections=(), configurations=None):
         [c["task"], c["seed"], c["method"], f"{c['fedit_final_accuracy']:.3f}", c["fedit_rounds"],
          _megabytes(c["fedit_bytes"]), c["reached_round"] if c["reached_round"] is not None else "not reached",
          _megabytes(c["reached_bytes"]) if c["reached_bytes"] is not None else "-",
-         "yes" if c["rounds_ok"] and c["bytes_ok"] else "no"]
+         "yes" if target_met(c) else "no"]
         for c in checks
     ]
     parts = [
@@ -322,11 +327,11 @@ def _verdict_markdown(checks, configurations):
     pairs = [check for _, task_checks in verdicts.values() for check in task_checks]
     if not pairs:
         return ""
-    met = [check for check in pairs if check["rounds_ok"] and check["bytes_ok"]]
+    met = [check for check in pairs if target_met(check)]
     lines = [f"The configuration chosen on validation per task ({', '.join(f'{task}: {entry}' for task, (entry, _) in verdicts.items())}) "
              f"meets the target in {len(met)} of {len(pairs)} (task, seed) pairs."]
     for check in pairs:
-        if check["rounds_ok"] and check["bytes_ok"]:
+        if target_met(check):
             continue
         if check["reached_round"] is None:
             why = f"never reaches FedIT's final {check['fedit_final_accuracy']:.3f}"
@@ -338,6 +343,16 @@ def _verdict_markdown(checks, configurations):
                                     f"{_megabytes(check['fedit_bytes'])} MB")) if not ok)
         lines.append(f"- {check['task']} seed {check['seed']} ({check['method']}): {why}")
     return "\n".join(lines)
+
+
+def _pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (reports run on machines without a display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _save(figure, path):
@@ -359,10 +374,7 @@ def _style_axis(axis, *, title, xlabel, ylabel, legend_size):
 def _plot_panels(panels, path, *, xlabel, ylabel, log_x=False):
     """One subplot per task of ``panels`` (task -> (title, {label: [(xs, ys), ...]})), a color per
     label and a line per series."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
     for axis, (title, lines) in zip(axes[0], (panels[task] for task in sorted(panels))):
@@ -419,10 +431,7 @@ def _short_module_name(name):
 
 def plot_quotas(run, path):
     """Heatmap of k per adapted matrix (rows) over rounds (columns)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     import numpy as np
 
     records = [r for r in run.records if r.get("quotas")]
@@ -442,10 +451,7 @@ def plot_quotas(run, path):
 
 def plot_expert_usage(run, path):
     """Bar chart of the share of expert activations per source adapter, by round."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     records = [r for r in run.records if r.get("expert_usage")]
     adapters = sorted({name for r in records for name in r["expert_usage"]})
@@ -465,10 +471,7 @@ def plot_tradeoff(runs, path, configurations=None):
     """Accuracy against cumulative MB (up + down), mean over seeds per round, one line per method
     and a panel per task; FedIT's final accuracy and half its bytes as guides, the configuration
     chosen on validation drawn thick."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     groups = {}
     for run in runs:
@@ -497,10 +500,7 @@ def plot_tradeoff(runs, path, configurations=None):
 def plot_final_expert_usage(usages, path):
     """Stacked bars of the share of top-k selections per source adapter, one bar per run
     (``usages``: [(run, expert_usage.json contents)]), a panel per task."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     tasks = sorted({run.task for run, _ in usages})
     adapters = sorted({name for _, usage in usages for name in usage["selections"]})
@@ -572,7 +572,7 @@ def write_report(run_paths, output_dir):
                  for r in runs],
         "target_checks": checks,
         "chosen_configuration_checks": {
-            task: {"entry": entry, "met": sum(c["rounds_ok"] and c["bytes_ok"] for c in task_checks),
+            task: {"entry": entry, "met": sum(map(target_met, task_checks)),
                    "pairs": len(task_checks)}
             for task, (entry, task_checks) in configuration_verdicts(checks, configurations).items()},
     }
