@@ -31,10 +31,8 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError, field_validator, model_validator
 
-from smartfed.eeqa.importance import ESTIMATORS
-from smartfed.layer import LAYER_ROUTERS, ROUTER_INITS
-from smartfed_kernels.dispatch import BACKENDS
-from smartfed_kernels.validation import GATES
+from smartfed.choices import ESTIMATORS, LAYER_ROUTERS, ROUTER_INITS
+from smartfed_kernels.options import BACKENDS, GATES
 
 # The run-level vocabularies are named here and nowhere else; the kernel and layer ones are
 # imported above from where the code that acts on them lives.

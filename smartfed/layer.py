@@ -20,16 +20,11 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from smartfed.choices import LAYER_ROUTERS, ROUTER_INITS
 from smartfed_kernels import torch_ops
 from smartfed_kernels.dispatch import BACKENDS, backend_module, resolve_backend
 from smartfed_kernels.validation import GATES, ROUTERS, CallSpec, check_more_inputs, resolve_gamma
 
-ROUTER_INITS = ("zeros", "normal", "affinity")
-# The op's router forms, and "projected": z = U (P x) + br with P [m, d_in] fixed (seeded random
-# signs, never trained or sent) and U [N, m] the trained router. The layer hands the op the linear
-# router U P, so every backend runs it unchanged and autograd carries dWr to dU = dWr P^T; what
-# changes is what clients train and exchange: N*m numbers instead of N*d_in.
-LAYER_ROUTERS = (*ROUTERS, "projected")
 # Calls the inference shortcut of MoRELinear.forward takes: the backends that run the torch path on
 # the CPU, in the dtypes it computes in directly (CPU half precision is upcast by the general path).
 _INFERENCE_BACKENDS = ("auto", "torch")

@@ -11,8 +11,7 @@ import os
 import torch
 
 from smartfed_kernels import reference, torch_ops
-
-BACKENDS = ("auto", "torch", "triton", "reference")
+from smartfed_kernels.options import BACKENDS
 
 
 def triton_interpreting() -> bool:

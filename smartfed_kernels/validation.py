@@ -5,8 +5,8 @@ from typing import Optional
 
 import torch
 
-GATES = ("topk_softmax", "softmax_topk")
-ROUTERS = ("linear", "expert_space")
+from smartfed_kernels.options import GATES, ROUTERS
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 

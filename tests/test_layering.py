@@ -18,7 +18,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("smartfed", "smartfed_kernels")
-MODULE_LAYER = ("smartfed.layer", "smartfed.inject", "smartfed.pool", "smartfed.routers", "smartfed.eeqa")
+MODULE_LAYER = (
+    "smartfed.choices", "smartfed.layer", "smartfed.inject", "smartfed.pool", "smartfed.routers", "smartfed.eeqa",
+)
 DYNAMIC_IMPORT_ALLOWED = ("smartfed.cli",)
 
 

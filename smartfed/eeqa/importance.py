@@ -25,7 +25,7 @@ from collections.abc import Mapping
 
 import torch
 
-ESTIMATORS = ("cosine", "magnitude", "gradient")
+from smartfed.choices import ESTIMATORS
 
 
 def _rows(tensor):
