@@ -101,7 +101,7 @@ def test_expert_usage_plot_when_recorded(tmp_path):
 
 
 def test_errors_name_the_problem(tmp_path, capsys):
-    with pytest.raises(FileNotFoundError, match="no metrics.jsonl under"):
+    with pytest.raises(report.ReportError, match="no metrics.jsonl under"):
         report.find_runs([tmp_path])
     bad = tmp_path / "bad"
     bad.mkdir()
