@@ -206,6 +206,19 @@ def test_library_warnings_a_user_cannot_act_on_are_filtered():
                                "[project]", None, None)
     assert not all(f.filter(record) for f in logging.getLogger("flwr").filters)
 
+
+def test_an_output_path_through_a_missing_folder_is_resolved_before_the_guard(tmp_path, capsys, monkeypatch):
+    """`--output nothere/../userZ` names userZ: the folder guard sees the user's config.json there
+    and refuses, leaving it byte-identical."""
+    monkeypatch.chdir(tmp_path)
+    user = tmp_path / "userZ"
+    user.mkdir()
+    (user / "config.json").write_text('{"mine": true}')
+    error = one_line_error(capsys, "train", "--config", TINY, "--output", "nothere/../userZ")
+    assert f"{user} holds files not written by a smartfed run" in error
+    assert (user / "config.json").read_text() == '{"mine": true}' and sorted(p.name for p in user.iterdir()) == [
+        "config.json"]
+
 def test_sweep_validates_every_selected_run_before_starting(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the sweep's relative pool paths then name nothing, built or not
     error = one_line_error(capsys, "sweep", "--config", ROOT / "configs" / "paper_small.yaml", "--output",
