@@ -382,8 +382,11 @@ def test_pool_cache_build_removes_crashed_staging_and_leaves_none_of_its_own(tmp
     from smartfed.experiments import assets
 
     config = config_from_dict({"pool": {"cache_dir": str(tmp_path), "train_steps": 2, "batch_size": 8}})
-    crashed = tmp_path / f"{assets.POOL_STAGING_PREFIX}{2**31 - 1}-crashed"
+    from smartfed.staging import MARKER, MARKER_KIND
+
+    crashed = tmp_path / f"{assets.POOL_STAGING_PREFIX}crashed"
     (crashed / "source_0").mkdir(parents=True)
+    (crashed / MARKER).write_text(json.dumps({"kind": MARKER_KIND, "pid": 2**31 - 1}))
 
     def fail(*args, **kwargs):
         raise RuntimeError("interrupted")

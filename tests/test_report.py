@@ -11,12 +11,13 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def write_run(root, name, *, method, seed, accuracies, bytes_per_round, router="expert_space", quotas=None,
-              task="bbc_news"):
+              task="bbc_news", federation=None, baselines=None):
     folder = root / name
     folder.mkdir(parents=True)
-    config = {"method": method, "seed": seed, "more": {"router": router}, "federation": {"local_steps": 2}}
+    config = {"method": method, "seed": seed, "more": {"router": router},
+              "federation": {"local_steps": 2, **(federation or {})}}
     (folder / "config.json").write_text(json.dumps(config))
-    (folder / "text_task.json").write_text(json.dumps({"name": task}))
+    (folder / "text_task.json").write_text(json.dumps({"name": task, **({"baselines": baselines} if baselines else {})}))
     lines = []
     for index, accuracy in enumerate(accuracies, start=1):
         record = {"round": index, "status": "completed", "accuracy": accuracy, "loss": 1.0 - accuracy,
@@ -101,7 +102,7 @@ def test_expert_usage_plot_when_recorded(tmp_path):
 
 
 def test_errors_name_the_problem(tmp_path, capsys):
-    with pytest.raises(FileNotFoundError, match="no metrics.jsonl under"):
+    with pytest.raises(report.ReportError, match="no metrics.jsonl under"):
         report.find_runs([tmp_path])
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -120,3 +121,48 @@ def test_expert_usage_table_from_usage_file(runs_root, tmp_path):
     text = report.write_report([runs_root], tmp_path / "out").read_text()
     assert ("| bbc_news | smartfed_expert_space | 0 | 6 | 44 | arithmetic 0.50, next_letter 0.50 | "
             "arithmetic 0.75, next_letter 0.25 |") in text
+
+
+def test_runs_of_different_configurations_are_never_averaged(tmp_path, capsys):
+    write_run(tmp_path, "a", method="fedit", seed=0, accuracies=[0.5, 0.6], bytes_per_round=10)
+    write_run(tmp_path, "b", method="fedit", seed=0, accuracies=[0.5, 0.6, 0.7], bytes_per_round=10,
+              federation={"num_clients": 8})
+    write_run(tmp_path, "c", method="fedit", seed=1, accuracies=[0.4, 0.6, 0.9], bytes_per_round=10,
+              federation={"num_clients": 8})
+    runs = report.separate_configurations(report.find_runs([tmp_path]))
+    assert sorted((run.path.name, run.method) for run in runs) == [
+        ("a", "fedit [federation.num_clients=4]"), ("b", "fedit [federation.num_clients=8]"),
+        ("c", "fedit [federation.num_clients=8]")]
+    assert main(["report", str(tmp_path), "--output", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert out == (f"smartfed report: wrote {tmp_path / 'out' / 'report.md'}, {tmp_path / 'out' / 'summary.json'} "
+                   f"and 3 plots into {tmp_path / 'out'}\n")
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "| bbc_news | fedit [federation.num_clients=8] | 2 | 0.800 ± 0.141 |" in text
+    assert "| bbc_news | fedit [federation.num_clients=4] | 1 | 0.600 ± 0.000 |" in text
+
+
+def test_seeds_of_one_configuration_stay_together(runs_root):
+    runs = report.separate_configurations(report.find_runs([runs_root]))
+    assert sorted({run.method for run in runs}) == ["fedit", "smartfed_expert_space"]
+
+
+def test_baselines_stand_beside_each_run_and_the_loss_is_explained(tmp_path):
+    write_run(tmp_path, "recorded", method="fedit", seed=0, accuracies=[0.5, 0.6], bytes_per_round=10,
+              baselines={"base_accuracy": 0.45, "majority_accuracy": 0.25, "eval_examples": 200})
+    write_run(tmp_path, "other_task", method="fedit", seed=0, accuracies=[0.3, 0.4], bytes_per_round=10,
+              task="skills_target")
+    table = tmp_path / "zero_shot.json"
+    table.write_text(json.dumps({"skills_target {}": {"accuracy": 0.227, "majority_class_share": 0.136}}))
+    text = report.write_report([tmp_path], tmp_path / "out", baselines=table).read_text()
+    assert report.LOSS_NOTE in text and report.BASELINES_NOTE in text
+    assert "| recorded | bbc_news | fedit | 0 | 2 | 0.600 | 0.450 | 0.250 |" in text
+    assert "| other_task | skills_target | fedit | 0 | 2 | 0.400 | 0.227 | 0.136 |" in text
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert {run["task"]: run["baselines"]["base_accuracy"] for run in summary["runs"]} == {
+        "bbc_news": 0.45, "skills_target": 0.227}
+
+
+def test_reports_without_baselines_keep_their_columns(runs_root, tmp_path):
+    text = report.write_report([runs_root], tmp_path / "out").read_text()
+    assert "base model acc" not in text and report.LOSS_NOTE in text

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from smartfed.cli import main
-from smartfed.config import ConfigError, SweepConfig, validate
+from smartfed.config import ConfigError, validate
+from smartfed.experiments.sweep_schema import SweepConfig
 from smartfed.experiments import report
 from smartfed.experiments.selection import grid_point, point_name, select_by_validation
 from smartfed.experiments.sweep import plan_runs, sweep_runs

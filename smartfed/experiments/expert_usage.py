@@ -61,21 +61,30 @@ def expert_usage_by_adapter(model, input_ids, *, batch_size=50):
             "by_projection": {p: shares(c) for p, c in sorted(by_projection.items())}}
 
 
-def usage_of_run(run_dir):
-    """Expert usage of a finished SmartFed run's final routers on its evaluation prompts."""
-    from smartfed.config import CONFIG_FILE, SYNTHETIC_TASK, ConfigError, RunConfig, validate
-    from smartfed.experiments.runs import build_trainer
-    from smartfed.federated.checkpoint import load_checkpoint
+def run_config_of(run_dir):
+    """The RunConfig of the SmartFed text-task run in ``run_dir`` (resolved); a ConfigError for
+    anything else. Reads only its config.json."""
+    from smartfed.config import CONFIG_FILE, SYNTHETIC_TASK, ConfigError, RunConfig, read_saved_config, validate
 
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir).resolve()
     path = run_dir / CONFIG_FILE
     if not path.is_file():
         raise ConfigError(f"{run_dir} is not a run folder ({CONFIG_FILE} is missing)")
-    config = validate(RunConfig, json.loads(path.read_text()), source=path)
+    config = validate(RunConfig, read_saved_config(run_dir), source=path)
     if config.method != "smartfed":
         raise ConfigError(f"is {config.method!r}; expert usage needs a smartfed run", key="method", source=path)
     if config.task.name == SYNTHETIC_TASK:
         raise ConfigError("is the synthetic task; expert usage needs a text task run", key="task.name", source=path)
+    return config
+
+
+def usage_of_run(run_dir):
+    """Expert usage of a finished SmartFed run's final routers on its evaluation prompts."""
+    from smartfed.experiments.runs import build_trainer
+    from smartfed.federated.checkpoint import load_checkpoint
+
+    run_dir = Path(run_dir).resolve()
+    config = run_config_of(run_dir)
     trainer, task = build_trainer(config)  # task: the run's text task, as text_task.json records it
     checkpoint = load_checkpoint(run_dir)
     trainer.method.load_trainable_state(trainer.model, checkpoint.global_state)
@@ -90,8 +99,10 @@ def configure_parser(parser):
 
 
 def run(args) -> int:
+    for run_dir in args.runs:  # every folder checked before the first model is built
+        run_config_of(run_dir)
     for run_dir in args.runs:
         usage = usage_of_run(run_dir)
-        (Path(run_dir) / USAGE_FILE).write_text(json.dumps(usage, indent=1))
+        (Path(run_dir).resolve() / USAGE_FILE).write_text(json.dumps(usage, indent=1))
         print(run_dir, json.dumps(usage["selections"]))
     return 0

@@ -16,7 +16,7 @@ A deployment starts a fresh process per message, so the client is rebuilt per me
 under the simulation engine a worker process keeps the last one (``_local_client``), which is safe
 because every train and evaluate message carries the server's state and quotas in full.
 
-The ServerApp's run config is ``smartfed.config.FlowerRunSettings`` (``[tool.flwr.app.config]``
+The ServerApp's run config is ``smartfed.experiments.flower_settings.FlowerRunSettings`` (``[tool.flwr.app.config]``
 of flower_app/pyproject.toml, ``flwr run --run-config``); docs/flower.md shows how to run it.
 """
 
@@ -26,7 +26,8 @@ from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from smartfed.config import FlowerRunSettings, check_resume, config_from_dict, record_resume
+from smartfed.config import check_resume, config_from_dict, record_resume
+from smartfed.experiments.flower_settings import FlowerRunSettings
 from smartfed.experiments.runs import build_trainer, federated_data, open_run
 from smartfed.federated.client import (
     CONFIG_JSON,

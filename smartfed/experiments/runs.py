@@ -1,7 +1,7 @@
 """A federated run assembled from its config: the composition root of the engine.
 
 The engine (``smartfed.federated``) is handed everything it runs: the method (by name from
-``smartfed.experiments.methods``), the model that method built on the frozen base and the pool,
+``smartfed.experiments.method_registry``), the model that method built on the frozen base and the pool,
 the task's examples split across clients. This module builds them from a run config, for the
 in-process engine (``run_in_process``: ``smartfed train``, the sweep) and for the Flower apps
 (``smartfed.experiments.flower_apps``), which then drive the same ``SmartFedStrategy``.
@@ -15,7 +15,7 @@ import numpy as np
 
 from smartfed.config import CONFIG_FILE, SYNTHETIC_TASK, config_fingerprint, config_to_dict
 from smartfed.experiments.assets import build_base_model, build_tiny_pool, task_layout
-from smartfed.experiments.methods import build_method
+from smartfed.experiments.method_registry import build_method
 from smartfed.federated.client import FederatedClient
 from smartfed.federated.data import Examples, FederatedData, split_clients
 from smartfed.federated.grid import InProcessGrid

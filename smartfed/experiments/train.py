@@ -3,10 +3,11 @@
 Everything that can be checked cheaply is checked before the model, the pool or the data are
 built: the config itself (smartfed.config), the run folder against ``--resume``, the task name,
 the model folder and the pool's adapter folders. Like every subcommand module, it imports torch
-(through smartfed.config) only when it runs, so that ``--help`` stays fast.
+only when it runs, and only after the config passed every check that does not need it.
 """
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -120,7 +121,9 @@ def run(args) -> int:
     from smartfed.config import ConfigError, load_config, record_resume
 
     config = load_config(args.config, args.overrides)
-    changes = check_output(args.output, config, resume=args.resume)
+    # Resolved before any check: "missing/../userZ" and symlinks name the folder they reach.
+    output = Path(args.output).resolve()
+    changes = check_output(output, config, resume=args.resume)
     try:
         check_inputs(config)
     except ConfigError as error:
@@ -131,8 +134,8 @@ def run(args) -> int:
     from smartfed.experiments.runs import open_run
     from smartfed.federated.strategy import RoundFailed
 
-    run = open_run(config, args.output, resume=args.resume, progress=not args.no_progress, device=args.device)
-    record_resume(args.output, config, changes, at_round=run.state.round if args.resume else None)
+    run = open_run(config, output, resume=args.resume, progress=not args.no_progress, device=args.device)
+    record_resume(output, config, changes, at_round=run.state.round if args.resume else None)
     try:
         run.start_in_process(stop_after_round=args.stop_after_round)
     except RoundFailed as error:
@@ -141,8 +144,18 @@ def run(args) -> int:
     last = run.history[-1] if run.history else None
     if last is not None:
         print(
-            f"{config.method}: round {last['round']}/{config.federation.rounds} loss {last['loss']:.4f} "
-            f"accuracy {last['accuracy']:.4f} bytes up {last['total_bytes_up']} down {last['total_bytes_down']} "
-            f"-> {args.output}"
+            f"{config.method}: round {last['round']}/{config.federation.rounds} loss {last['loss']:.4f}"
+            f"{_loss_scale(run)} accuracy {last['accuracy']:.4f} bytes up {last['total_bytes_up']} "
+            f"down {last['total_bytes_down']} -> {args.output}"
         )
     return 0
+
+
+def _loss_scale(run) -> str:
+    """What the loss is measured against: cross-entropy over the whole vocabulary, whose uniform
+    guess is log V, while accuracy counts the argmax over the label tokens only."""
+    model = getattr(getattr(run, "trainer", None), "model", None)
+    vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+    if not isinstance(vocab_size, int) or vocab_size < 2:
+        return ""
+    return f" (cross-entropy over all {vocab_size} tokens; log V = {math.log(vocab_size):.2f})"

@@ -3,7 +3,7 @@ base and the pool, which tensors travel, how to aggregate them, what the adapter
 
 SmartFed (MoRE routers over the pool's rank-wise experts, EEQA quotas) lives here; the baselines
 (smartfed.baselines) implement the same interface, and the experiment layer
-(``smartfed.experiments.methods``) picks one by name and hands it to the engine, so every method
+(``smartfed.experiments.method_registry``) picks one by name and hands it to the engine, so every method
 runs through the same strategy, messages and accounting.
 """
 
