@@ -11,8 +11,8 @@ the file and the key path in one line::
 ``load_config(path, overrides)`` reads a YAML run config and applies ``--set a.b=value``
 overrides (:func:`apply_overrides`, the one override mechanism of ``smartfed train``,
 ``smartfed sweep`` and the Flower app's ``overrides`` run config). Models are frozen: copy with
-:func:`with_overrides`. ``check_resume`` compares a run folder's ``config.json`` with the config
-about to continue it, before anything expensive is built.
+:func:`with_overrides`. ``resume_changes`` is the rule of a resume (what may change when a run
+continues); ``smartfed.federated.run_dir.RunDir`` applies it to a run folder's ``config.json``.
 """
 
 import copy
@@ -46,8 +46,6 @@ EXAMPLE_COUNTS = ("partition", "claimed")
 IMPORTANCE_AGGREGATIONS = ("median", "trimmed_mean", "mean")
 
 SYNTHETIC_TASK = "synthetic"
-CONFIG_FILE = "config.json"
-RESUME_LOG = "resumes.jsonl"
 
 # What may change across a resume without changing the result of a completed round: the number
 # of rounds, the retry and timeout policy, injected faults, where the pool is cached (the pool
@@ -592,11 +590,22 @@ def _override_items(value):
     raise ConfigError(f"must be a string of a.b=value items or a list of them, got {_describe(value)}")
 
 
+def _node_ids(value):
+    if isinstance(value, str) and all(item.isdigit() for item in value.split()):
+        return tuple(int(item) for item in value.split())
+    if isinstance(value, (list, tuple)) and all(isinstance(item, int) and not isinstance(item, bool) and item >= 0
+                                                for item in value):
+        return tuple(value)
+    raise ConfigError(f"must be SuperNode ids separated by spaces (as flwr supernode register printed them), "
+                      f"got {_describe(value)}")
+
+
 class FlowerRunSettings(BaseModel):
     """The SmartFed ServerApp's run config (``[tool.flwr.app.config]``, ``flwr run --run-config``):
     ``config`` (YAML run config, "" = the defaults), ``overrides`` (``a.b=value`` items separated by
-    spaces, as ``--set`` takes them), ``output-dir``, ``resume``, ``node-wait-s``,
-    ``reply-timeout-s``, ``client-evaluation``. Every key has a default: Flower's
+    spaces, as ``--set`` takes them), ``output-dir`` (relative to the server side's output root),
+    ``resume``, ``node-wait-s``, ``reply-timeout-s``, ``client-evaluation``, ``nodes`` (the
+    SuperNode ids of the run; "" = every connected node). Every key has a default: Flower's
     ``run_simulation`` passes an empty run config."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, validate_default=True,
@@ -609,6 +618,7 @@ class FlowerRunSettings(BaseModel):
     node_wait_s: Positive = 120.0
     reply_timeout_s: Positive = 3600.0
     client_evaluation: bool = False
+    nodes: Annotated[tuple[int, ...], PlainValidator(_node_ids)] = ()
 
     @classmethod
     def from_run_config(cls, run_config) -> "FlowerRunSettings":
@@ -894,37 +904,17 @@ def _resumable(key):
     return any(key == allowed or key.startswith(allowed + ".") for allowed in RESUMABLE_CHANGES)
 
 
-def check_resume(output_dir, config: RunConfig) -> dict:
-    """Compare ``config`` with the ``config.json`` of the run in ``output_dir`` before a resume.
-
-    Reads only that file. Raises a ConfigError naming the first key that differs outside
-    ``RESUMABLE_CHANGES``; returns the resumable changes ``{key: (old, new)}`` for
-    :func:`record_resume`."""
-    path = Path(output_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise ConfigError(f"{output_dir} holds no run to continue ({CONFIG_FILE} is missing)", key="--resume")
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"cannot read the configuration of the run to continue: {error}", source=path) from None
-    old = config_to_dict(validate(RunConfig, saved, source=path))
+def resume_changes(saved: dict, config: RunConfig, *, source=None) -> dict:
+    """The rule of a resume, free of any file: compare ``config`` with ``saved`` (the run's
+    recorded config mapping, from ``source``). Raises a ConfigError naming the first key that
+    differs outside ``RESUMABLE_CHANGES``; returns the resumable changes ``{key: (old, new)}``
+    (``smartfed.federated.run_dir.RunDir`` reads and records them)."""
+    old = config_to_dict(validate(RunConfig, saved, source=source))
     changes = {}
     for key, before, after in _differences(old, config_to_dict(config)):
         if not _resumable(key):
             raise ConfigError(
                 f"is {after!r} now but {before!r} in the run already there; only {', '.join(RESUMABLE_CHANGES)} "
-                "may change when a run continues (start a new output folder instead)", key=key, source=path)
+                "may change when a run continues (start a new output folder instead)", key=key, source=source)
         changes[key] = (before, after)
     return changes
-
-
-def record_resume(output_dir, config: RunConfig, changes, *, at_round=None):
-    """Make ``config.json`` describe the run as it continues and log what changed in
-    ``resumes.jsonl`` (one line per resume that changed something)."""
-    if not changes:
-        return
-    output_dir = Path(output_dir)
-    (output_dir / CONFIG_FILE).write_text(json.dumps(config_to_dict(config), indent=1))
-    entry = {"at_round": at_round, "changes": {key: list(pair) for key, pair in changes.items()}}
-    with open(output_dir / RESUME_LOG, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(entry) + "\n")

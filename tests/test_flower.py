@@ -26,7 +26,8 @@ from smartfed.experiments.federation_keys import make_federation_keys
 from smartfed.experiments.local_federation import LocalFederation
 from smartfed.federated import client, messages
 from smartfed.federated.protocol import ClientResult
-from smartfed.federated.strategy import ATTEMPT, CLIENT_EVALUATION_FILE, FINAL_STATE_FILE, RoundFailed
+from smartfed.federated.run_dir import CLIENT_EVALUATION_FILE, FINAL_STATE_FILE
+from smartfed.federated.strategy import ATTEMPT, RoundFailed
 
 REPO = Path(__file__).resolve().parents[1]
 APP_DIR = REPO / "flower_app"
@@ -106,13 +107,12 @@ def assert_same_run(output_dir, outcome):
 
 
 @pytest.fixture
-def task_identity(monkeypatch):
+def task_identity():
     """Outside a Flower runtime nobody sets the identity that ``Message(...)`` stamps on new
     messages; the tests that drive the ServerApp's helpers with a scripted grid set one."""
-    from flwr.supercore.task_identity import TaskIdentity
+    from smartfed.federated.flower_compat import set_task_identity
 
-    for name in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, name, 1)
+    set_task_identity(run_id=1, node_id=1)
 
 
 class ScriptedGrid:
@@ -189,7 +189,8 @@ def test_train_round_drops_missing_broken_and_failed_replies(reference, task_ide
     }
     grid = ScriptedGrid([10, 11, 12, 13], lambda m: answers[m.metadata.dst_node_id])
     strategy.clients = {0: 10, 1: 11, 2: 12, 3: 13}
-    sent = strategy.configure_train(1, None, ConfigRecord({ATTEMPT: 0}), grid)
+    arrays = messages.state_to_record(state, "fp32")
+    sent = strategy.configure_train(1, arrays, ConfigRecord({ATTEMPT: 0}), grid)
     # One valid update of the two that min_clients needs: no aggregate, the state stays put.
     assert strategy.aggregate_train(1, grid.send_and_receive(sent, timeout=strategy.timeout)) == (None, None)
     assert strategy.state.round == 0
@@ -209,7 +210,7 @@ def test_train_round_drops_missing_broken_and_failed_replies(reference, task_ide
 
     # The retry (attempt 1) samples afresh; two good replies close the round.
     answers.update({11: answers[10], 13: answers[10]})
-    sent = strategy.configure_train(1, None, ConfigRecord({ATTEMPT: 1}), grid)
+    sent = strategy.configure_train(1, arrays, ConfigRecord({ATTEMPT: 1}), grid)
     arrays, train_metrics = strategy.aggregate_train(1, grid.send_and_receive(sent, timeout=strategy.timeout))
     assert strategy.state.round == 1 and len(progress.sampled) == 2
     assert all(torch.equal(messages.record_to_state(arrays)[name], good[name]) for name in good)
@@ -223,8 +224,8 @@ def test_simulation_engine_matches_in_process(reference):
     from flwr.simulation import run_simulation
 
     output_dir = reference["root"] / "simulation_engine"
-    server_app = flower_apps.build_server_app(**{
-        "config": str(reference["config_path"]), "output-dir": str(output_dir), "client-evaluation": True,
+    server_app = flower_apps.build_server_app(output_root=reference["root"], **{
+        "config": str(reference["config_path"]), "output-dir": output_dir.name, "client-evaluation": True,
     })
     run_simulation(
         server_app=server_app, client_app=flower_apps.client_app, num_supernodes=NUM_CLIENTS,
@@ -255,7 +256,8 @@ def test_simulation_engine_runs_secagg_plus(reference):
     config_path = reference["root"] / "secagg.yaml"
     config_path.write_text(yaml.safe_dump(config_to_dict(config)))
     output_dir = reference["root"] / "simulation_engine_secagg"
-    server_app = flower_apps.build_server_app(**{"config": str(config_path), "output-dir": str(output_dir)})
+    server_app = flower_apps.build_server_app(output_root=reference["root"],
+                                              **{"config": str(config_path), "output-dir": output_dir.name})
     run_simulation(
         server_app=server_app, client_app=flower_apps.client_app, num_supernodes=NUM_CLIENTS,
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
@@ -281,7 +283,8 @@ def test_simulation_engine_drops_failing_clients(reference):
     config_path = reference["root"] / "timeout.yaml"
     config_path.write_text(yaml.safe_dump(config_to_dict(config)))
     output_dir = reference["root"] / "simulation_engine_timeout"
-    server_app = flower_apps.build_server_app(**{"config": str(config_path), "output-dir": str(output_dir)})
+    server_app = flower_apps.build_server_app(output_root=reference["root"],
+                                              **{"config": str(config_path), "output-dir": output_dir.name})
     with pytest.raises(RoundFailed, match="round 1: fewer than min_clients=2 valid updates after 1 attempt"):
         run_simulation(
             server_app=server_app, client_app=flower_apps.client_app, num_supernodes=NUM_CLIENTS,
@@ -318,8 +321,8 @@ def loopback_federation(reference):
 
 def test_deployment_on_loopback_matches_in_process(reference, loopback_federation):
     federation = loopback_federation
-    output_dir = reference["root"] / "deployment_run"
-    run_config = f"config='{reference['config_path']}' output-dir='{output_dir}' node-wait-s=60.0"
+    output_dir = federation.output_root / "deployment_run"
+    run_config = f"config='{reference['config_path']}' output-dir='{output_dir.name}' node-wait-s=60.0"
     run_id, status, output = federation.run_app(APP_DIR, run_config, timeout_s=300)
     assert status == "finished:completed", f"run {run_id}: {status}\n{output[-4000:]}\n{federation.logs()}"
     assert_same_run(output_dir, reference["outcome"])

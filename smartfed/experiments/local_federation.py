@@ -31,6 +31,8 @@ import time
 import warnings
 from pathlib import Path
 
+from smartfed.federated.run_dir import OUTPUT_ROOT_ENV
+
 HOST = "127.0.0.1"
 CONNECTION = "loopback"
 BIN = Path(sys.executable).parent
@@ -55,9 +57,11 @@ class LocalFederation:
     """A SuperLink and SuperNodes on 127.0.0.1, authenticated with ``keys``
     (a ``federation_keys.FederationKeys``) unless ``insecure=True``.
 
-    ``env`` adds variables to every process (for example ``OMP_NUM_THREADS``)."""
+    ``env`` adds variables to every process (for example ``OMP_NUM_THREADS``); the ServerApp's
+    runs go under ``output_root`` (default ``root/runs``; ``$SMARTFED_OUTPUT_ROOT`` of the
+    SuperLink)."""
 
-    def __init__(self, root, keys=None, *, insecure=False, env=None):
+    def __init__(self, root, keys=None, *, insecure=False, env=None, output_root=None):
         if insecure and keys is not None:
             raise ValueError("give keys for TLS and authentication, or insecure=True, not both")
         if not insecure and keys is None:
@@ -69,6 +73,7 @@ class LocalFederation:
         self.keys = keys
         self.insecure = insecure
         self.extra_env = dict(env or {})
+        self.output_root = Path(output_root) if output_root is not None else self.root / "runs"
         self.port = free_port()
         self.address = f"{HOST}:{self.port}"
         self.processes = {}  # name -> (Popen, log path), in start order
@@ -94,6 +99,9 @@ class LocalFederation:
             os.environ, FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
             PYTHONPATH=python_path, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **self.extra_env,
         )
+
+    def superlink_env(self):
+        return dict(self.env("superlink"), **{OUTPUT_ROOT_ENV: str(self.output_root)})
 
     def superlink_command(self):
         trust = ["--insecure"] if self.insecure else [
@@ -125,7 +133,7 @@ class LocalFederation:
         self.wait_for_online(num_nodes, wait_s=wait_s)
 
     def start_superlink(self, *, wait_s=60):
-        self._start("superlink", self.superlink_command())
+        self._start("superlink", self.superlink_command(), env=self.superlink_env())
         deadline = time.monotonic() + wait_s
         while True:
             try:
@@ -204,12 +212,12 @@ class LocalFederation:
                     process.wait(timeout=wait_s)
                 _signal_group(process, signal.SIGKILL)
 
-    def _start(self, name, command):
+    def _start(self, name, command, *, env=None):
         if name in self.processes:
             raise ValueError(f"a process named {name!r} was already started")
         log_path = self.root / f"{name}.log"
         with open(log_path, "w") as log:
-            process = subprocess.Popen([str(BIN / command[0]), *command[1:]], env=self.env(name), stdout=log,
+            process = subprocess.Popen([str(BIN / command[0]), *command[1:]], env=env or self.env(name), stdout=log,
                                        stderr=subprocess.STDOUT, start_new_session=True)
         self.processes[name] = (process, log_path)
         return process
