@@ -396,3 +396,104 @@ def test_pool_cache_build_removes_crashed_staging_and_leaves_none_of_its_own(tmp
     paths = assets.build_tiny_pool(config, progress=False)
     assert all((path / "adapter_config.json").is_file() for path in paths)
     assert sorted(p.name for p in tmp_path.iterdir()) == [paths[0].parent.name]
+
+
+# --------------------------------------------------------------------------- forged files
+
+
+def rehash(state_path, change):
+    """Apply ``change`` to a state.json and record its new self-hash, as a forger would."""
+    meta = json.loads(state_path.read_text())
+    meta.pop("state_sha256")
+    change(meta)
+    canonical = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
+    meta["state_sha256"] = hashlib.sha256(canonical).hexdigest()
+    state_path.write_text(json.dumps(meta))
+
+
+def _set(path, value):
+    def change(meta):
+        node = meta
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+    return change
+
+
+@pytest.mark.parametrize("change, problem", [
+    (_set(["round"], "2"), "'round' must be an int >= 0"),
+    (_set(["round"], True), "'round' must be an int >= 0"),
+    (_set(["quotas"], [1, 2]), "'quotas' must be null or a mapping"),
+    (_set(["quotas"], {"m": "2"}), "'quotas' must be null or a mapping"),
+    (_set(["history"], [{"loss": 1.0}]), "'history' must be a list of round records"),
+    (_set(["history"], "all"), "'history' must be a list of round records"),
+    (lambda meta: meta.pop("config_fingerprint"), "'config_fingerprint' must be a string"),
+    (_set(["extra"], []), "'extra' must be a mapping"),
+    (lambda meta: meta.pop("rng"), "'rng.python' must be python's random state"),
+    (lambda meta: meta["rng"]["python"][1].pop(), "'rng.python' must be python's random state"),
+    (_set(["rng", "numpy", 1, 0], 2**40), "'rng.numpy' must be numpy's MT19937 state"),
+    (_set(["rng", "numpy", 2], 10**6), "'rng.numpy' must be numpy's MT19937 state"),
+    (_set(["files"], "none"), "records no sha256 for tensors.safetensors"),
+    (_set(["files", "tensors.safetensors", "bytes"], [1]), "truncated or damaged"),
+])
+def test_a_forged_state_with_its_self_hash_recomputed_is_refused_in_one_line(tmp_path, change, problem):
+    save_checkpoint(tmp_path, make_checkpoint(1))
+    rehash(tmp_path / LATEST / "state.json", change)
+    with pytest.raises(CheckpointError) as caught:
+        load_checkpoint(tmp_path)
+    assert problem in str(caught.value) and len(str(caught.value).splitlines()) == 1
+
+
+def test_a_forged_torch_rng_state_is_refused(tmp_path):
+    import safetensors.torch
+
+    save_checkpoint(tmp_path, make_checkpoint(1))
+    tensors_path = tmp_path / LATEST / "tensors.safetensors"
+    tensors = safetensors.torch.load(tensors_path.read_bytes())
+    tensors["rng/torch"] = torch.zeros(7, dtype=torch.float32)
+    data = safetensors.torch.save(tensors)
+    tensors_path.write_bytes(data)
+    rehash(tmp_path / LATEST / "state.json",
+           _set(["files", "tensors.safetensors"], {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}))
+    with pytest.raises(CheckpointError, match=r"'rng/torch' must be a torch.uint8 tensor of shape \(5056,\)"):
+        load_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("change, problem", [
+    (lambda c: c.extra.pop("seed"), r"'extra' lacks \['seed'\]"),
+    (lambda c: c.extra.update(seed="3"), "'extra.seed' must be an int >= 0"),
+    (lambda c: c.extra.update(importance_ema={"m": "hot"}), "'extra.importance_ema' must be null or map"),
+    (lambda c: c.extra.update(quota_history={"1": 2}), "'extra.quota_history' must be a list"),
+    (lambda c: c.global_state.update(w=torch.zeros(3)), r"w is torch.float32 \(3,\), the model's is torch.float32 \(2,\)"),
+    (lambda c: c.global_state.update(v=torch.zeros(2)), r"tensor names differ \(missing \[\], unexpected \['v'\]\)"),
+    (lambda c: setattr(c, "quotas", {"m": 9}), "'quotas' must give each module"),
+])
+def test_a_checkpoint_that_does_not_fit_the_run_is_refused_in_one_line(change, problem):
+    from smartfed.federated.server import ServerState
+
+    checkpoint = Checkpoint(
+        round=1, global_state={"w": torch.zeros(2)}, quotas={"m": 2}, history=[], config_fingerprint="cfg",
+        extra={"seed": 3, "max_per_matrix": {"m": 4}, "total_budget": 2, "importance_ema": None, "quota_history": []},
+    )
+    assert ServerState.from_checkpoint(checkpoint, reference={"w": torch.ones(2)}).round == 1
+    change(checkpoint)
+    with pytest.raises(CheckpointError, match=problem):
+        ServerState.from_checkpoint(checkpoint, reference={"w": torch.ones(2)})
+
+
+def test_a_version_1_checkpoint_is_read_for_a_reader_and_refused_for_a_resume(tmp_path):
+    from smartfed.federated.checkpoint import read_checkpoint
+
+    checkpoint = make_checkpoint(2)
+    save_checkpoint(tmp_path, checkpoint)
+    state_path = tmp_path / LATEST / "state.json"
+    state = json.loads(state_path.read_text())
+    for key in ("format", "version", "state_sha256", "files"):
+        del state[key]
+    state_path.write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match="a version-1 checkpoint: it can be read, not resumed"):
+        load_checkpoint(tmp_path)
+    with pytest.warns(UserWarning, match="version-1 checkpoint.*read without verification"):
+        folder, read = read_checkpoint(tmp_path)
+    assert folder == tmp_path / LATEST
+    assert_same(read, checkpoint)
