@@ -17,8 +17,10 @@ the server's (idle) model. Whatever the abandoned worker computes later is disca
 No worker outlives the grid: ``close`` (also on leaving a ``with`` block, when Ctrl-C interrupts
 the wait for a worker, and at interpreter exit) raises ``StepCancelled`` inside every worker still
 running, which lands at its next Python instruction (a client's wait is taken in short slices for
-this), and joins them. A worker left running while Python finalizes would be torn down inside
-torch's C++ code and abort the process ("terminate called without an active exception").
+this), and waits for each to finish. A worker left running while Python finalizes would be torn
+down inside torch's C++ code and abort the process ("terminate called without an active
+exception"). Each worker reports its end through its own event: after Ctrl-C interrupts
+``Thread.join``, CPython 3.11 reports the still running thread as stopped.
 """
 
 import atexit
@@ -111,13 +113,13 @@ class InProcessGrid(Grid):
         return self.pull_messages(self.push_messages(messages))
 
     def close(self, *, wait_s=CANCEL_WAIT_S) -> None:
-        """Stop every worker still running (the step in flight, abandoned ones) and join it."""
-        alive = [worker for worker in self._workers if worker.is_alive()]
-        for worker in alive:
+        """Stop every worker still running (the step in flight, abandoned ones) and wait for it."""
+        running = [(worker, done) for worker, done in self._workers if not done.is_set()]
+        for worker, _ in running:
             _raise_in(worker, StepCancelled)
-        for worker in alive:
-            worker.join(wait_s)
-        self._workers = [worker for worker in alive if worker.is_alive()]
+        for _, done in running:
+            done.wait(wait_s)
+        self._workers = [(worker, done) for worker, done in running if not done.is_set()]
 
     def __enter__(self):
         return self
@@ -141,30 +143,32 @@ class InProcessGrid(Grid):
     def _within_deadline(self, msg, partition_id):
         """The client's reply to ``msg`` from a worker thread, or ``ClientTimeout`` once
         ``client_timeout_s`` has passed; an abandoned worker keeps its replica to itself."""
-        client, outcome = self._client, {}
+        client, outcome, done = self._client, {}, threading.Event()
         threads = torch.get_num_threads()
 
         def work():
             # Intra-op thread counts are per OS thread under OpenMP; results must not depend on
             # which thread trains.
-            torch.set_num_threads(threads)
             try:
+                torch.set_num_threads(threads)
                 outcome["reply"] = client.handle(msg, partition_id)
             except StepCancelled:
                 outcome["error"] = ClientTimeout("the client step was cancelled")
             except Exception as error:
                 outcome["error"] = error
+            finally:
+                done.set()
 
         worker = threading.Thread(target=work, name=f"smartfed-client-{partition_id}", daemon=True)
-        self._workers = [w for w in self._workers if w.is_alive()] + [worker]
+        self._workers = [(w, d) for w, d in self._workers if not d.is_set()] + [(worker, done)]
         worker.start()
         try:
-            worker.join(self._timeout)
+            finished = done.wait(self._timeout)
         except BaseException:
             # Ctrl-C while waiting: the step must not outlive the process.
             self.close()
             raise
-        if worker.is_alive():
+        if not finished:
             self._client = self._origin.replica()
             raise ClientTimeout(
                 f"timeout: no reply within federation.client_timeout_s={self._timeout} s; the client step was abandoned"
