@@ -176,6 +176,21 @@ def test_connect_maps_partitions_and_refuses_bad_nodes(reference, task_identity,
         strategy.connect(ScriptedGrid([11], None), wait_s=0.2)
 
 
+def test_connect_takes_only_the_listed_nodes(reference, task_identity, tmp_path):
+    """A registered stranger (node 99) claiming a taken partition is ignored when the run lists
+    its nodes: it is never sent the setup query and cannot contest partition 0."""
+    strategy = _strategy(reference, tmp_path / "run")
+    pool = strategy.trainer.pool_fingerprint
+    answers = {11: _setup_reply(1, pool), 12: _setup_reply(0, pool), 99: _setup_reply(0, pool)}
+    grid = ScriptedGrid([11, 12, 99], lambda m: answers[m.metadata.dst_node_id])
+    assert strategy.connect(grid, wait_s=5, listed=(11, 12)) == {0: 12, 1: 11}
+    assert strategy.contested == {} and sorted(m.metadata.dst_node_id for m in grid.sent) == [11, 12]
+    with pytest.raises(TimeoutError, match=r"1 SuperNode\(s\) of the listed nodes \[11, 12\] connected after 0.2 s"):
+        strategy.connect(ScriptedGrid([11, 99], None), wait_s=0.2, listed=(11, 12))
+    with pytest.raises(RuntimeError, match="nodes 12 and 99 both hold partition-id 0"):
+        strategy.connect(ScriptedGrid([11, 12, 99], lambda m: answers[m.metadata.dst_node_id]), wait_s=5)
+
+
 def test_train_round_drops_missing_broken_and_failed_replies(reference, task_identity, tmp_path):
     strategy = _strategy(reference, tmp_path / "run", num_clients=4)
     state = strategy.trainer.initial_state()
@@ -311,18 +326,24 @@ def _partitions(reference):
 @pytest.fixture
 def loopback_federation(reference):
     """A SuperLink with TLS and SuperNode authentication and two registered SuperNodes on
-    127.0.0.1 (docs/flower.md), each process with one torch thread."""
+    127.0.0.1 (docs/flower.md), each process with one torch thread; and a third SuperNode whose
+    own key someone else registered, claiming partition 0."""
     root = reference["root"] / "deployment"
-    keys = make_federation_keys(root / "keys", NUM_CLIENTS)
+    keys = make_federation_keys(root / "keys", NUM_CLIENTS + 1)
     with LocalFederation(root / "federation", keys, env={"OMP_NUM_THREADS": "1"}) as federation:
         federation.start(NUM_CLIENTS)
+        federation.register(NUM_CLIENTS)
+        federation.start_supernode(NUM_CLIENTS, f"partition-id=0 num-partitions={NUM_CLIENTS}", name="outsider")
+        federation.wait_for_online(NUM_CLIENTS + 1)
         yield federation
 
 
 def test_deployment_on_loopback_matches_in_process(reference, loopback_federation):
+    """The run lists its nodes: the outsider's claim on partition 0 is ignored, not fatal."""
     federation = loopback_federation
     output_dir = federation.output_root / "deployment_run"
-    run_config = f"config='{reference['config_path']}' output-dir='{output_dir.name}' node-wait-s=60.0"
+    run_config = (f"config='{reference['config_path']}' output-dir='{output_dir.name}' node-wait-s=60.0 "
+                  f"{federation.nodes_run_config()}")
     run_id, status, output = federation.run_app(APP_DIR, run_config, timeout_s=300)
     assert status == "finished:completed", f"run {run_id}: {status}\n{output[-4000:]}\n{federation.logs()}"
     assert_same_run(output_dir, reference["outcome"])

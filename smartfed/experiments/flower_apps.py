@@ -20,7 +20,7 @@ the run from the SmartFed config (``smartfed.experiments.runs``) and hands it to
   fresh process (a deployment) it hands the message to the node's persistent worker
   (``smartfed.experiments.client_worker``), which keeps the model between messages.
 
-This module imports no torch: a deployment's ClientApp process only forwards.
+This module imports no torch (nor pydantic): a deployment's ClientApp process only forwards.
 The ServerApp's run config is ``smartfed.config.FlowerRunSettings`` (``[tool.flwr.app.config]``
 of flower_app/pyproject.toml, ``flwr run --run-config``); docs/flower.md shows how to run it.
 """
@@ -31,7 +31,6 @@ from flwr.app import ConfigRecord, Context, Message, MessageType
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from smartfed.config import FlowerRunSettings
 from smartfed.experiments.client_worker import WorkerError, forward
 from smartfed.federated.flower_compat import clientapp_runs_per_message, recorddict_from_bytes, recorddict_to_bytes
 from smartfed.federated.protocol import CONFIG_JSON, NUM_PARTITIONS, PARTITION_ID, setup_config_json
@@ -127,9 +126,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     return _answer(msg, context, _setup_json(context))
 
 
-def serve(grid: Grid, settings: FlowerRunSettings, *, root=None):
-    """All rounds of the configured run on the nodes behind ``grid``, in ``output-dir`` under
-    ``root`` (default ``output_root()``); returns the ``Run``."""
+def serve(grid: Grid, settings, *, root=None):
+    """All rounds of the run of ``settings`` (``smartfed.config.FlowerRunSettings``) on the nodes
+    behind ``grid``, in ``output-dir`` under ``root`` (default ``output_root()``); returns the ``Run``."""
     from smartfed.config import config_to_dict
     from smartfed.experiments.runs import open_run
     from smartfed.federated.faults import FaultInjectingGrid
@@ -155,18 +154,25 @@ def serve(grid: Grid, settings: FlowerRunSettings, *, root=None):
     return run
 
 
+def _settings(run_config):
+    from smartfed.config import FlowerRunSettings
+
+    return FlowerRunSettings.from_run_config(run_config)
+
+
 def build_server_app(*, output_root=None, **run_config) -> ServerApp:
     """A ServerApp whose runs write under ``output_root`` (default: ``$SMARTFED_OUTPUT_ROOT``,
     read when a run starts) and whose run config starts from ``run_config`` (keys as in
     pyproject.toml, e.g. ``build_server_app(output_root="/srv/runs", **{"output-dir": "a"})``);
     what ``flwr run`` passes wins."""
     defaults = dict(run_config)
-    FlowerRunSettings.from_run_config(defaults)
+    if defaults:
+        _settings(defaults)  # a mistake in the caller's defaults fails here, not at the first run
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        serve(grid, FlowerRunSettings.from_run_config({**defaults, **context.run_config}), root=output_root)
+        serve(grid, _settings({**defaults, **context.run_config}), root=output_root)
 
     return app
 
