@@ -15,8 +15,8 @@ The worker listens on a Unix socket in a folder only this user can enter (``runt
 mode 700); every frame is bounded before it is read. One request or reply is a frame: a 4-byte
 length and a JSON header, an 8-byte length and a payload (a Flower ``RecordDict`` in Flower's
 protobuf form). Request header: ``run_id``, ``node_id``, ``partition_id``, ``device``,
-``message_type``, ``group_id``, ``config_json``; reply header: ``{"ok": true}`` with the reply's
-content, or ``{"error": reason}``.
+``message_type``, ``group_id``, ``config_json``; reply header: ``{"ok": true, "pid": ...}`` with the
+reply's content, or ``{"error": reason, "pid": ...}`` (``pid``: the worker's, for its log).
 """
 
 import argparse
@@ -173,8 +173,8 @@ class Worker:
                           group_id=header["group_id"])
             reply = client.handle(msg, int(header["partition_id"]))
         except Exception as error:  # the proxy turns it into the ClientApp's error reply
-            return {"error": f"{type(error).__name__}: {error}"}, b""
-        return {"ok": True}, recorddict_to_bytes(reply.content)
+            return {"error": f"{type(error).__name__}: {error}", "pid": os.getpid()}, b""
+        return {"ok": True, "pid": os.getpid()}, recorddict_to_bytes(reply.content)
 
 
 def serve(path, *, watch_pid, idle_s=IDLE_S) -> None:
