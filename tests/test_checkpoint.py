@@ -26,10 +26,10 @@ from smartfed.federated.checkpoint import (
     save_checkpoint,
 )
 from smartfed.federated.run_dir import (
+    RunDir,
     RunDirError,
     append_jsonl,
     fsync_write,
-    prepare_run_dir,
     rebuild_metrics,
     write_jsonl,
 )
@@ -252,10 +252,10 @@ CONFIG = {"seed": 0, "federation": {"rounds": 2, "lr": 0.01}, "faults": {1: {0: 
 
 
 def test_a_missing_or_empty_folder_takes_a_fresh_run(tmp_path):
-    assert prepare_run_dir(tmp_path / "new", CONFIG, resume=False) == tmp_path / "new"
+    assert RunDir(tmp_path / "new").check_writable(CONFIG, resume=False) == tmp_path / "new"
     assert not (tmp_path / "new").exists()
     (tmp_path / "empty").mkdir()
-    prepare_run_dir(tmp_path / "empty", CONFIG, resume=False)
+    RunDir(tmp_path / "empty").check_writable(CONFIG, resume=False)
 
 
 def test_a_users_folder_is_refused_and_left_byte_identical(tmp_path):
@@ -266,7 +266,7 @@ def test_a_users_folder_is_refused_and_left_byte_identical(tmp_path):
         (folder / name).write_bytes(data)
     with pytest.raises(RunDirError, match=rf"^{folder} holds files not written by a smartfed run "
                                           r"\(config.json, notes.txt\): give --output a new or empty folder"):
-        prepare_run_dir(folder, CONFIG, resume=False)
+        RunDir(folder).check_writable(CONFIG, resume=False)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == files
 
 
@@ -277,12 +277,12 @@ def test_a_run_of_another_config_is_refused_and_one_of_this_config_taken(tmp_pat
     for name in ("metrics.jsonl", "metrics.jsonl.tmp", "resumes.jsonl"):
         (folder / name).write_text("")
     (folder / ".checkpoint-123-abc").mkdir()
-    prepare_run_dir(folder, CONFIG, resume=False)
+    RunDir(folder).check_writable(CONFIG, resume=False)
     other = {**CONFIG, "federation": {"rounds": 2, "lr": 0.5}}
     with pytest.raises(RunDirError, match=rf"^{folder} holds a run of another config \(config.json: federation.lr "
                                           r"is 0.01 there, 0.5 now\)"):
-        prepare_run_dir(folder, other, resume=False)
-    prepare_run_dir(folder, other, resume=True)  # the config is compared by check_resume
+        RunDir(folder).check_writable(other, resume=False)
+    RunDir(folder).check_writable(other, resume=True)  # the config is compared by check_resume
 
 
 def test_run_files_without_their_config_and_a_file_as_folder_are_refused(tmp_path):
@@ -290,10 +290,10 @@ def test_run_files_without_their_config_and_a_file_as_folder_are_refused(tmp_pat
     folder.mkdir()
     (folder / "metrics.jsonl").write_text("")
     with pytest.raises(RunDirError, match=rf"^{folder} holds run files \(metrics.jsonl\) but no config.json"):
-        prepare_run_dir(folder, CONFIG, resume=False)
+        RunDir(folder).check_writable(CONFIG, resume=False)
     (tmp_path / "file").write_text("x")
     with pytest.raises(RunDirError, match="file is not a folder"):
-        prepare_run_dir(tmp_path / "file", CONFIG, resume=True)
+        RunDir(tmp_path / "file").check_writable(CONFIG, resume=True)
 
 
 def test_smartfed_train_refuses_a_users_folder_with_exit_2_before_building_anything(tmp_path, capsys, monkeypatch):

@@ -120,6 +120,7 @@ def test_every_committed_checkpoint_and_final_state_reads(folder):
     run_dir = RunDir(folder)
     config = run_dir.read_config()
     rounds = config["federation"]["rounds"]
+    assert [r["round"] for r in run_dir.read_metrics() if r["status"] == "completed"] == list(range(1, rounds + 1))
     names = None
     if (folder / "checkpoint").is_dir():
         with warnings.catch_warnings(record=True) as caught:

@@ -423,9 +423,3 @@ class RunDir:
         """One of the run's JSON records (``client_evaluation.json``, ``text_task.json``,
         ``expert_usage.json``, ``evaluation.json``), replaced durably."""
         return fsync_write(self.path(name), json.dumps(data, indent=1))
-
-
-def prepare_run_dir(output_dir, config_dict: dict, *, resume: bool) -> Path:
-    """``RunDir(output_dir).check_writable(config_dict, resume=resume)``: the guard ``smartfed
-    train`` and ``smartfed sweep`` run before any expensive work; returns the resolved folder."""
-    return RunDir(output_dir).check_writable(config_dict, resume=resume)
