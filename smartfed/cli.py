@@ -163,9 +163,21 @@ SUBCOMMANDS = {
                 "addresses nodes dial (--host, default 127.0.0.1 and localhost) and one EC P-384 key pair per "
                 "SuperNode in OpenSSH format (flwr supernode register / --auth-supernode-private-key). Private keys "
                 "are mode 600; existing files are never overwritten without --force.",
-        example="smartfed federation-keys keys --nodes 2",
+        example="smartfed federation-keys ~/.smartfed/federation/keys --nodes 2",
         writes="DIR/ca.pem, ca.key, server.pem, server.key, supernode-<i>.key and supernode-<i>.pub",
         exit_codes="0 written; 2 a file exists (nothing written; --force replaces them) or bad arguments",
+    ),
+    "federation": Subcommand(
+        module="smartfed.experiments.federation",
+        summary="start docs/flower.md's local TLS + authenticated Flower deployment in one line",
+        details="Keys made once under --dir (default ~/.smartfed/federation), a SuperLink on 127.0.0.1 with TLS and "
+                "SuperNode authentication, each node's key registered, one SuperNode per client. Without --run it "
+                "prints the flwr command for a run and stays up until Ctrl-C; --run CONFIG runs that config once on "
+                "exactly the registered SuperNodes and stops.",
+        example="smartfed federation --nodes 2\n  smartfed federation --run configs/tiny.yaml --threads 1",
+        writes="DIR/keys/ (once), DIR/session-<time>/ (database, logs), DIR/runs/<run>/ (the run folder)",
+        exit_codes="0 done (or stopped by a process exiting: 1); 2 bad arguments or keys; 3 the run did not "
+                   "complete; 130 Ctrl-C (every process stopped)",
     ),
 }
 

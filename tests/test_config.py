@@ -15,12 +15,10 @@ from smartfed.config import (
     ConfigError,
     RunConfig,
     apply_overrides,
-    check_resume,
     config_fingerprint,
     config_from_dict,
     config_to_dict,
     load_config,
-    record_resume,
     validate,
     with_overrides,
 )
@@ -187,20 +185,22 @@ def test_flower_run_settings_take_run_config_keys_and_set_overrides(tmp_path):
 
 
 def test_check_resume_allows_only_resumable_changes_and_records_them(tmp_path):
+    from smartfed.federated.run_dir import RunDir
+
     config = config_from_dict({"federation": {"rounds": 2}})
     (tmp_path / "config.json").write_text(json.dumps(config_to_dict(config)))
     longer = with_overrides(config, federation={"rounds": 4})
-    changes = check_resume(tmp_path, longer)
+    changes = RunDir(tmp_path).check_resume(longer)
     assert changes == {"federation.rounds": (2, 4)}
     with pytest.raises(ConfigError) as caught:
-        check_resume(tmp_path, with_overrides(config, federation={"lr": 0.5}))
+        RunDir(tmp_path).check_resume(with_overrides(config, federation={"lr": 0.5}))
     assert str(caught.value).startswith(
         f"{tmp_path / 'config.json'}: federation.lr: is 0.5 now but 0.01 in the run already there")
-    record_resume(tmp_path, longer, changes, at_round=2)
+    RunDir(tmp_path).record_resume(longer, changes, at_round=2)
     assert json.loads((tmp_path / "config.json").read_text())["federation"]["rounds"] == 4
     assert json.loads((tmp_path / "resumes.jsonl").read_text()) == {
         "at_round": 2, "changes": {"federation.rounds": [2, 4]}}
-    assert check_resume(tmp_path, longer) == {}
+    assert RunDir(tmp_path).check_resume(longer) == {}
 
 
 def alias_bomb(levels=9, width=9):

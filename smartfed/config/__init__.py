@@ -18,8 +18,8 @@ The package, one job per module:
 - ``more``: the ``more`` section, derived from :class:`smartfed.choices.MoREConfig`;
 - ``schema``: :class:`RunConfig` and its sections;
 - ``loading``: ``load_config(path, overrides)``, ``--set`` overrides, ``with_overrides``;
-- ``fingerprint``: ``config_fingerprint`` and the resume rule (pure, no file I/O);
-- ``resume``: ``check_resume`` / ``record_resume`` over a run folder's files.
+- ``fingerprint``: ``config_fingerprint`` and the resume rule (pure, no file I/O; the run folder's
+  owner, smartfed.federated.run_dir.RunDir, applies it to a run's ``config.json``).
 
 The pool spec (smartfed.experiments.pool_spec), the sweep schema (smartfed.experiments.sweep_schema)
 and the Flower run settings (smartfed.experiments.flower_settings) live beside their owners and
@@ -39,7 +39,6 @@ from smartfed.config.more import MoRESection
 from smartfed.config.numbers import (
     Fraction, IntKey, NonEmptyStr, NonNegative, NonNegativeInt, Positive, PositiveInt, Section, count, number,
 )
-from smartfed.config.resume import CONFIG_FILE, RESUME_LOG, check_resume, read_saved_config, record_resume
 from smartfed.config.schema import (
     BaselineSection, CommunicationSection, DifferentialPrivacySection, EEQASection, FederationSection, ModelSection,
     NormBoundSection, PoolSection, PrivacySection, RobustnessSection, RunConfig, SecureAggregationSection, TaskSection,
@@ -52,15 +51,15 @@ from smartfed.config.vocabularies import (
 from smartfed.config.yaml_input import parse_yaml, read_yaml
 
 __all__ = [
-    "AGGREGATORS", "BACKENDS", "CONFIG_FILE", "ESTIMATORS", "EXAMPLE_COUNTS", "FAULT_KINDS", "FINGERPRINT_SCHEMA",
+    "AGGREGATORS", "BACKENDS", "ESTIMATORS", "EXAMPLE_COUNTS", "FAULT_KINDS", "FINGERPRINT_SCHEMA",
     "GATES", "IMPORTANCE_AGGREGATIONS", "LAYER_ROUTERS", "METHODS", "NORM_BOUND_MODES", "PARTITIONS",
-    "RESUMABLE_CHANGES", "RESUME_LOG", "ROUTER_INITS", "SYNTHETIC_TASK", "WIRE_DTYPES",
+    "RESUMABLE_CHANGES", "ROUTER_INITS", "SYNTHETIC_TASK", "WIRE_DTYPES",
     "BaselineSection", "CommunicationSection", "ConfigError", "DifferentialPrivacySection", "EEQASection",
     "FederationSection", "Fraction", "IntKey", "ModelSection", "MoRESection", "NonEmptyStr", "NonNegative",
     "NonNegativeInt", "NormBoundSection", "PoolSection", "Positive", "PositiveInt", "PrivacySection",
     "RobustnessSection", "RunConfig", "Section", "SecureAggregationSection", "TaskSection",
-    "apply_overrides", "blame_override", "check_resume", "config_fingerprint", "config_from_dict", "config_to_dict",
+    "apply_overrides", "blame_override", "config_fingerprint", "config_from_dict", "config_to_dict",
     "count", "fingerprint_matches", "is_resumable", "legacy_fingerprints", "load_config", "non_default_values",
-    "number", "override_key", "parse_override", "parse_yaml", "read_saved_config", "read_yaml", "record_resume",
+    "number", "override_key", "parse_override", "parse_yaml", "read_yaml",
     "resume_changes", "validate", "with_overrides",
 ]

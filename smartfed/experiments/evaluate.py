@@ -14,10 +14,11 @@ import json
 import time
 from pathlib import Path
 
+from smartfed.federated.run_dir import EVALUATION_FILE
+
 # What may differ from the run's config: the data it is scored on and how, never what the state
 # was trained on (pool.cache_dir only moves the cached tiny pool, which its fingerprint checks).
 EVALUATION_CHANGES = ("task", "federation.eval_batch_size", "pool.cache_dir", "label")
-EVALUATION_FILE = "evaluation.json"
 
 
 def configure_parser(parser):
@@ -45,9 +46,9 @@ def read_run_config(run_dir, overrides, *, split="test"):
     folder, a ``--set`` outside ``EVALUATION_CHANGES`` or a ``split`` the run does not have.
     Reads only ``config.json``: every mistake here is reported before torch is imported."""
     from smartfed.config import (
-        CONFIG_FILE, ConfigError, apply_overrides, blame_override, config_from_dict, config_to_dict, override_key,
-        with_overrides,
+        ConfigError, apply_overrides, blame_override, config_from_dict, config_to_dict, override_key, with_overrides,
     )
+    from smartfed.federated.run_dir import CONFIG_FILE
 
     run_dir = Path(run_dir).resolve()
     if not run_dir.is_dir():
@@ -86,13 +87,14 @@ def _final_round_checkpoint(run_dir, config):
     """(tensors file, Checkpoint) of ``run_dir`` when it holds the run's last round; else a
     ConfigError."""
     from smartfed.config import ConfigError
-    from smartfed.federated.checkpoint import TENSORS_FILE, find_checkpoint, verify_checkpoint
+    from smartfed.federated.checkpoint import TENSORS_FILE
+    from smartfed.federated.run_dir import RunDir
 
-    directory = find_checkpoint(run_dir)
-    if directory is None:
+    found = RunDir(run_dir).read_checkpoint()
+    if found is None:
         raise ConfigError(f"{run_dir} holds no final state (neither final_state.safetensors nor a checkpoint)",
                           key="RUN_DIR")
-    checkpoint = verify_checkpoint(directory)
+    directory, checkpoint = found
     if checkpoint.round != config.federation.rounds:
         raise ConfigError(f"{run_dir} holds no final state: it stopped at round {checkpoint.round} of "
                           f"{config.federation.rounds} (continue it with smartfed train --resume)", key="RUN_DIR")
@@ -199,9 +201,14 @@ def run(args) -> int:
     set_threads(args.threads)
     record = evaluate_run(args.run_dir, args.overrides, split=args.split, device=args.device,
                           progress=not args.no_progress)
-    output = Path(args.output).resolve() if args.output else Path(args.run_dir).resolve() / EVALUATION_FILE
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(record, indent=1))
+    if args.output:
+        output = Path(args.output).resolve()
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(record, indent=1))
+    else:
+        from smartfed.federated.run_dir import RunDir
+
+        output = RunDir(args.run_dir).write_json(EVALUATION_FILE, record)
     print(f"{record['run_dir']}: round {record['round']} {record['split']} accuracy {record['accuracy']:.4f} "
           f"loss {record['loss']:.4f} on {record['examples']} examples ({record['seconds']:.1f} s) -> {output}")
     return 0

@@ -23,11 +23,22 @@ def _override_items(value):
     raise ConfigError(f"must be a string of a.b=value items or a list of them, got {describe(value)}")
 
 
+def _node_ids(value):
+    if isinstance(value, str) and all(item.isdigit() for item in value.split()):
+        return tuple(int(item) for item in value.split())
+    if isinstance(value, (list, tuple)) and all(isinstance(item, int) and not isinstance(item, bool) and item >= 0
+                                                for item in value):
+        return tuple(value)
+    raise ConfigError(f"must be SuperNode ids separated by spaces (as flwr supernode register printed them), "
+                      f"got {describe(value)}")
+
+
 class FlowerRunSettings(BaseModel):
     """The SmartFed ServerApp's run config (``[tool.flwr.app.config]``, ``flwr run --run-config``):
     ``config`` (YAML run config, "" = the defaults), ``overrides`` (``a.b=value`` items separated by
-    spaces, as ``--set`` takes them), ``output-dir``, ``resume``, ``node-wait-s``,
-    ``reply-timeout-s``, ``client-evaluation``. Every key has a default: Flower's
+    spaces, as ``--set`` takes them), ``output-dir`` (relative to the server side's output root),
+    ``resume``, ``node-wait-s``, ``reply-timeout-s``, ``client-evaluation``, ``nodes`` (the
+    SuperNode ids of the run; "" = every connected node). Every key has a default: Flower's
     ``run_simulation`` passes an empty run config."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, validate_default=True,
@@ -40,6 +51,7 @@ class FlowerRunSettings(BaseModel):
     node_wait_s: number(gt=0, le=MAX_TIMEOUT_S) = 120.0
     reply_timeout_s: number(gt=0, le=MAX_TIMEOUT_S) = 3600.0
     client_evaluation: bool = False
+    nodes: Annotated[tuple[int, ...], PlainValidator(_node_ids)] = ()
 
     @classmethod
     def from_run_config(cls, run_config) -> "FlowerRunSettings":

@@ -12,7 +12,6 @@ run is validated, and every run folder checked, before the first run starts; fin
 skipped, interrupted ones continue from their checkpoint.
 """
 
-import json
 import sys
 from pathlib import Path
 
@@ -24,8 +23,6 @@ from smartfed.experiments.train import (
     prepare_model,
     set_threads,
 )
-
-TASK_FILE = "text_task.json"
 
 
 def configure_parser(parser):
@@ -44,9 +41,10 @@ def run_text_experiment(config, output_dir, *, progress=True, device="cpu", resu
     """Run the federated experiment of ``config`` (a RunConfig or its mapping; a text task) into
     ``output_dir`` and record the task's splits and client label counts beside its metrics; with
     ``resume``, continue the run there (``resume_changes``: what check_resume allowed to change)."""
-    from smartfed.config import RunConfig, config_from_dict, record_resume
+    from smartfed.config import RunConfig, config_from_dict
     from smartfed.experiments.runs import open_run
     from smartfed.experiments.task_baselines import task_baselines
+    from smartfed.federated.run_dir import TEXT_TASK_FILE, RunDir
 
     if not isinstance(config, RunConfig):
         config = config_from_dict(config)
@@ -54,7 +52,8 @@ def run_text_experiment(config, output_dir, *, progress=True, device="cpu", resu
     check_inputs(config)
     prepare_model(config)
     run = open_run(config, output_dir, resume=resume, progress=progress, device=device)
-    record_resume(output_dir, config, resume_changes or {}, at_round=resumed_round)
+    run_dir = RunDir(output_dir)
+    run_dir.record_resume(config, resume_changes or {}, at_round=resumed_round)
     task = run.layout
     summary = {
         **task.summary(), "options": config.task.options, "description": task.description,
@@ -65,7 +64,7 @@ def run_text_experiment(config, output_dir, *, progress=True, device="cpu", resu
         ],
         "baselines": task_baselines(config, task, run.data.evaluation),
     }
-    (Path(output_dir) / TASK_FILE).write_text(json.dumps(summary, indent=1))
+    run_dir.write_json(TEXT_TASK_FILE, summary)
     run.start_in_process()
     return run
 
@@ -195,7 +194,8 @@ def plan_runs(data, output_root, *, overrides=(), seeds=None, tasks=None, method
 
 
 def run(args) -> int:
-    from smartfed.config import read_yaml, record_resume
+    from smartfed.config import read_yaml
+    from smartfed.federated.run_dir import RunDir
     from smartfed.federated.strategy import RoundFailed
 
     data = read_yaml(args.config)
@@ -207,7 +207,7 @@ def run(args) -> int:
     for relative, config, done, changes in plan:
         folder = output_root / relative
         if done == config.federation.rounds:
-            record_resume(folder, config, changes, at_round=done)
+            RunDir(folder).record_resume(config, changes, at_round=done)
             print(f"== {folder}: finished", flush=True)
             continue
         print(f"== {folder}{'' if done is None else f' (continued after round {done})'}", flush=True)

@@ -86,21 +86,19 @@ def prepare_model(config):
 
 def completed_round(output_dir):
     """The last round checkpointed in ``output_dir``, or None when it holds no checkpoint."""
-    from smartfed.federated.checkpoint import find_checkpoint
+    from smartfed.federated.run_dir import RunDir
 
-    directory = find_checkpoint(output_dir)
-    if directory is None:
-        return None
-    return json.loads((directory / "state.json").read_text(encoding="utf-8"))["round"]
+    return RunDir(output_dir).completed_round()
 
 
 def check_output(output_dir, config, *, resume):
     """Check the run folder against ``resume`` from its files alone; returns the resumable
-    changes to record (see smartfed.config.check_resume)."""
-    from smartfed.config import CONFIG_FILE, ConfigError, check_resume, config_to_dict
-    from smartfed.federated.run_dir import prepare_run_dir
+    changes to record (see smartfed.federated.run_dir.RunDir.check_resume)."""
+    from smartfed.config import ConfigError, config_to_dict
+    from smartfed.federated.run_dir import RunDir
 
-    prepare_run_dir(output_dir, config_to_dict(config), resume=resume)
+    run_dir = RunDir(output_dir)
+    run_dir.check_writable(config_to_dict(config), resume=resume)
     done = completed_round(output_dir)
     if not resume:
         if done is not None:
@@ -109,16 +107,16 @@ def check_output(output_dir, config, *, resume):
         return {}
     if done is None:
         raise ConfigError(f"no checkpoint under {output_dir} to continue from", key="--resume")
-    changes = check_resume(output_dir, config)
+    changes = run_dir.check_resume(config)
     if config.federation.rounds < done:
         raise ConfigError(f"is {config.federation.rounds} but the run being resumed has completed {done} rounds; "
                           "rounds may grow when a run continues, not shrink", key="federation.rounds",
-                          source=Path(output_dir) / CONFIG_FILE)
+                          source=run_dir.config_path)
     return changes
 
 
 def run(args) -> int:
-    from smartfed.config import ConfigError, load_config, record_resume
+    from smartfed.config import ConfigError, load_config
 
     config = load_config(args.config, args.overrides)
     # Resolved before any check: "missing/../userZ" and symlinks name the folder they reach.
@@ -132,10 +130,11 @@ def run(args) -> int:
     prepare_model(config)
 
     from smartfed.experiments.runs import open_run
+    from smartfed.federated.run_dir import RunDir
     from smartfed.federated.strategy import RoundFailed
 
     run = open_run(config, output, resume=args.resume, progress=not args.no_progress, device=args.device)
-    record_resume(output, config, changes, at_round=run.state.round if args.resume else None)
+    RunDir(output).record_resume(config, changes, at_round=run.state.round if args.resume else None)
     try:
         run.start_in_process(stop_after_round=args.stop_after_round)
     except RoundFailed as error:
