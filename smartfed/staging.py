@@ -45,7 +45,8 @@ def _marker_pid(folder: Path):
     return pid if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0 else None
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (the staging folders of a live writer are left alone)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -67,7 +68,7 @@ def remove_stale_staging(parent) -> list:
         if entry.is_symlink() or not entry.is_dir():
             continue
         pid = _marker_pid(entry)
-        if pid is None or (pid != os.getpid() and _alive(pid)):
+        if pid is None or (pid != os.getpid() and pid_alive(pid)):
             continue
         shutil.rmtree(entry, ignore_errors=True)
         removed.append(entry)

@@ -33,6 +33,7 @@ from smartfed.federated.run_dir import (
     rebuild_metrics,
     write_jsonl,
 )
+from smartfed.staging import MARKER, MARKER_KIND, make_staging
 
 ROOT = Path(__file__).resolve().parent.parent
 LATEST, PREVIOUS = "checkpoint", "checkpoint.previous"
@@ -232,17 +233,21 @@ def test_a_crash_between_the_renames_resumes_from_the_previous_without_a_warning
 
 def test_staging_folders_left_by_a_crash_are_removed_by_the_next_save_or_load(tmp_path):
     save_checkpoint(tmp_path, make_checkpoint(1))
-    dead = tmp_path / ".checkpoint-999999999-crashed"
-    unnamed = tmp_path / ".checkpoint-x1y2z3"
-    live = tmp_path / f".checkpoint-{os.getppid()}-writing"  # another process still saving: left alone
-    for folder in (dead, unnamed, live):
-        folder.mkdir()
+    dead = make_staging(tmp_path, ".checkpoint-")
+    live = make_staging(tmp_path, ".checkpoint-")  # another process still saving: left alone
+    (dead / MARKER).write_text(json.dumps({"kind": MARKER_KIND, "pid": 999_999_999}))
+    (live / MARKER).write_text(json.dumps({"kind": MARKER_KIND, "pid": os.getppid()}))
+    unmarked = tmp_path / ".checkpoint-999999999-not-ours"  # a staging name, but no marker: not ours
+    unmarked.mkdir()
+    for folder in (dead, live, unmarked):
         (folder / "tensors.safetensors").write_bytes(b"partial")
     load_checkpoint(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([LATEST, live.name])
-    (tmp_path / f".checkpoint-{os.getpid()}-earlier").mkdir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([LATEST, live.name, unmarked.name])
+    assert (unmarked / "tensors.safetensors").read_bytes() == b"partial"
+    make_staging(tmp_path, ".checkpoint-")  # this process's own leftover
     save_checkpoint(tmp_path, make_checkpoint(2))
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([LATEST, PREVIOUS, live.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([LATEST, PREVIOUS, live.name, unmarked.name])
+    assert not (tmp_path / LATEST / MARKER).exists()
 
 
 # --------------------------------------------------------------------------- the run folder

@@ -6,6 +6,7 @@ import pytest
 
 from smartfed.cli import main
 from smartfed.experiments import report
+from smartfed.federated.run_dir import EXPERT_USAGE_FILE, METRICS_FILE
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -27,7 +28,7 @@ def write_run(root, name, *, method, seed, accuracies, bytes_per_round, router="
             record["quotas"] = {module: k + index % 2 for module, k in quotas.items()}
         lines.append(json.dumps(record))
     lines.insert(1, json.dumps({"round": 2, "status": "failed", "bytes_up": 5}))
-    (folder / report.METRICS_FILE).write_text("\n".join(lines) + "\n")
+    (folder / METRICS_FILE).write_text("\n".join(lines) + "\n")
     return folder
 
 
@@ -54,7 +55,7 @@ def test_target_check_against_fedit(runs_root):
 
 
 def test_failed_rounds_are_skipped(runs_root):
-    run = report.load_run(runs_root / "fedit_s0" / report.METRICS_FILE)
+    run = report.load_run(runs_root / "fedit_s0" / METRICS_FILE)
     assert run.rounds == [1, 2, 3, 4, 5, 6] and run.cumulative_bytes[-1] == 12000
     assert (run.task, run.method, run.seed) == ("bbc_news", "fedit", 0)
 
@@ -93,10 +94,10 @@ def test_a_label_names_an_ablation_in_every_table(runs_root, tmp_path):
 def test_expert_usage_plot_when_recorded(tmp_path):
     folder = write_run(tmp_path / "runs", "smartfed", method="smartfed", seed=0, accuracies=[0.5, 0.6],
                        bytes_per_round=10)
-    lines = [json.loads(line) for line in (folder / report.METRICS_FILE).read_text().splitlines()]
+    lines = [json.loads(line) for line in (folder / METRICS_FILE).read_text().splitlines()]
     for line in lines:
         line["expert_usage"] = {"arithmetic": 3, "next_letter": 1}
-    (folder / report.METRICS_FILE).write_text("\n".join(json.dumps(line) for line in lines))
+    (folder / METRICS_FILE).write_text("\n".join(json.dumps(line) for line in lines))
     report.write_report([folder], tmp_path / "out")
     assert (tmp_path / "out" / "expert_usage_bbc_news_smartfed_expert_space_seed0_smartfed.png").is_file()
 
@@ -106,9 +107,9 @@ def test_errors_name_the_problem(tmp_path, capsys):
         report.find_runs([tmp_path])
     bad = tmp_path / "bad"
     bad.mkdir()
-    (bad / report.METRICS_FILE).write_text('{"round": 1, "accuracy": 0.5}\nnot json\n')
+    (bad / METRICS_FILE).write_text('{"round": 1, "accuracy": 0.5}\nnot json\n')
     with pytest.raises(ValueError, match="metrics.jsonl:2 is not JSON"):
-        report.load_run(bad / report.METRICS_FILE)
+        report.load_run(bad / METRICS_FILE)
     assert main(["report", str(tmp_path / "missing"), "--output", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("smartfed report: ") and "does not exist" in err and len(err.splitlines()) == 1
@@ -117,7 +118,7 @@ def test_errors_name_the_problem(tmp_path, capsys):
 def test_expert_usage_table_from_usage_file(runs_root, tmp_path):
     usage = {"round": 6, "prompts": 44, "selections": {"arithmetic": 0.5, "next_letter": 0.5},
              "gate_mass": {"arithmetic": 0.75, "next_letter": 0.25}}
-    (runs_root / "smartfed_s0" / report.USAGE_FILE).write_text(json.dumps(usage))
+    (runs_root / "smartfed_s0" / EXPERT_USAGE_FILE).write_text(json.dumps(usage))
     text = report.write_report([runs_root], tmp_path / "out").read_text()
     assert ("| bbc_news | smartfed_expert_space | 0 | 6 | 44 | arithmetic 0.50, next_letter 0.50 | "
             "arithmetic 0.75, next_letter 0.25 |") in text

@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from smartfed.federated.run_dir import pid_alive
+from smartfed.staging import pid_alive
 
 HEADER_LIMIT = 16 * 2**20
 PAYLOAD_LIMIT = 8 * 2**30

@@ -28,10 +28,11 @@ from dataclasses import replace
 from pathlib import Path
 
 from smartfed.experiments.report_runs import (  # noqa: F401 (the names report users import from here)
-    METRICS_FILE, REPORT_IGNORED, TASK_FILE, USAGE_FILE, Run, attach_baselines, config_identity, find_runs, load_run,
+    REPORT_IGNORED, Run, attach_baselines, config_identity, find_runs, load_run,
     method_label, separate_configurations,
 )
 from smartfed.experiments.selection import ReportError, mean_std  # noqa: F401
+from smartfed.federated.run_dir import EXPERT_USAGE_FILE
 
 BASELINE_COLUMNS = ["base model acc", "majority class acc"]
 BASELINES_NOTE = ("Base model acc: the frozen base model without any adapter, scored like the runs (argmax over the "
@@ -196,8 +197,8 @@ def markdown_report(runs, plots, selections=(), configurations=None):
     parts += [f"![{name}]({name})" for name in plots]
     usage_rows = []
     for run in sorted(runs, key=lambda r: (r.task, r.method, r.seed)):
-        if (run.path / USAGE_FILE).is_file():
-            usage = json.loads((run.path / USAGE_FILE).read_text())
+        if (run.path / EXPERT_USAGE_FILE).is_file():
+            usage = json.loads((run.path / EXPERT_USAGE_FILE).read_text())
             usage_rows.append([run.task, run.method, run.seed, usage["round"], usage["prompts"],
                                ", ".join(f"{name} {share:.2f}" for name, share in usage["selections"].items()),
                                ", ".join(f"{name} {share:.2f}" for name, share in usage["gate_mass"].items())])
@@ -320,8 +321,8 @@ def write_report(run_paths, output_dir, *, baselines=None):
     plot_accuracy(runs, output / plots[0], by_bytes=False)
     plot_accuracy(runs, output / plots[1], by_bytes=True)
     plot_tradeoff(runs, output / TRADEOFF_PLOT, configurations)
-    usages = [(run, json.loads((run.path / USAGE_FILE).read_text())) for run in runs
-              if (run.path / USAGE_FILE).is_file()]
+    usages = [(run, json.loads((run.path / EXPERT_USAGE_FILE).read_text())) for run in runs
+              if (run.path / EXPERT_USAGE_FILE).is_file()]
     if usages:
         plots.append(USAGE_PLOT)
         plot_final_expert_usage(usages, output / USAGE_PLOT)

@@ -9,10 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 from smartfed.experiments.selection import ReportError
-from smartfed.federated.run_dir import METRICS_FILE
-
-USAGE_FILE = "expert_usage.json"
-TASK_FILE = "text_task.json"
+from smartfed.federated.run_dir import CONFIG_FILE, EXPERT_USAGE_FILE, METRICS_FILE, TEXT_TASK_FILE
 # What may differ between the seeds of one reported method: the seed itself, and what does not
 # change a run's numbers (its label, where the pool is cached, the retry and timeout policy).
 REPORT_IGNORED = ("seed", "label", "pool.cache_dir", "federation.max_retries", "federation.client_timeout_s")
@@ -80,8 +77,8 @@ def load_run(metrics_path):
         if key not in records[0]:
             raise ReportError(f"{metrics_path}: records lack {key!r}; is this a smartfed train metrics file?")
     records.sort(key=lambda r: r["round"])
-    config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
-    task_file = folder / TASK_FILE
+    config = json.loads((folder / CONFIG_FILE).read_text()) if (folder / CONFIG_FILE).is_file() else {}
+    task_file = folder / TEXT_TASK_FILE
     summary = json.loads(task_file.read_text()) if task_file.is_file() else {}
     task = summary.get("name") or (config.get("task") or {}).get("name", "synthetic")
     method = method_label(config) if config else records[0].get("method", "unknown")

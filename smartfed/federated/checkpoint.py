@@ -10,14 +10,15 @@ Integrity: ``state.json`` records the size and sha256 of ``tensors.safetensors``
 and, under ``state_sha256``, the sha256 of its own canonical JSON (sorted keys, no spaces)
 without that field. Loading checks both before it parses a tensor.
 
-Durability: a new checkpoint is written into a staging sibling ``.checkpoint-<pid>-*`` (every
-file fsynced), read back and verified, and only then swapped in: the current checkpoint becomes
+Durability: a new checkpoint is written into a staging sibling ``.checkpoint-<pid>-*``, marked as
+this project's by smartfed.staging (every file fsynced), read back and verified, and only then swapped in: the current checkpoint becomes
 ``checkpoint.previous`` (the one before it is discarded) and the staging folder becomes
 ``checkpoint``, the run folder fsynced after the renames. So at every instant the run folder holds
 at least one verified checkpoint, and normally two. Loading takes ``checkpoint`` and falls back to
 ``checkpoint.previous``, with a warning naming the file and the problem, when the latest is
 missing or damaged; when both are damaged it raises :class:`CheckpointError` naming both. A
-staging folder left by a crash is removed by the next save or load.
+staging folder left by a crash (recognised by its marker, never by its name) is removed by the
+next save or load.
 
 Hostile files: after the hashes (which anyone who can write the folder can recompute), every field
 of ``state.json`` is checked for its type and range before it is used, and the torch RNG tensor for
@@ -34,7 +35,6 @@ import json
 import os
 import random
 import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +45,8 @@ import safetensors.torch
 import torch
 
 from smartfed.errors import SmartFedError
-from smartfed.federated.run_dir import fsync_dir, fsync_write, pid_alive
+from smartfed.federated.run_dir import fsync_dir, fsync_write
+from smartfed.staging import finish_staging, make_staging, remove_stale_staging
 
 CHECKPOINT_DIR = "checkpoint"
 PREVIOUS_DIR = "checkpoint.previous"
@@ -106,31 +107,10 @@ def _canonical_sha256(meta: dict) -> str:
     return _sha256(json.dumps(meta, sort_keys=True, separators=(",", ":")).encode("utf-8"))
 
 
-def remove_stale_staging(output_dir, prefix=STAGING_PREFIX) -> list:
-    """Remove the staging folders (``<prefix><pid>-...``) a crashed save left in ``output_dir``;
-    returns their paths.
-
-    A staging folder carries the pid of the process writing it; one of another process that is
-    still alive is left alone, so that reading a run (``smartfed report``) while it trains never
-    pulls a checkpoint from under its save. This process's own saves run one at a time, so its
-    leftovers are stale too."""
-    removed = []
-    for path in sorted(Path(output_dir).glob(prefix + "*")):
-        pid = path.name[len(prefix):].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and pid_alive(int(pid)):
-            continue
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-        removed.append(path)
-    return removed
-
-
 def _discard(directory: Path) -> None:
     # Renamed out of the way first: a crash half-way through rmtree then leaves a staging folder
     # (cleaned by the next save) rather than a half-deleted checkpoint.
-    doomed = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-discard-", dir=directory.parent))
+    doomed = make_staging(directory.parent, f"{STAGING_PREFIX}{os.getpid()}-discard-")
     os.replace(directory, doomed / directory.name)
     shutil.rmtree(doomed)
 
@@ -291,7 +271,7 @@ def save_checkpoint(output_dir, checkpoint: Checkpoint) -> Path:
     output_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(output_dir)
     target, previous = output_dir / CHECKPOINT_DIR, output_dir / PREVIOUS_DIR
-    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=output_dir))
+    staging = make_staging(output_dir, f"{STAGING_PREFIX}{os.getpid()}-")
     try:
         rng = checkpoint.rng or capture_rng_states()
         tensors = {f"{STATE_PREFIX}{k}": v.detach().cpu().contiguous() for k, v in checkpoint.global_state.items()}
@@ -327,6 +307,7 @@ def save_checkpoint(output_dir, checkpoint: Checkpoint) -> Path:
             if previous.exists():
                 _discard(previous)
             os.replace(target, previous)
+    finish_staging(staging)
     os.replace(staging, target)
     fsync_dir(output_dir)
     return target

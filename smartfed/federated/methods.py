@@ -63,16 +63,10 @@ class SmartFedMethod(FederatedMethod):
     uses_quotas = True
 
     def build(self, base_model, pool):
-        from smartfed import MoREConfig, inject_more
+        from smartfed import inject_more
 
-        more = self.config.more
-        options = MoREConfig(
-            top_k=more.top_k, router=more.router, gate=more.gate, router_init=more.router_init,
-            router_bias=more.router_bias, gamma=more.gamma, backend=more.backend,
-            seed=derived_seed(self.config.seed, STREAM_ROUTER_INIT) % (2**31), router_dim=more.router_dim,
-            projection_seed=more.projection_seed,
-        )
-        return inject_more(base_model, pool, options)
+        seed = derived_seed(self.config.seed, STREAM_ROUTER_INIT) % (2**31)
+        return inject_more(base_model, pool, self.config.more.more_config(seed=seed))
 
     def trainable_state(self, model):
         from smartfed import router_state_dict

@@ -30,6 +30,7 @@ import warnings
 from pathlib import Path
 
 from smartfed.errors import SmartFedError
+from smartfed.staging import pid_alive
 
 CONFIG_FILE = "config.json"
 RESUME_LOG = "resumes.jsonl"
@@ -103,17 +104,6 @@ def _read_json(path: Path):
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         return None
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process ``pid`` exists (the staging folders of a live writer are left alone)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # --------------------------------------------------------------------------- durable writes
