@@ -219,7 +219,7 @@ def test_sweep_ablations_get_a_label_and_per_task_values():
 def test_expert_usage_counts_selections_by_source_adapter(built):
     from smartfed import MoREConfig, inject_more, more_layers
     from smartfed.experiments.expert_usage import expert_usage_by_adapter
-    from smartfed.tasks.models import load_frozen_model
+    from smartfed.models import load_frozen_model
 
     spec, manifest = built
     pool = LoRAPool.from_pretrained([r["path"] for r in manifest["adapters"]])

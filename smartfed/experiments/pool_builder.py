@@ -119,7 +119,7 @@ def train_adapter(model_dir, task, spec, adapter, directory, *, progress=True):
     from peft import LoraConfig, get_peft_model
     from tqdm.auto import tqdm
 
-    from smartfed.tasks.models import load_frozen_model
+    from smartfed.models import load_frozen_model
 
     steps = adapter.get("steps", spec["training"]["steps"])
     lr = adapter.get("lr", spec["training"]["lr"])
@@ -166,7 +166,7 @@ def build_pool(spec, *, force=False, progress=True):
 
     from smartfed.federated.checkpoint import remove_stale_staging
     from smartfed.tasks import load_task
-    from smartfed.tasks.models import load_tokenizer, resolve_model_dir
+    from smartfed.models import load_tokenizer, resolve_model_dir
 
     model_dir = resolve_model_dir(spec["model_dir"])
     model_hash = model_fingerprint(model_dir)
@@ -225,7 +225,7 @@ def configure_parser(parser):
 
 def run(args) -> int:
     from smartfed.config import ConfigError
-    from smartfed.tasks.models import DEFAULT_MODEL_DIR, DEMO_INSTALL
+    from smartfed.models import DEFAULT_MODEL_DIR, DEMO_INSTALL
 
     spec = load_spec(args.config)
     if args.output is not None:

@@ -98,6 +98,8 @@ def greedy_generate(model, prompts, *, max_new_tokens, stop_token_ids, pad_token
     ids, mask = (t.to(device) for t in left_padded(prompts, pad_token_id))
     position = positions(mask)
     outputs = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True, logits_to_keep=1)
+    # transformers renamed the key/value cache from past_key_values to cache (both in and out).
+    cache_key = "cache" if "cache" in getattr(type(outputs), "__dataclass_fields__", {}) else "past_key_values"
     generated = torch.empty((len(prompts), 0), dtype=torch.long, device=device)
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     lengths = torch.zeros(len(prompts), dtype=torch.long, device=device)
@@ -111,8 +113,8 @@ def greedy_generate(model, prompts, *, max_new_tokens, stop_token_ids, pad_token
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         position = position[:, -1:] + 1
-        outputs = model(input_ids=token[:, None], attention_mask=mask, position_ids=position,
-                        past_key_values=outputs.past_key_values, use_cache=True)
+        outputs = model(input_ids=token[:, None], attention_mask=mask, position_ids=position, use_cache=True,
+                        **{cache_key: getattr(outputs, cache_key)})
     return [generated[row, :int(lengths[row])].tolist() for row in range(len(prompts))]
 
 

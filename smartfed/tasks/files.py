@@ -14,18 +14,13 @@ import hashlib
 import tempfile
 from pathlib import Path
 
+from smartfed.data_errors import DatasetError
+
 SUFFIX_FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 # A file is read into memory by ``datasets``: bound it before reading (the machine this targets
 # has 24 GiB; a federated client's data is far smaller).
 MAX_FILE_BYTES = 2 * 1024 ** 3
 _CHUNK = 1 << 20
-
-
-class DatasetError(ValueError):
-    """A data file, column, row or argument is unusable; ``str()`` is one line naming it."""
-
-    def __init__(self, message):
-        super().__init__(" ".join(str(message).split()))
 
 
 def resolve_path(path, argument) -> Path:
