@@ -563,8 +563,11 @@ class SmartFedStrategy(Strategy):
         """Evaluate the new global state, checkpoint it and log the round; returns its record."""
         cfg, progress = self.config, self.round_progress
         evaluation = self.trainer.evaluate(
-            self.state.global_state, self.state.quotas, self.evaluation, batch_size=cfg.federation.eval_batch_size
+            self.state.global_state, self.state.quotas, self.evaluation, batch_size=cfg.federation.eval_batch_size,
+            round_index=round_index,
         )
+        # What the task's shape adds to loss and accuracy (instruction: perplexity, generated-answer scores).
+        shape_scores = {k: v for k, v in evaluation.items() if k not in ("loss", "accuracy", "num_examples")}
         validation = {}
         if self.validation is not None:
             scores = self.trainer.evaluate(
@@ -575,7 +578,7 @@ class SmartFedStrategy(Strategy):
         ordered = sorted(valid)
         record = {
             "round": round_index, "status": "completed", "method": cfg.method,
-            "loss": evaluation["loss"], "accuracy": evaluation["accuracy"], **validation,
+            "loss": evaluation["loss"], "accuracy": evaluation["accuracy"], **shape_scores, **validation,
             "train_loss": progress.train_loss,
             **progress.accounting.as_dict(),
             "peak_memory_source": valid[ordered[0]].metrics["peak_memory_source"],

@@ -102,28 +102,37 @@ def _columns(data):
     return columns
 
 
+ROW = "__row__"  # the file's 1-based row number of each example, carried through the split
+
+
 def _tokenize(data, tokenizer, rows, path, *, template, answer_tokens):
+    numbers = rows[ROW]
     groups = None
     if data.partition_column is not None:
         groups = [None if value is None else str(value) for value in rows[data.partition_column]]
         if None in groups:
-            raise DatasetError(f"{path}: row {groups.index(None) + 1}: column {data.partition_column!r} "
+            raise DatasetError(f"{path}: row {numbers[groups.index(None)]}: column {data.partition_column!r} "
                                "(data.partition_column) is empty")
-    options = {"max_length": data.max_length, "truncation": data.truncation, "path": path, "groups": groups}
+    checked = {"path": path, "numbers": numbers}
+    options = {"max_length": data.max_length, "truncation": data.truncation, "groups": groups, **checked}
     if data.shape == "classification":
-        texts = check_texts(rows[data.text_column], path=path, column=data.text_column)
-        labels = check_labels(rows[data.label_column], data.labels, path=path, column=data.label_column)
+        texts = check_texts(rows[data.text_column], column=data.text_column, **checked)
+        labels = check_labels(rows[data.label_column], data.labels, column=data.label_column, **checked)
         return classification_split(tokenizer, texts, labels, prompt_template=data.prompt_template,
                                     answer_tokens=answer_tokens, **options)
     eos = tokenizer.eos_token_id
     if data.messages_column is not None:
-        messages = check_messages(rows[data.messages_column], path=path, column=data.messages_column)
+        messages = check_messages(rows[data.messages_column], column=data.messages_column, **checked)
         return instruction_split(tokenizer, None, None, template=template, plain_template=data.plain_template,
                                  eos_token_id=eos, messages=messages, **options)
-    prompts = check_texts(rows[data.prompt_column], path=path, column=data.prompt_column)
-    responses = check_texts(rows[data.response_column], path=path, column=data.response_column)
+    prompts = check_texts(rows[data.prompt_column], column=data.prompt_column, **checked)
+    responses = check_texts(rows[data.response_column], column=data.response_column, **checked)
     return instruction_split(tokenizer, prompts, responses, template=template, plain_template=data.plain_template,
                              eos_token_id=eos, **options)
+
+
+def _numbered(rows):
+    return {**rows, ROW: list(range(1, len(next(iter(rows.values()))) + 1))}
 
 
 def _held_out(rows, fraction, seed, path):
@@ -209,13 +218,13 @@ def load_file_task(data, tokenizer, *, cache_dir=None, name="files") -> FileTask
     if not hit:
         answer_tokens = max((len(ids) if isinstance(ids, tuple) else 1) for ids in label_ids) if label_ids else 0
         columns = _columns(data)
-        rows = read_columns(train_path, train_format, columns, max_rows=data.max_examples)
+        rows = _numbered(read_columns(train_path, train_format, columns, max_rows=data.max_examples))
         if held is None:
             train_rows, eval_rows = _held_out(rows, data.eval_fraction, data.split_seed, train_path)
             eval_path = train_path
         else:
             train_rows, eval_path = rows, held[0]
-            eval_rows = read_columns(held[0], held[1], columns, max_rows=data.max_examples)
+            eval_rows = _numbered(read_columns(held[0], held[1], columns, max_rows=data.max_examples))
         options = {"template": template, "answer_tokens": answer_tokens}
         splits = {"train": _tokenize(data, tokenizer, train_rows, train_path, **options),
                   "eval": _tokenize(data, tokenizer, eval_rows, eval_path, **options)}

@@ -93,7 +93,7 @@ def _load(path: Path, format_name):
                 reader = {"jsonl": datasets.Dataset.from_json, "csv": datasets.Dataset.from_csv,
                           "parquet": datasets.Dataset.from_parquet}[format_name]
                 loaded = reader(str(path), cache_dir=scratch, keep_in_memory=True)
-        except (FileNotFoundError, ValueError, TypeError, OSError, KeyError) as error:
+        except (FileNotFoundError, ValueError, TypeError, OSError, KeyError, StopIteration) as error:
             raise DatasetError(f"{path}: not a readable {format_name} dataset ({_first_line(error)})") from None
         except Exception as error:  # pyarrow and pandas parse errors have no common base class
             if type(error).__module__.split(".")[0] not in ("pyarrow", "pandas", "datasets", "json"):
@@ -122,6 +122,8 @@ def read_columns(path, format_name, columns, *, max_rows=None):
     """{column: list of values} for ``columns`` of the data at ``path`` (as ``locate`` returned
     it), its first ``max_rows`` rows when given; a DatasetError for an unreadable file, a missing
     column or no rows."""
+    if path.is_file() and not path.read_bytes()[:_CHUNK].strip() and path.stat().st_size < _CHUNK:
+        raise DatasetError(f"{path}: no examples (the file is empty)")
     table = _load(path, format_name)
     missing = [column for column in columns if column not in table.column_names]
     if missing:
@@ -133,36 +135,40 @@ def read_columns(path, format_name, columns, *, max_rows=None):
     return table.select_columns(list(columns)).to_dict()
 
 
-def check_texts(values, *, path, column, allow_empty=False):
-    """The values of a text column as strings; a DatasetError naming the first row that is not a
-    string (or, unless ``allow_empty``, is blank)."""
-    for row, value in enumerate(values):
+def _numbers(values, numbers):
+    return range(1, len(values) + 1) if numbers is None else numbers
+
+
+def check_texts(values, *, path, column, numbers=None):
+    """The values of a text column as strings; a DatasetError naming the first row (by its
+    ``numbers``, the file's 1-based row numbers) that is not a non-blank string."""
+    for row, value in zip(_numbers(values, numbers), values):
         if not isinstance(value, str):
-            raise DatasetError(f"{path}: row {row + 1}: column {column!r} must be text, got "
+            raise DatasetError(f"{path}: row {row}: column {column!r} must be text, got "
                                f"{'null' if value is None else type(value).__name__}")
-        if not allow_empty and not value.strip():
-            raise DatasetError(f"{path}: row {row + 1}: column {column!r} is empty")
+        if not value.strip():
+            raise DatasetError(f"{path}: row {row}: column {column!r} is empty")
     return values
 
 
-def check_labels(values, labels, *, path, column):
+def check_labels(values, labels, *, path, column, numbers=None):
     """Class ids of a label column's values (text, or integers read as their text) within ``labels``."""
     index = {label: position for position, label in enumerate(labels)}
     ids = []
-    for row, value in enumerate(values):
+    for row, value in zip(_numbers(values, numbers), values):
         text = value if isinstance(value, str) else str(value) if isinstance(value, int) and not isinstance(
             value, bool) else None
         if text not in index:
-            raise DatasetError(f"{path}: row {row + 1}: label {value!r} in column {column!r} is not one of the "
+            raise DatasetError(f"{path}: row {row}: label {value!r} in column {column!r} is not one of the "
                                f"labels {list(labels)}")
         ids.append(index[text])
     return ids
 
 
-def check_messages(values, *, path, column):
+def check_messages(values, *, path, column, numbers=None):
     """Chat turns ``[{"role", "content"}, ...]`` per row, the last one the assistant's non-empty answer."""
-    for row, turns in enumerate(values):
-        where = f"{path}: row {row + 1}: column {column!r}"
+    for row, turns in zip(_numbers(values, numbers), values):
+        where = f"{path}: row {row}: column {column!r}"
         if not isinstance(turns, list) or len(turns) < 2:
             raise DatasetError(f"{where} must be a list of at least two chat turns")
         for turn in turns:

@@ -102,8 +102,9 @@ def fit_content(before, content, after, budget, *, truncation, where, max_length
 
 
 def instruction_split(tokenizer, prompts, responses, *, template, plain_template, max_length, truncation, path,
-                      eos_token_id, groups=None, messages=None):
-    """A ``TokenizedSplit`` of prompt / response pairs (or chat ``messages``): the response ends
+                      eos_token_id, numbers, groups=None, messages=None):
+    """A ``TokenizedSplit`` of prompt / response pairs (or chat ``messages``), ``numbers`` their
+    rows in the file (for error messages): the response ends
     with the end-of-sequence token (the chat template's own end of turn, or ``eos_token_id`` after
     a plain template), and it keeps at least half of ``max_length`` when the pair is cut."""
     if template == "chat":
@@ -119,7 +120,7 @@ def instruction_split(tokenizer, prompts, responses, *, template, plain_template
     token_ids, prompt_lengths, references, truncated = [], [], [], 0
     count = len(messages) if messages is not None else len(prompts)
     for row in range(count):
-        where = f"{path}: row {row + 1}"
+        where = f"{path}: row {numbers[row]}"
         if messages is not None:
             turns = messages[row]
             response = turns[-1]["content"]
@@ -171,7 +172,7 @@ def label_sequences(tokenizer, words):
 
 
 def classification_split(tokenizer, texts, labels, *, prompt_template, answer_tokens, max_length, truncation, path,
-                         groups=None):
+                         numbers, groups=None):
     """A ``TokenizedSplit`` of prompts (``prompt_template`` around each text, cut so that the
     longest answer, ``answer_tokens`` tokens, still fits in ``max_length``) and class ids."""
     before, after = (encode(tokenizer, part) for part in template_parts("plain", prompt_template, tokenizer, "text"))
@@ -179,7 +180,7 @@ def classification_split(tokenizer, texts, labels, *, prompt_template, answer_to
     token_ids, truncated = [], 0
     for row, text in enumerate(texts):
         ids, cut = fit_content(before, encode(tokenizer, text), after, budget, truncation=truncation,
-                               where=f"{path}: row {row + 1}", max_length=max_length)
+                               where=f"{path}: row {numbers[row]}", max_length=max_length)
         token_ids.append(ids)
         truncated += cut
     return TokenizedSplit(token_ids=token_ids, prompt_lengths=[len(ids) for ids in token_ids], labels=list(labels),
