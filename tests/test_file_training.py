@@ -290,3 +290,18 @@ def test_any_causal_lm_folder_trains_and_answers_padded_as_alone(tmp_path, famil
     loss, _ = examples.training_loss(model, torch.arange(4), label_token_ids=(), device="cpu")
     loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_local_step_bench_times_smartfed_and_fedit_on_one_batch():
+    from smartfed.benchmarking.local_step import format_table, local_step_bench
+    from tiny_models import TINY_LLAMA
+
+    record = local_step_bench(shape=TINY_LLAMA, batch_size=3, prompt_tokens=(3, 6), response_tokens=(1, 3),
+                              active_rank=2, adapters=2, pool_rank=2, rounds=1, profile=True, profile_top=3)
+    names = [row["method"] for row in record["rows"]]
+    assert names == ["fedit", "smartfed[expert_space]", "smartfed[linear]"]
+    for row in record["rows"]:
+        assert row["step_s"] > 0 and row["peak_memory_bytes"] > 0 and row["trainable_parameters"] > 0
+        assert row["step_s"] == pytest.approx(row["forward_s"] + row["backward_s"] + row["optimizer_s"], rel=0.5)
+    assert record["rows"][0]["step_ratio_vs_fedit"] == 1.0 and len(record["profile"]["fedit"]) == 3
+    assert record["batch"]["examples"] == 3 and format_table(record).count("\n") == 4
