@@ -278,3 +278,46 @@ def test_a_client_without_examples_is_a_clear_error(case, message):
     with pytest.raises(DatasetError) as error:
         partition_examples(labels, num_clients, seed=0, **case)
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+# --- the worked example's data -----------------------------------------------------------------
+
+def test_headline_files_are_disjoint_real_text_partitioned_by_client(tmp_path, chat_tokenizer):
+    import json
+
+    from smartfed.experiments.file_data import file_federated_data
+    from smartfed.tasks.headlines import write_headline_files
+
+    files = write_headline_files(tmp_path / "headlines", clients=3, per_client=6, eval_examples=5, seed=1)
+    rows = {name: [json.loads(line) for line in path.read_text().splitlines()] for name, path in files.items()}
+    assert [len(rows[f"client_{i}.jsonl"]) for i in range(3)] == [6, 6, 6] and len(rows["eval.jsonl"]) == 5
+    sources = [r["source"] for name in ("client_0.jsonl", "client_1.jsonl", "client_2.jsonl", "eval.jsonl")
+               for r in rows[name]]
+    assert len(set(sources)) == len(sources)
+    assert all(r["prompt"] and r["response"] and r["client"] == "1" for r in rows["client_1.jsonl"])
+    data = data_config(shape="instruction", train=str(files["all_clients.jsonl"]), eval=str(files["eval.jsonl"]),
+                       partition_column="client")
+    task = load_file_task(data, chat_tokenizer, cache_dir=tmp_path / "cache")
+
+    class Federation:
+        num_clients, partition, alpha, min_examples_per_client = 3, "natural", 0.5, 1
+
+    split = file_federated_data(task, Federation, seed=0)
+    assert [sorted(client.references) for client in split.clients] == \
+        [sorted(r["response"] for r in rows[f"client_{i}.jsonl"]) for i in range(3)]
+
+
+def test_headline_files_go_only_to_a_new_folder_outside_the_repository(tmp_path):
+    from pathlib import Path
+
+    from smartfed.tasks.headlines import write_headline_files
+
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "mine.txt").write_text("keep")
+    with pytest.raises(DatasetError, match="exists and is not an empty folder"):
+        write_headline_files(tmp_path / "full", per_client=2, eval_examples=2)
+    assert (tmp_path / "full" / "mine.txt").read_text() == "keep"
+    repository = Path(__file__).resolve().parents[1]
+    with pytest.raises(DatasetError, match="inside the smartfed repository"):
+        write_headline_files(repository / "build" / "headlines-test", per_client=2, eval_examples=2)
+    assert not (repository / "build" / "headlines-test").exists()

