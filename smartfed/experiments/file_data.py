@@ -5,9 +5,14 @@ split over the simulated clients, and a summary and plot of that split.
 validation split held out of the training examples first (stratified by label), then the rest
 partitioned over ``federation.num_clients`` by flwr-datasets' partitioners
 (``smartfed.federated.partition.partition_examples``: IID, Dirichlet by label, or natural by
-``data.partition_column``), deterministic by the run's seed.
+``data.partition_column``), deterministic by the run's seed. The partition is cached beside the
+task's tokenized examples.
 """
 
+import hashlib
+import json
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -49,13 +54,37 @@ def file_federated_data(task, federation, *, seed, validation_size=0) -> Federat
     validation = None
     if validation_size:
         train, validation = hold_out(train, validation_size, seed=derived_seed(seed, STREAM_VALIDATION))
-    parts = partition_examples(
+    settings = {"task": task.fingerprint, "validation_size": validation_size, "seed": seed,
+                "num_clients": federation.num_clients, "partition": federation.partition, "alpha": federation.alpha,
+                "min_examples_per_client": federation.min_examples_per_client}
+    parts = _cached_partition(task, settings, lambda: partition_examples(
         train.labels.numpy(), federation.num_clients, method=federation.partition, alpha=federation.alpha,
         seed=derived_seed(seed, STREAM_PARTITION), groups=train.groups,
         min_per_client=federation.min_examples_per_client,
-    )
+    ))
     return FederatedData(clients=[train.subset(part) for part in parts], evaluation=evaluation, partitions=parts,
                          validation=validation)
+
+
+def _cached_partition(task, settings, compute):
+    """The partition of ``settings`` from the cache beside the task's tokenized examples, or
+    ``compute()``d and cached: a second run on the same files loads neither datasets nor
+    flwr-datasets (whose import alone takes seconds)."""
+    if task.cache_file is None:
+        return compute()
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    path = Path(task.cache_file).parent / "partitions" / f"{key}.json"
+    try:
+        return [np.asarray(part, dtype=np.int64) for part in json.loads(path.read_text())["parts"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # absent or damaged: computed again
+    parts = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, staging = tempfile.mkstemp(prefix=".partition-", dir=path.parent)
+    with os.fdopen(handle, "w") as stream:
+        json.dump({"settings": settings, "parts": [part.tolist() for part in parts]}, stream)
+    os.replace(staging, path)
+    return parts
 
 
 def partition_summary(data: FederatedData, label_names=()) -> dict:
