@@ -317,3 +317,25 @@ def test_headline_files_go_only_to_a_new_folder_outside_the_repository(tmp_path)
     with pytest.raises(DatasetError, match="inside the smartfed repository"):
         write_headline_files(repository / "build" / "headlines-test", per_client=2, eval_examples=2)
     assert not (repository / "build" / "headlines-test").exists()
+
+
+def test_partition_summary_table_and_plot(tmp_path, plain_tokenizer):
+    from smartfed.experiments.file_data import file_federated_data, format_partition, partition_summary, plot_partition
+
+    config = classification_config(write_rows(tmp_path / "c.jsonl", classification_rows(24)), partition_column="source")
+    task = load_file_task(config, plain_tokenizer, cache_dir=tmp_path / "cache")
+
+    class Federation:
+        num_clients, partition, alpha, min_examples_per_client = 2, "natural", 0.5, 1
+
+    data = file_federated_data(task, Federation, seed=0)
+    summary = partition_summary(data, LABELS)
+    train_sources = [task.train.groups[i] for i in range(len(task.train))]
+    assert [c["examples"] for c in summary["clients"]] == [train_sources.count("s0"), train_sources.count("s1")]
+    for client, part in zip(summary["clients"], data.partitions):
+        labels = [task.train.labels[i] for i in part]
+        assert client["labels"] == {name: labels.count(k) for k, name in enumerate(LABELS)}
+    assert summary["total"] == len(task.train) and 0 <= summary["label_skew"] <= 1
+    assert len(format_partition(summary).splitlines()) == 2 + 2
+    png = plot_partition(summary, tmp_path / "plots" / "partition.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
