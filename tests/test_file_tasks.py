@@ -336,6 +336,6 @@ def test_partition_summary_table_and_plot(tmp_path, plain_tokenizer):
         labels = [task.train.labels[i] for i in part]
         assert client["labels"] == {name: labels.count(k) for k, name in enumerate(LABELS)}
     assert summary["total"] == len(task.train) and 0 <= summary["label_skew"] <= 1
-    assert len(format_partition(summary).splitlines()) == 2 + 2
+    assert len(format_partition(summary).splitlines()) == 2 + 2 and "sports" in format_partition(summary)
     png = plot_partition(summary, tmp_path / "plots" / "partition.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

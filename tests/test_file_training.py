@@ -305,3 +305,10 @@ def test_local_step_bench_times_smartfed_and_fedit_on_one_batch():
         assert row["step_s"] == pytest.approx(row["forward_s"] + row["backward_s"] + row["optimizer_s"], rel=0.5)
     assert record["rows"][0]["step_ratio_vs_fedit"] == 1.0 and len(record["profile"]["fedit"]) == 3
     assert record["batch"]["examples"] == 3 and format_table(record).count("\n") == 4
+
+
+def test_length_buckets_keep_every_example_when_batches_do_not_divide_it():
+    lengths = torch.arange(30)
+    batches = length_bucketed_batches(lengths, 8, 4, torch.Generator().manual_seed(1), pool_batches=2)
+    assert sorted(torch.cat(batches).tolist()) == list(range(30))
+    assert sorted(len(batch) for batch in batches) == [6, 8, 8, 8]  # pools of 16 and 14

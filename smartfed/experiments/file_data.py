@@ -111,7 +111,7 @@ def partition_summary(data: FederatedData, label_names=()) -> dict:
 
 def format_partition(summary) -> str:
     """The summary as a plain table: one line per client."""
-    names = summary["labels"]
+    names = summary["labels"] if len(summary["labels"]) > 1 else []  # one label: the examples column says it
     header = ["client", "examples", *names, "tokens min/median/max"]
     rows = [[str(c["client"]), str(c["examples"]), *(str(c["labels"][n]) for n in names),
              f"{c['tokens']['min']}/{c['tokens']['median']:g}/{c['tokens']['max']}"] for c in summary["clients"]]

@@ -80,9 +80,7 @@ def length_bucketed_batches(lengths, batch_size, steps, generator, *, pool_batch
             pool = order[start:start + size * pool_batches]
             pool = pool[torch.argsort(lengths[pool], stable=True)]
             epoch.extend(pool[i:i + size] for i in range(0, len(pool), size))
-        # A short last batch would weigh its few examples more: drop it unless it is all there is.
-        if len(epoch) > 1 and len(epoch[-1]) < size:
-            epoch = [batch for batch in epoch if len(batch) == size]
+        # A short batch is kept: dropping it would drop the longest examples of the last pool.
         batches.extend(epoch[i] for i in torch.randperm(len(epoch), generator=generator).tolist())
     return batches[:steps]
 
