@@ -4,6 +4,7 @@ causal LM folder; a federated round that logs the instruction scores."""
 
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -167,10 +168,15 @@ def test_length_buckets_visit_every_example_once_per_epoch_with_less_padding():
 def test_peak_memory_counts_what_the_block_allocated_every_time():
     for _ in range(2):  # the process-wide high-water mark would report 0 the second time
         with PeakMemory("cpu") as memory:
-            block = torch.ones(8 * 1024 * 1024)  # 32 MiB
-            del block
+            block = torch.ones(8 * 1024 * 1024)  # 32 MiB, held past the end of the block
         assert memory.source in ("malloc_in_use_peak", "rss_peak")
         assert memory.peak_bytes >= 30 * 1024 * 1024
+        del block
+    with PeakMemory("cpu") as memory:
+        block = torch.ones(8 * 1024 * 1024)
+        time.sleep(0.5)  # hundreds of sampling intervals: the sampler sees it before it is freed
+        del block
+    assert memory.peak_bytes >= 30 * 1024 * 1024
 
 
 # --- every method on both shapes -------------------------------------------------------------------
