@@ -10,8 +10,9 @@ EEQA's importance tracker attached for SmartFed, a fresh AdamW). SmartFed keeps 
 top experts per token (``more.top_k``); FedIT trains a LoRA of rank ``active_rank``.
 
 Each step is split into forward, backward and optimizer time (CPU work is synchronous), the
-steps of the methods are interleaved round by round, and the peak memory of one step is measured
-as the engine does (``smartfed.federated.accounting.PeakMemory``). ``profile`` adds torch
+steps of the methods are interleaved round by round, and the peak memory of a step is measured as
+the engine does (``smartfed.federated.accounting.PeakMemory``, over at least ``PEAK_WINDOW_S`` of
+steps so that the sampler sees a short one). ``profile`` adds torch
 profiler's top operators of one step per method.
 
     python -m smartfed.benchmarking.local_step [--layers 30] [--rounds 5] [--profile] [--output FILE.json]
@@ -33,6 +34,9 @@ SMOLLM2_135M = {
     "num_key_value_heads": 3, "vocab_size": 49152, "max_position_embeddings": 2048, "tie_word_embeddings": True,
     "rms_norm_eps": 1e-5,
 }
+
+
+PEAK_WINDOW_S = 0.2
 
 
 def _pool(shape, folder, *, adapters, rank, seed):
@@ -144,7 +148,11 @@ def local_step_bench(*, layers=30, shape=None, batch_size=8, prompt_tokens=(48, 
     rows = []
     for name, stepper in steppers.items():
         with PeakMemory("cpu") as memory:
+            # Steps for at least PEAK_WINDOW_S: the sampler needs a few intervals to see a step's peak.
+            deadline = time.perf_counter() + PEAK_WINDOW_S
             stepper.step()
+            while time.perf_counter() < deadline:
+                stepper.step()
         totals = [sum(p) for p in parts[name]]
         rows.append({
             "method": name, "step_s": statistics.median(totals),
