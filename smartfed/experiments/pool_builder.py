@@ -45,18 +45,33 @@ def validate_spec(spec, *, source=None):
     a ConfigError names the offending key."""
     from smartfed.config import ConfigError, validate
     from smartfed.experiments.pool_spec import PoolSpec
-    from smartfed.tasks import TASK_BUILDERS
-
     validated = validate(PoolSpec, spec, source=source)
     for index, adapter in enumerate(validated.adapters):
-        if adapter.task not in TASK_BUILDERS:
-            raise ConfigError(f"must be one of {sorted(TASK_BUILDERS)}, got {adapter.task!r}",
+        if adapter.task not in task_names():
+            raise ConfigError(f"must be one of {task_names()}, got {adapter.task!r}",
                               key=f"adapters[{index}].task", source=source)
     data = validated.model_dump()
     # An adapter without its own steps / lr takes training's: absent keys, as the hashes expect.
     data["adapters"] = [{key: value for key, value in adapter.items() if not (value is None and key in ("steps", "lr"))}
                         for adapter in data["adapters"]]
     return data
+
+
+def task_names():
+    """The tasks an adapter may train on: the built-in text tasks and the v2 suite's sources."""
+    from smartfed.tasks import TASK_BUILDERS
+    from smartfed.tasks.source_task import SOURCE_BUILDERS
+
+    return sorted({*TASK_BUILDERS, *SOURCE_BUILDERS})
+
+
+def load_adapter_task(adapter, tokenizer):
+    from smartfed.tasks import load_task
+    from smartfed.tasks.source_task import SOURCE_BUILDERS
+
+    if adapter["task"] in SOURCE_BUILDERS:
+        return SOURCE_BUILDERS[adapter["task"]](tokenizer, **adapter["options"])
+    return load_task(adapter["task"], tokenizer, **adapter["options"])
 
 
 def select_adapters(spec, names, *, source=None):
@@ -88,6 +103,9 @@ def _inputs_hash(model_hash, task, adapter, spec):
                      "lr": adapter.get("lr", spec["training"]["lr"])},
         "seed": spec["seed"],
     }
+    # Stored in another dtype, the same training gives other files (float32 keeps the v1 hashes).
+    if spec.get("dtype", "float32") != "float32":
+        key["dtype"] = spec["dtype"]
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -128,12 +146,37 @@ def training_environment():
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch_threads": torch.get_num_threads()}
 
 
+def optimize(optimizer, batches, loss_of, *, desc, progress, overall=None):
+    """One optimizer step per batch on ``loss_of(batch)``; returns (the losses, seconds).
+    ``overall``: a progress bar over the whole build, advanced one per step."""
+    from tqdm.auto import tqdm
+
+    losses = []
+    started = time.perf_counter()
+    for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        loss = loss_of(batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        if overall is not None:
+            overall.update(1)
+    return losses, time.perf_counter() - started
+
+
 def train_adapter(model_dir, task, spec, adapter, directory, *, progress=True, overall=None):
     """Train one peft LoRA adapter on ``task`` and save it into ``directory``; returns its record.
-    ``overall``: a progress bar over every step of the build, advanced one per step."""
+    ``overall``: a progress bar over every step of the build, advanced one per step. A v2 suite
+    source trains and is checked by smartfed.experiments.pool_sources."""
+    from smartfed.tasks.source_task import SourceTask
+
+    if isinstance(task, SourceTask):
+        from smartfed.experiments.pool_sources import train_source_adapter
+
+        record = train_source_adapter(model_dir, task, spec, adapter, directory, progress=progress, overall=overall)
+        return {**record, "environment": training_environment()}
     import torch
     from peft import LoraConfig, get_peft_model
-    from tqdm.auto import tqdm
 
     from smartfed.models import load_frozen_model
 
@@ -151,20 +194,12 @@ def train_adapter(model_dir, task, spec, adapter, directory, *, progress=True, o
         ))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(spec["seed"] * 1_000_003 + seed_offset)
-    losses = []
-    started = time.perf_counter()
+    batches = [torch.randperm(len(task.train_labels), generator=generator)[:batch_size] for _ in range(steps)]
     model.train()
-    for _ in tqdm(range(steps), desc=f"adapter {adapter['name']}", disable=not progress, leave=False):
-        index = torch.randperm(len(task.train_labels), generator=generator)[:batch_size]
-        loss, _ = answer_loss_and_hits(model, task.train_input_ids[index], task.train_labels[index],
-                                       task.label_token_ids)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
-        if overall is not None:
-            overall.update(1)
-    train_seconds = time.perf_counter() - started
+    losses, train_seconds = optimize(
+        optimizer, batches, lambda index: answer_loss_and_hits(
+            model, task.train_input_ids[index], task.train_labels[index], task.label_token_ids)[0],
+        desc=f"adapter {adapter['name']}", progress=progress, overall=overall)
     model.eval()
     accuracy_after = evaluate_accuracy(model, task.eval_input_ids, task.eval_labels, task.label_token_ids)
     model.save_pretrained(str(directory))
@@ -175,6 +210,30 @@ def train_adapter(model_dir, task, spec, adapter, directory, *, progress=True, o
         "eval_accuracy_before": accuracy_before, "eval_accuracy_after": accuracy_after,
         "train_seconds": train_seconds, "environment": training_environment(),
     }
+
+
+def _more_provenance(task):
+    """What a v2 source adds to an adapter's provenance: its templates and their texts, and the
+    sha256 of its training rows (``pool/<source>/train.jsonl`` of the suite files)."""
+    from smartfed.tasks.source_task import SourceTask
+    from smartfed.tasks.templates import TEXTS
+
+    if not isinstance(task, SourceTask):
+        return {}
+    family = {template.split("/")[0] for template in task.templates}
+    texts = {f"{name}/{role}-{number}": text for name in family for role, listed in TEXTS[name].items()
+             for number, text in enumerate(listed)}
+    return {"templates": {template: texts[template] for template in task.templates},
+            "check_templates": {template: texts[template] for template in sorted(set(task.check_templates))},
+            "training_data": {"rows": len(task.train), "sha256": task.train_sha256,
+                              "file": f"pool/{task.source}/train.jsonl (python -m smartfed.tasks.suite_files)"}}
+
+
+def _shown(path):
+    """``path`` relative to the working folder when it lies inside it: a manifest committed with
+    the pool names no machine's folders (the model is identified by its fingerprint)."""
+    path = Path(path).resolve()
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
 
 
 def _steps(spec, adapter):
@@ -189,7 +248,6 @@ def build_pool(spec, *, force=False, progress=True):
 
     from smartfed.experiments.model_identity import ModelIdentity
     from smartfed.staging import finish_staging, make_staging, remove_stale_staging
-    from smartfed.tasks import load_task
     from smartfed.models import load_tokenizer, resolve_model_dir
 
     model_dir = resolve_model_dir(spec["model_dir"])
@@ -207,7 +265,7 @@ def build_pool(spec, *, force=False, progress=True):
             if existing is not None:
                 plan.append((adapter, None, existing.get("inputs_hash"), existing))
             continue
-        task = load_task(adapter["task"], tokenizer, **adapter["options"])
+        task = load_adapter_task(adapter, tokenizer)
         inputs_hash, accepted = _inputs_hashes(model, task, adapter, spec)
         cached = existing if not force and existing is not None and existing.get("inputs_hash") in accepted else None
         plan.append((adapter, task, inputs_hash, cached))
@@ -223,11 +281,12 @@ def build_pool(spec, *, force=False, progress=True):
             try:
                 result = train_adapter(model_dir, task, spec, adapter, staging, progress=progress, overall=overall)
                 provenance = {
-                    "name": adapter["name"], "path": str(directory), "task": adapter["task"],
+                    "name": adapter["name"], "path": adapter["name"], "task": adapter["task"],
                     "options": adapter["options"], "task_summary": task.summary(), "description": task.description,
-                    "inputs_hash": inputs_hash, "model_dir": str(model_dir), "model_fingerprint": model.fingerprint,
+                    "inputs_hash": inputs_hash, "model_dir": _shown(model_dir), "model_fingerprint": model.fingerprint,
                     "lora": spec["lora"], "seed": spec["seed"], **result,
                 }
+                provenance.update(_more_provenance(task))
                 (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=1))
                 finish_staging(staging)
                 if directory.exists():
@@ -237,8 +296,8 @@ def build_pool(spec, *, force=False, progress=True):
                 shutil.rmtree(staging, ignore_errors=True)
             records.append({**provenance, "rebuilt": True})
     manifest = {
-        "model_dir": str(model_dir), "model_fingerprint": model.fingerprint, "lora": spec["lora"],
-        "training": spec["training"], "seed": spec["seed"],
+        "model_dir": _shown(model_dir), "model_fingerprint": model.fingerprint, "lora": spec["lora"],
+        "training": spec["training"], "seed": spec["seed"], "dtype": spec.get("dtype", "float32"),
         "adapters": records,
     }
     (output / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))

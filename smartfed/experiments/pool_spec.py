@@ -3,7 +3,7 @@
 Torch-free, built from the pieces of smartfed.config (number types, bounds, validation).
 """
 
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
@@ -51,6 +51,8 @@ class PoolSpec(Section):
     output_dir: NonEmptyStr = "build/public_pool"
     lora: LoraSpec = Field(default_factory=LoraSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
+    # The dtype the adapters are stored in (the pool reads every float dtype into float32 exactly).
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     adapters: Annotated[list[AdapterSpec], Field(min_length=1, max_length=MAX_ADAPTERS)]
 
     @model_validator(mode="after")
