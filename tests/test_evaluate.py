@@ -66,6 +66,22 @@ def test_the_final_state_scores_what_the_run_scored_last(finished_run, tmp_path,
     assert out.startswith(f"{finished_run}: round 2 test accuracy {last['accuracy']:.4f} loss ")
 
 
+def test_every_item_is_recorded_and_the_items_make_up_the_accuracy(run_copy, tmp_path, capsys):
+    status, _, _ = run_cli(capsys, run_copy)
+    assert status == 0
+    record = json.loads((run_copy / "evaluation.json").read_text())
+    items = json.loads((run_copy / "evaluation_items.json").read_text())
+    assert "items" not in record and items["metric"] == "correct" and items["split"] == "test"
+    assert items["state_sha256"] == record["state_sha256"] and items["round"] == 2
+    assert len(items["correct"]) == len(items["prediction"]) == len(items["margin"]) == record["examples"]
+    assert sum(items["correct"]) / len(items["correct"]) == record["accuracy"]
+    assert min(items["margin"]) >= 0 and set(items["correct"]) <= {0, 1}
+    # With --output the items go beside the record.
+    status, _, _ = run_cli(capsys, run_copy, "--output", tmp_path / "scored.json")
+    assert status == 0
+    assert json.loads((tmp_path / "scored.items.json").read_text())["correct"] == items["correct"]
+
+
 def test_a_changed_evaluation_setting_scores_other_examples(run_copy, capsys):
     status, out, err = run_cli(capsys, run_copy, "--set", "task.eval_examples=64")
     assert status == 0

@@ -10,8 +10,8 @@ from smartfed.cli import main
 from smartfed.config import ConfigError, validate
 from smartfed.experiments.sweep_schema import SweepConfig
 from smartfed.experiments import report
-from smartfed.experiments.selection import grid_point, point_name, select_by_validation
-from smartfed.experiments.sweep import plan_runs, sweep_runs
+from smartfed.experiments.selection import extended_rate, grid_edge, grid_point, point_name, select_by_validation
+from smartfed.experiments.sweep import grid_extensions, plan_runs, sweep_runs
 from smartfed.federated.run_dir import METRICS_FILE
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -295,3 +295,53 @@ def test_the_smartfed_form_is_chosen_on_validation_and_the_target_verdict_counts
     summary = json.loads((output / "summary.json").read_text())
     assert summary["chosen_configuration_checks"] == {"bbc_news": {"entry": "projected", "met": 1, "pairs": 2}}
     assert (output / "accuracy_vs_bytes_mean.png").read_bytes()[:8] == PNG_MAGIC
+
+
+# --------------------------------------------------------------------------- grid edges
+
+
+@pytest.mark.parametrize("rates, chosen, edge, extension", [
+    ([0.001, 0.003, 0.01], 0.003, None, None),
+    ([0.001, 0.003, 0.01], 0.001, "lowest", 0.0003),
+    ([0.001, 0.003, 0.01], 0.01, "highest", 0.03),
+    ([0.01, 0.03, 0.1], 0.1, "highest", 0.3),
+    ([0.01, 0.1], 0.01, "lowest", 0.001),
+    ([0.02], 0.02, "only", 0.2),
+])
+def test_a_choice_at_a_grid_edge_is_flagged_with_the_next_rate_beyond_it(rates, chosen, edge, extension):
+    assert grid_edge(rates, chosen) == edge
+    assert extended_rate(rates, chosen) == (None if extension is None else pytest.approx(extension))
+    if extension is not None:
+        assert extended_rate(rates, chosen) not in rates
+
+
+def test_the_report_marks_edges_and_single_seed_choices_and_interior_ones(grid_root, tmp_path):
+    # grid_root: FedIT's 0.01 is interior of [0.001, 0.01, 0.1], chosen on seeds 0 and 1.
+    text = report.write_report([grid_root], tmp_path / "interior").read_text()
+    assert "| **chosen**, runs seeds 0, 1 | interior |" in text and "choices are flagged" not in text
+    for lr, val in ((0.001, [0.7, 0.7]), (0.01, [0.6, 0.6])):
+        write_point(tmp_path / "edge", "fedit", lr, 0, test=[0.5, 0.5], val=val)
+    text = report.write_report([tmp_path / "edge"], tmp_path / "out").read_text()
+    assert "| **chosen**, runs seeds 0 | **edge** (lowest): extend with 0.0001; chosen on 1 seed(s) |" in text
+    assert "1 of 1 choices are flagged" in text
+    [record] = json.loads((tmp_path / "out" / "selection.json").read_text())["selections"]
+    assert (record["edge"], record["extend_with"], record["enough_seeds"]) == ("lowest", 0.0001, False)
+
+
+def test_extend_grids_runs_the_named_rate_for_that_task_and_entry_only(text_sweep, tmp_path):
+    text_sweep["sweep"]["tasks"] = {"skills": {}, "bbc": {}}
+    selection = tmp_path / "selection.json"
+    selection.write_text(json.dumps({"selections": [
+        {"task": "skills", "method": "fedit", "extend_with": 0.001},
+        {"task": "bbc", "method": "fedit", "extend_with": None}]}))
+    extra = grid_extensions(selection)
+    assert extra == {("skills", "fedit"): [0.001]}
+    plan = plan_runs(text_sweep, tmp_path / "runs", seeds=[0], methods=["fedit"], source="sweep.yaml",
+                     extra_rates=extra)
+    assert [str(relative) for relative, *_ in plan] == [
+        "skills/fedit@lr=0.003/seed0", "skills/fedit@lr=0.01/seed0", "skills/fedit@lr=0.001/seed0",
+        "bbc/fedit@lr=0.003/seed0", "bbc/fedit@lr=0.01/seed0"]
+    assert plan[2][1].federation.lr == 0.001 and plan[2][1].label == "fedit@lr=0.001"
+    selection.write_text("not json")
+    with pytest.raises(ConfigError, match="--extend-grids: is not a selection.json of smartfed report"):
+        grid_extensions(selection)

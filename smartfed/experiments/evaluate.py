@@ -6,7 +6,14 @@ quotas), or, for a folder that kept only its checkpoint, the checkpoint of the l
 evaluation examples come from the same config with ``--set`` changes, which may touch only
 what does not shape the trained state (``EVALUATION_CHANGES``). Before anything is scored, the
 state's method, config fingerprint and pool fingerprint must be those of the rebuilt model:
-routers index the pool's experts, so on another pool they would pick meaningless ones.
+routers index the pool's experts, so on another pool they would pick meaningless ones. A pool
+moved elsewhere (the committed ``pools/public_v1`` of the v1 results) is named with ``--set
+pool.paths=[...]``: the config fingerprint is checked against the run's recorded paths and the
+pool by its content fingerprint, so only the very same adapters pass.
+
+Besides the aggregate scores, every held-out example's result is kept
+(smartfed.experiments.item_scores): ``evaluation_items.json`` beside ``evaluation.json``, what
+the intervals and paired tests of ``smartfed report`` read.
 """
 
 import hashlib
@@ -14,11 +21,11 @@ import json
 import time
 from pathlib import Path
 
-from smartfed.federated.run_dir import EVALUATION_FILE
+from smartfed.federated.run_dir import EVALUATION_FILE, EVALUATION_ITEMS_FILE
 
 # What may differ from the run's config: the data it is scored on and how, never what the state
 # was trained on (pool.cache_dir only moves the cached tiny pool, which its fingerprint checks).
-EVALUATION_CHANGES = ("task", "federation.eval_batch_size", "pool.cache_dir", "label")
+EVALUATION_CHANGES = ("task", "federation.eval_batch_size", "pool.cache_dir", "pool.paths", "label")
 
 
 def configure_parser(parser):
@@ -80,7 +87,8 @@ def read_run_config(run_dir, overrides, *, split="test"):
                                   "chose the training examples held out); evaluate cannot change it",
                                   key="task.validation_fraction"), overrides)
     # The tiny pool's cache key covers the task section, so the model never takes the new task.
-    return with_overrides(run_config, pool={"cache_dir": config.pool.cache_dir}), config, saved
+    return with_overrides(run_config, pool={"cache_dir": config.pool.cache_dir, "paths": config.pool.paths}), \
+        config, saved
 
 
 def _final_round_checkpoint(run_dir, config):
@@ -168,7 +176,7 @@ def check_pool(final, pool_fingerprint):
 def evaluate_run(run_dir, overrides=(), *, split="test", device="cpu", progress=False):
     """Score the final state of ``run_dir`` on its task config changed by ``overrides``; returns
     the JSON record (see the ``evaluate`` entry of smartfed.cli)."""
-    from smartfed.config import config_to_dict
+    from smartfed.config import config_to_dict, with_overrides
     from smartfed.experiments.assets import task_layout
     from smartfed.experiments.runs import build_trainer, federated_data
     from smartfed.experiments.train import check_inputs, prepare_model
@@ -178,19 +186,63 @@ def evaluate_run(run_dir, overrides=(), *, split="test", device="cpu", progress=
     check_inputs(config)
     prepare_model(config)
     final = read_final_state(run_dir, model_config)
-    check_config(final, model_config, saved)
+    recorded_paths = (saved.get("pool") or {}).get("paths")
+    check_config(final, with_overrides(model_config, pool={"paths": recorded_paths}), saved)
     layout = task_layout(config)
     trainer, _ = build_trainer(model_config, device=device, progress=progress, layout=layout)
     check_pool(final, trainer.pool_fingerprint)
     data = federated_data(config, layout)
     examples = data.evaluation if split == "test" else data.validation
     scores = trainer.evaluate(final["state"], final["quotas"], examples, batch_size=config.federation.eval_batch_size)
+    items = evaluation_items(trainer, examples, config, split)
     return {
         "run_dir": str(run_dir), "split": split, "overrides": list(overrides), "config": config_to_dict(config),
         "state_file": final["file"], "state_sha256": final["sha256"], "round": final["round"],
         "accuracy": scores["accuracy"], "loss": scores["loss"], "examples": scores["num_examples"],
-        "seconds": time.perf_counter() - started,
+        "seconds": time.perf_counter() - started, "items": items,
     }
+
+
+def evaluation_items(trainer, examples, config, split):
+    """Per-item columns of the examples just scored by ``trainer`` (its model holds the final
+    state), with the template / seen / item columns of a v2 suite's test file; None for
+    instruction examples that are not answered by generation."""
+    from smartfed.experiments.item_scores import item_metadata, item_scores
+
+    generation = getattr(examples, "generation", None)
+    if hasattr(examples, "response_lengths") and (generation is None or generation.every_rounds == 0):
+        return None
+    columns = item_scores(trainer.model, examples, label_token_ids=trainer.label_token_ids,
+                          batch_size=config.federation.eval_batch_size, device=trainer.device)
+    data = getattr(config.task, "data", None)
+    if split == "test" and data is not None and data.eval is not None:
+        count = len(next(value for key, value in columns.items() if key != "metric"))
+        columns.update(item_metadata(data.eval, count))
+    return columns
+
+
+def write_evaluation(run_dir, record, output=None):
+    """Write ``record`` (without its items) to ``output`` or the run's ``evaluation.json``, and its
+    items to ``evaluation_items.json`` beside it (``<output>.items.json`` for an ``output``);
+    returns the record's path."""
+    from smartfed.federated.run_dir import RunDir
+
+    record = dict(record)
+    items = record.pop("items", None)
+    if items is not None:
+        items = {"split": record["split"], "round": record["round"], "state_sha256": record["state_sha256"],
+                 "overrides": record["overrides"], **items}
+    if output:
+        output = Path(output).resolve()
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(record, indent=1))
+        if items is not None:
+            output.with_suffix(".items.json").write_text(json.dumps(items))
+        return output
+    run = RunDir(run_dir)
+    if items is not None:
+        run.write_json(EVALUATION_ITEMS_FILE, items)
+    return run.write_json(EVALUATION_FILE, record)
 
 
 def run(args) -> int:
@@ -201,14 +253,7 @@ def run(args) -> int:
     set_threads(args.threads)
     record = evaluate_run(args.run_dir, args.overrides, split=args.split, device=args.device,
                           progress=not args.no_progress)
-    if args.output:
-        output = Path(args.output).resolve()
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(record, indent=1))
-    else:
-        from smartfed.federated.run_dir import RunDir
-
-        output = RunDir(args.run_dir).write_json(EVALUATION_FILE, record)
+    output = write_evaluation(args.run_dir, record, args.output)
     print(f"{record['run_dir']}: round {record['round']} {record['split']} accuracy {record['accuracy']:.4f} "
           f"loss {record['loss']:.4f} on {record['examples']} examples ({record['seconds']:.1f} s) -> {output}")
     return 0

@@ -20,7 +20,8 @@ Runs of a sweep entry with ``lr_grid`` (``<method>@lr=<rate>``) are first narrow
 chosen on validation (smartfed.experiments.selection): ``selection.json`` and ``selection.md``
 record every rate's validation numbers, ``validation_accuracy_chosen.png`` plots the chosen
 rates' validation accuracy per round, and every other table and plot shows only the chosen runs,
-under the entry's name.
+under the entry's name. Runs that kept per-item results get 95% intervals and paired tests
+against FedIT (smartfed.experiments.report_statistics; ``statistics.json``).
 """
 
 import json
@@ -31,6 +32,7 @@ from smartfed.experiments.report_runs import (  # noqa: F401 (the names report u
     REPORT_IGNORED, Run, attach_baselines, config_identity, find_runs, load_run,
     method_label, separate_configurations,
 )
+from smartfed.experiments.report_statistics import STATISTICS_FILE, run_statistics, statistics_markdown
 from smartfed.experiments.selection import ReportError, mean_std  # noqa: F401
 from smartfed.federated.run_dir import EXPERT_USAGE_FILE
 
@@ -126,7 +128,7 @@ def _chosen_lr(run):
     return "-" if run.chosen_lr is None else repr(run.chosen_lr)
 
 
-def markdown_report(runs, plots, selections=(), configurations=None):
+def markdown_report(runs, plots, selections=(), configurations=None, statistics=None):
     """report.md of ``runs``; with ``selections`` (smartfed.experiments.selection), ``runs`` are
     the chosen ones (:func:`headline_runs`) and the report opens with how they were chosen, and
     with ``configurations`` the target section says how the entry chosen among SmartFed's fares."""
@@ -192,6 +194,7 @@ def markdown_report(runs, plots, selections=(), configurations=None):
                 "MB at reach", "target met"], check_rows) if check_rows
         else "No task and seed has both a FedIT and a SmartFed run.",
         *(["", verdict] if (verdict := _verdict_markdown(checks, configurations or {})) else []),
+        *(["", statistics_markdown(statistics)] if statistics is not None else []),
         "", "## Plots", "",
     ]
     parts += [f"![{name}]({name})" for name in plots]
@@ -230,21 +233,27 @@ def selection_markdown(selections, configurations=None):
     """The section of report.md (and the whole of selection.md) that shows how each lr_grid
     entry's rate, and each method's entry (``configurations``), was chosen: validation numbers
     only, none of the test split."""
-    from smartfed.experiments.selection import CONFIGURATION_RULE, LAST_ROUNDS, RULE
+    from smartfed.experiments.selection import CONFIGURATION_RULE, LAST_ROUNDS, MIN_SELECTION_SEEDS, RULE
 
     rows = [[selection.task, selection.family, repr(candidate.lr),
              ", ".join(str(seed) for seed in candidate.selection_seeds),
              f"{candidate.mean:.3f} ± {candidate.std:.3f}",
              " / ".join(f"{score:.3f}" for score in candidate.scores),
              ("**chosen**, runs seeds " + ", ".join(str(run.seed) for run in candidate.runs))
-             if candidate is selection.chosen else ""]
+             if candidate is selection.chosen else "",
+             _edge_cell(selection) if candidate is selection.chosen else ""]
             for selection in selections for candidate in selection.candidates]
     parts = [
         "## Learning rates chosen on validation", "",
         f"Rule: {RULE}. Every other table and plot shows only the chosen rate's runs, under the method's name.", "",
         _table(["task", "method", "lr", "seeds scored", f"val acc, last {LAST_ROUNDS} rounds (mean ± std)",
-                "per seed", "chosen"], rows),
+                "per seed", "chosen", "grid edge"], rows),
     ]
+    flagged = [selection for selection in selections if selection.edge or not selection.enough_seeds]
+    if flagged:
+        parts += ["", f"{len(flagged)} of {len(selections)} choices are flagged: a rate at an edge of its grid may "
+                  "not be the best one (`smartfed sweep --extend-grids selection.json` runs the rate named), and a "
+                  f"choice on fewer than {MIN_SELECTION_SEEDS} seeds rests on one run's noise."]
     if configurations:
         rows = [[task, configuration.method, ", ".join(str(seed) for seed in configuration.seeds),
                  ", ".join(f"{'**' + entry + '**' if entry == configuration.chosen.family else entry} "
@@ -255,6 +264,15 @@ def selection_markdown(selections, configurations=None):
                   f"Rule: {CONFIGURATION_RULE}.", "",
                   _table(["task", "method", "seeds scored", "val acc of each entry's chosen rate", "chosen"], rows)]
     return "\n".join(parts)
+
+
+def _edge_cell(selection):
+    notes = []
+    if selection.edge:
+        notes.append(f"**edge** ({selection.edge}): extend with {selection.extend_with!r}")
+    if not selection.enough_seeds:
+        notes.append(f"chosen on {len(selection.selection_seeds)} seed(s)")
+    return "; ".join(notes) or "interior"
 
 
 def configuration_verdicts(checks, configurations):
@@ -334,8 +352,10 @@ def write_report(run_paths, output_dir, *, baselines=None):
         if any(r.get("expert_usage") for r in run.records):
             plots.append(f"expert_usage_{label}.png")
             plot_expert_usage(run, output / plots[-1])
+    statistics = run_statistics(runs)
+    (output / STATISTICS_FILE).write_text(json.dumps(statistics, indent=1))
     report = output / "report.md"
-    report.write_text(markdown_report(runs, plots, selections, configurations))
+    report.write_text(markdown_report(runs, plots, selections, configurations, statistics))
     checks = target_checks(runs)
     summary = {
         "runs": [{"path": str(r.path), "task": r.task, "method": r.method, "chosen_lr": r.chosen_lr, "seed": r.seed,

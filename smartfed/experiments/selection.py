@@ -11,6 +11,12 @@ others. :func:`choose_configuration` then picks, among the entries of one method
 router forms), the one whose chosen rate scores highest on validation. Only ``val_accuracy`` is
 read here: the test accuracy of a rate that is not chosen plays no part, and ``smartfed report``
 shows test numbers of the chosen rate only.
+
+A chosen rate at the edge of its grid (the lowest or the highest rate tried) may not be the best
+one: :func:`grid_edge` flags it, :func:`extended_rate` names the next rate beyond it (one grid
+step further, rounded to one significant digit), and ``smartfed sweep --extend-grids
+selection.json`` runs that rate for exactly those (task, entry) pairs, so the grid grows until its
+choice is interior. A choice made on fewer than ``MIN_SELECTION_SEEDS`` seeds is flagged too.
 """
 
 import math
@@ -20,6 +26,7 @@ from dataclasses import dataclass
 from smartfed.errors import SmartFedError
 
 LAST_ROUNDS = 3
+MIN_SELECTION_SEEDS = 2
 SELECTION_FILE = "selection.json"
 SELECTION_TABLE = "selection.md"
 VALIDATION_PLOT = "validation_accuracy_chosen.png"
@@ -97,6 +104,52 @@ class Selection:
     @property
     def selection_seeds(self):
         return self.chosen.selection_seeds
+
+    @property
+    def edge(self):
+        return grid_edge([candidate.lr for candidate in self.candidates], self.chosen.lr)
+
+    @property
+    def extend_with(self):
+        return extended_rate([candidate.lr for candidate in self.candidates], self.chosen.lr)
+
+    @property
+    def enough_seeds(self):
+        return len(self.selection_seeds) >= MIN_SELECTION_SEEDS
+
+
+def grid_edge(rates, chosen):
+    """"lowest" or "highest" when ``chosen`` is that end of the grid ``rates`` (a grid of one rate
+    is both: "only"), None when it is interior."""
+    rates = sorted(rates)
+    if len(rates) == 1:
+        return "only"
+    if chosen == rates[0]:
+        return "lowest"
+    if chosen == rates[-1]:
+        return "highest"
+    return None
+
+
+def extended_rate(rates, chosen):
+    """The rate one grid step beyond ``chosen`` at an edge of ``rates`` (the step is the ratio to
+    its neighbour; x10 for a grid of one rate), rounded to one significant digit; None when the
+    choice is interior."""
+    edge = grid_edge(rates, chosen)
+    if edge is None:
+        return None
+    rates = sorted(rates)
+    if edge == "only":
+        ratio, direction = 10.0, 1
+    elif edge == "lowest":
+        ratio, direction = rates[1] / rates[0], -1
+    else:
+        ratio, direction = rates[-1] / rates[-2], 1
+    rate = chosen * ratio ** direction
+    rounded = float(f"{rate:.0e}")
+    # Rounding must not land back on a rate of the grid (or on the wrong side of it).
+    beyond = rounded < rates[0] if direction < 0 else rounded > rates[-1]
+    return rounded if beyond else rate
 
 
 @dataclass
@@ -201,6 +254,8 @@ def selection_record(selections, configurations=None):
             "chosen_lr": selection.chosen.lr, "chosen_run": point_name(selection.family, selection.chosen.lr),
             "selection_seeds": list(selection.selection_seeds),
             "chosen_seeds": [run.seed for run in selection.chosen.runs],
+            "edge": selection.edge, "extend_with": selection.extend_with,
+            "enough_seeds": selection.enough_seeds, "min_selection_seeds": MIN_SELECTION_SEEDS,
             "candidates": [{
                 "lr": candidate.lr, "run": point_name(selection.family, candidate.lr),
                 "chosen": candidate is selection.chosen, "seeds": [run.seed for run in candidate.scored_runs],

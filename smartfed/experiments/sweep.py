@@ -34,6 +34,12 @@ def configure_parser(parser):
     parser.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
                         help="run only these entries of sweep.methods (an lr_grid entry: all its rates, or "
                              "one rate named <method>@lr=<rate>)")
+    parser.add_argument("--no-items", action="store_true",
+                        help="skip the per-item evaluation after each run (evaluation_items.json, which the "
+                             "intervals of smartfed report need)")
+    parser.add_argument("--extend-grids", default=None, metavar="SELECTION_JSON",
+                        help="add the rate smartfed report named for every choice at a grid edge (its "
+                             "selection.json) to that entry's lr_grid on that task")
 
 
 def run_text_experiment(config, output_dir, *, progress=True, device="cpu", resume=False, resume_changes=None,
@@ -79,34 +85,43 @@ def _merged(base, override):
     return merged
 
 
-def sweep_runs(data, *, source=None):
+def sweep_runs(data, *, source=None, extra_rates=None):
     """(relative run folder, run config mapping) for every (seed, task, method) of a sweep config:
     ``base`` (a run config), ``sweep.seeds``, ``sweep.tasks`` and ``sweep.methods`` (name -> the
     config values that differ from ``base``). A method entry may hold ``per_task`` (task name ->
     values for that task only, e.g. another pool) and may name a ``method`` of its own, which
     makes it an ablation of that method: its runs get the entry's name as their ``label``. An
     entry with ``lr_grid`` becomes one run per rate, named (folder and ``label``)
-    ``<entry>@lr=<rate>`` (smartfed.experiments.selection.point_name), setting ``federation.lr``."""
+    ``<entry>@lr=<rate>`` (smartfed.experiments.selection.point_name), setting ``federation.lr``;
+    ``extra_rates`` ({(task, entry): [rate, ...]}, from ``--extend-grids``) adds rates to an
+    entry's grid on one task only."""
     from smartfed.config import validate
     from smartfed.experiments.sweep_schema import SweepConfig
     from smartfed.experiments.selection import point_name
 
     sweep = validate(SweepConfig, data, source=source)
     grid = sweep.sweep
-    methods = []  # (family, run name, the entry's values for that run, per_task)
-    for family, entry in grid.methods.items():
-        entry = dict(entry or {})
-        per_task = entry.pop("per_task", None) or {}
-        rates = entry.pop("lr_grid", None)
-        if rates is None:
-            methods.append((family, family, entry, per_task))
-        else:
-            methods += [(family, point_name(family, lr), _merged(entry, {"federation": {"lr": lr}}), per_task)
-                        for lr in rates]
+    extra_rates = extra_rates or {}
+
+    def methods(task):
+        """(family, run name, the entry's values for that run, per_task) of every run of ``task``."""
+        found = []
+        for family, entry in grid.methods.items():
+            entry = dict(entry or {})
+            per_task = entry.pop("per_task", None) or {}
+            rates = entry.pop("lr_grid", None)
+            if rates is None:
+                found.append((family, family, entry, per_task))
+                continue
+            rates = list(rates) + [lr for lr in extra_rates.get((task, family), ()) if lr not in rates]
+            found += [(family, point_name(family, lr), _merged(entry, {"federation": {"lr": lr}}), per_task)
+                      for lr in rates]
+        return found
+
     runs = []
     for seed in grid.seeds:
         for task, task_override in grid.tasks.items():
-            for family, name, method_override, per_task in methods:
+            for family, name, method_override, per_task in methods(task):
                 config = _merged(_merged(sweep.base, task_override), method_override)
                 config = _merged(config, per_task.get(task))
                 config = {**config, "seed": seed, "method": config.get("method", family)}
@@ -161,7 +176,25 @@ def _require_text_task(config):
                           "smartfed train runs the synthetic task", key="task.name")
 
 
-def plan_runs(data, output_root, *, overrides=(), seeds=None, tasks=None, methods=None, source=None):
+def grid_extensions(path):
+    """{(task, entry): [rate]} of every choice at a grid edge in a report's ``selection.json``; a
+    ConfigError for a file that is not one."""
+    import json
+
+    from smartfed.config import ConfigError
+
+    try:
+        record = json.loads(Path(path).read_text(encoding="utf-8"))
+        selections = record["selections"]
+        return {(entry["task"], entry["method"]): [float(entry["extend_with"])] for entry in selections
+                if entry.get("extend_with") is not None}
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ConfigError(f"is not a selection.json of smartfed report ({type(error).__name__}: {error})",
+                          key="--extend-grids", source=str(path)) from None
+
+
+def plan_runs(data, output_root, *, overrides=(), seeds=None, tasks=None, methods=None, source=None,
+              extra_rates=None):
     """[(relative folder, RunConfig, round checkpointed or None, resumable changes)] of every
     selected run, each validated (with ``overrides``) and its folder checked against it (a folder
     holding a run of another config is an error, whether that run finished or not); nothing is
@@ -169,10 +202,12 @@ def plan_runs(data, output_root, *, overrides=(), seeds=None, tasks=None, method
     from smartfed.config import ConfigError, config_from_dict
 
     if "sweep" in data:
-        runs = _selected(sweep_runs(data, source=source), seeds=seeds, tasks=tasks, methods=methods)
+        runs = _selected(sweep_runs(data, source=source, extra_rates=extra_rates), seeds=seeds, tasks=tasks,
+                         methods=methods)
         _check_grid_overrides(runs, overrides)
     else:
-        for option, value in (("--seeds", seeds), ("--tasks", tasks), ("--methods", methods)):
+        for option, value in (("--seeds", seeds), ("--tasks", tasks), ("--methods", methods),
+                              ("--extend-grids", extra_rates)):
             if value is not None:
                 raise ConfigError(f"needs a config with a sweep section; {source} is one run config", key=option)
         runs = [(Path("."), data)]
@@ -195,13 +230,14 @@ def plan_runs(data, output_root, *, overrides=(), seeds=None, tasks=None, method
 
 def run(args) -> int:
     from smartfed.config import read_yaml
-    from smartfed.federated.run_dir import RunDir
+    from smartfed.federated.run_dir import EVALUATION_ITEMS_FILE, RunDir
     from smartfed.federated.strategy import RoundFailed
 
     data = read_yaml(args.config)
     output_root = Path(args.output).resolve()
+    extra_rates = None if args.extend_grids is None else grid_extensions(args.extend_grids)
     plan = plan_runs(data, output_root, overrides=args.overrides, seeds=args.seeds, tasks=args.tasks,
-                     methods=args.methods, source=args.config)
+                     methods=args.methods, source=args.config, extra_rates=extra_rates)
     set_threads(args.threads)
     progress = not args.no_progress
     for relative, config, done, changes in plan:
@@ -209,6 +245,8 @@ def run(args) -> int:
         if done == config.federation.rounds:
             RunDir(folder).record_resume(config, changes, at_round=done)
             print(f"== {folder}: finished", flush=True)
+            if not args.no_items and not (folder / EVALUATION_ITEMS_FILE).is_file():
+                record_items(folder, device=args.device, progress=progress)
             continue
         print(f"== {folder}{'' if done is None else f' (continued after round {done})'}", flush=True)
         try:
@@ -220,4 +258,21 @@ def run(args) -> int:
         last = outcome.history[-1]
         print(f"{config.label or config.method}: round {last['round']} accuracy {last['accuracy']:.4f} "
               f"loss {last['loss']:.4f} bytes up {last['total_bytes_up']} down {last['total_bytes_down']}", flush=True)
+        if not args.no_items:
+            record_items(folder, device=args.device, progress=progress)
     return 0
+
+
+def record_items(folder, *, device, progress):
+    """Re-score the finished run in ``folder`` with ``smartfed evaluate`` (its ``evaluation.json``
+    and per-item ``evaluation_items.json``) and say when the re-score differs from the run's record."""
+    from smartfed.experiments.evaluate import evaluate_run, write_evaluation
+    from smartfed.federated.run_dir import RunDir
+
+    record = evaluate_run(folder, device=device, progress=progress)
+    write_evaluation(folder, record)
+    recorded = [r for r in RunDir(folder).read_metrics() if r.get("status", "completed") == "completed"][-1]["accuracy"]
+    if record["accuracy"] != recorded:
+        print(f"smartfed sweep: {folder}: warning: re-scored accuracy {record['accuracy']!r} differs from the "
+              f"recorded {recorded!r}", file=sys.stderr)
+    return record

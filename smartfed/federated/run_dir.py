@@ -40,6 +40,7 @@ CLIENT_EVALUATION_FILE = "client_evaluation.json"
 TEXT_TASK_FILE = "text_task.json"
 EXPERT_USAGE_FILE = "expert_usage.json"
 EVALUATION_FILE = "evaluation.json"
+EVALUATION_ITEMS_FILE = "evaluation_items.json"  # per-item results of the final evaluation (smartfed evaluate)
 CHECKPOINT_DIR = "checkpoint"
 PREVIOUS_CHECKPOINT_DIR = "checkpoint.previous"
 # Every name a run writes into its folder; a new file is added here, or the guard will take a
@@ -53,6 +54,7 @@ RUN_FILES = (
     TEXT_TASK_FILE,
     EXPERT_USAGE_FILE,
     EVALUATION_FILE,
+    EVALUATION_ITEMS_FILE,
     CHECKPOINT_DIR,
     PREVIOUS_CHECKPOINT_DIR,
     ".checkpoint-*",

@@ -1,0 +1,117 @@
+"""The intervals and paired tests of ``smartfed report``, from each run's per-item results.
+
+Every reported run that kept ``evaluation_items.json`` (``smartfed evaluate``, run by ``smartfed
+sweep`` after each run) contributes one row per test item. Per (task, method, metric) the seeds'
+rows form a [seeds, items] matrix (smartfed.experiments.statistics): its mean with a 95%
+bootstrap interval over seeds and items, the same on the items shown under a template the
+federation trained on (seen) and under one neither the pool nor the federation saw (unseen), and
+the paired difference against FedIT on the seeds both ran, with its interval, sign-flip p-value
+and verdict ("no conclusion" whenever the interval holds zero).
+"""
+
+import json
+
+from smartfed.experiments import statistics as st
+from smartfed.federated.run_dir import EVALUATION_ITEMS_FILE
+
+METRICS = ("correct", "exact_match", "f1", "rouge_l")
+STATISTICS_FILE = "statistics.json"
+REFERENCE = "fedit"
+
+
+def read_items(run):
+    """The per-item record of ``run`` (its ``evaluation_items.json``), or None."""
+    path = run.path / EVALUATION_ITEMS_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and record.get("split") == "test" else None
+
+
+def _matrix(records, metric, mask=None):
+    rows = [[value for index, value in enumerate(record[metric]) if mask is None or mask[index]]
+            for record in records]
+    return st.score_matrix(rows, metric)
+
+
+def _same_items(records):
+    """Whether ``records`` scored the same items in the same order (by their ``item`` and
+    ``template`` columns when they have them, else by their count)."""
+    keys = {json.dumps([record.get("item"), record.get("template"), len(record.get("prediction", ()))])
+            for record in records}
+    return len(keys) == 1
+
+
+def _group(records, metric, seeds, resamples):
+    by_seed = dict(zip(seeds, records))
+    record = records[0]
+    entry = {"seeds": seeds, "items": len(record[metric]),
+             "all": st.bootstrap_interval(_matrix(records, metric), resamples=resamples).as_dict()}
+    if "seen" in record:
+        for name, flag in (("seen", True), ("unseen", False)):
+            mask = [value is flag for value in record["seen"]]
+            if any(mask):
+                entry[name] = st.bootstrap_interval(_matrix(records, metric, mask), resamples=resamples).as_dict()
+    return entry, by_seed
+
+
+def run_statistics(runs, *, reference=REFERENCE, resamples=st.RESAMPLES):
+    """{"rows": [...], "skipped": [...]} for ``runs`` (the headline runs of a report)."""
+    groups = {}
+    for run in runs:
+        record = read_items(run)
+        if record is not None:
+            groups.setdefault((run.task, run.method), []).append((run.seed, record))
+    rows, skipped, by_key = [], [], {}
+    for (task, method), members in sorted(groups.items()):
+        members.sort(key=lambda member: member[0])
+        seeds, records = [seed for seed, _ in members], [record for _, record in members]
+        if not _same_items(records):
+            skipped.append(f"{task} {method}: its seeds scored different items")
+            continue
+        for metric in METRICS:
+            if metric in records[0]:
+                entry, by_seed = _group(records, metric, seeds, resamples)
+                by_key[(task, method, metric)] = by_seed
+                rows.append({"task": task, "method": method, "metric": metric, **entry})
+    for row in rows:
+        base = by_key.get((row["task"], reference, row["metric"]))
+        if row["method"] == reference or base is None:
+            continue
+        own = by_key[(row["task"], row["method"], row["metric"])]
+        common = sorted(set(own) & set(base))
+        if not common or not _same_items([own[common[0]], base[common[0]]]):
+            continue
+        paired = st.paired_difference(_matrix([own[s] for s in common], row["metric"]),
+                                      _matrix([base[s] for s in common], row["metric"]), resamples=resamples)
+        row["versus_reference"] = {"reference": reference, "seeds": common, **paired.as_dict()}
+    return {"rows": rows, "skipped": skipped, "level": st.LEVEL, "resamples": resamples}
+
+
+def _cell(entry):
+    return "-" if entry is None else st.Interval(**entry).text()
+
+
+def statistics_markdown(record):
+    if not record["rows"]:
+        return ("## Intervals and paired tests\n\nNo run kept per-item results (`evaluation_items.json`, written by "
+                "`smartfed evaluate`), so no interval is given.")
+    lines = ["## Intervals and paired tests", "",
+             f"Mean over seeds and test items with its {record['level']:.0%} bootstrap interval (items and seeds "
+             "resampled); seen / unseen: the items under a template the federation trained on / one that neither the "
+             "pool nor the federation saw. Versus FedIT: the paired difference on the seeds both ran (same items), its "
+             "interval, the sign-flip p-value, and the verdict the interval supports.", "",
+             "| task | method | metric | seeds | items | mean [95% CI] | seen | unseen | vs FedIT | p | verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in record["rows"]:
+        versus = row.get("versus_reference")
+        lines.append("| " + " | ".join(str(cell) for cell in [
+            row["task"], row["method"], row["metric"], len(row["seeds"]), row["items"], _cell(row["all"]),
+            _cell(row.get("seen")), _cell(row.get("unseen")),
+            "-" if versus is None else st.Interval(**versus["difference"]).text(),
+            "-" if versus is None else f"{versus['p_value']:.4f}", "-" if versus is None else versus["verdict"]]) + " |")
+    lines += [f"- not compared: {reason}" for reason in record["skipped"]]
+    return "\n".join(lines)
