@@ -206,11 +206,11 @@ def evaluate_run(run_dir, overrides=(), *, split="test", device="cpu", progress=
 def evaluation_items(trainer, examples, config, split):
     """Per-item columns of the examples just scored by ``trainer`` (its model holds the final
     state), with the template / seen / item columns of a v2 suite's test file; None for
-    instruction examples that are not answered by generation."""
+    instruction examples without generation settings (nothing to answer)."""
     from smartfed.experiments.item_scores import item_metadata, item_scores
+    from smartfed.federated.data import InstructionExamples
 
-    generation = getattr(examples, "generation", None)
-    if hasattr(examples, "response_lengths") and (generation is None or generation.every_rounds == 0):
+    if isinstance(examples, InstructionExamples) and examples.generation is None:
         return None
     columns = item_scores(trainer.model, examples, label_token_ids=trainer.label_token_ids,
                           batch_size=config.federation.eval_batch_size, device=trainer.device)

@@ -9,8 +9,9 @@ examples' order:
   ``correct`` (0/1) and ``margin`` (the best label's score minus the runner-up's: a small margin
   is an answer that another CPU's rounding could flip);
 - instruction (``InstructionExamples`` with generation settings): ``prediction`` (the greedy
-  answer's text), ``exact_match``, ``f1`` and ``rouge_l`` of each answer, for the first
-  ``max_examples`` held-out examples.
+  answer's text), ``exact_match``, ``f1`` and ``rouge_l`` of each answer, for every held-out
+  example (``max_examples`` bounds the generation during training only; with it unset the answers
+  are those of the engine's own generation, batch for batch).
 
 ``item_metadata`` adds the ``template``, ``seen`` and ``item`` columns a v2 suite file carries.
 """
@@ -62,7 +63,7 @@ def _instruction(model, examples, device):
     settings = examples.generation
     if settings is None:
         raise ValueError("instruction examples without generation settings have no per-item answers to score")
-    count = len(examples) if settings.max_examples is None else min(settings.max_examples, len(examples))
+    count = len(examples)
     order = torch.arange(count)
     order = order[torch.argsort(examples.lengths[:count] - examples.response_lengths[:count], stable=True)]
     predictions = [""] * count
@@ -73,7 +74,7 @@ def _instruction(model, examples, device):
                                   device=device)
         for example, ids in zip(index.tolist(), answers):
             predictions[example] = settings.decode(ids)
-    references = examples.references[:count]
+    references = examples.references
     scorer = _rouge_scorer()
     columns = {"metric": "exact_match", "prediction": predictions}
     if "exact_match" in settings.metrics:
@@ -106,3 +107,23 @@ def item_metadata(path, count):
     except ValueError:
         return {}
     return {name: values[:count] for name, values in columns.items()}
+
+
+_base_means = {}
+
+
+def base_model_means(config, task, evaluation):
+    """{"base_<metric>": mean} of the frozen base model (no adapter) on ``evaluation``, the
+    per-item scores' means (accuracy for classification, as ``base_accuracy``); once per base
+    model and task in a process."""
+    from smartfed.experiments.assets import build_base_model
+
+    key = (config.model.model_dump_json(), task.fingerprint, len(evaluation))
+    if key not in _base_means:
+        model = build_base_model(config.model, config.seed)
+        columns = item_scores(model, evaluation, label_token_ids=task.label_token_ids,
+                              batch_size=config.federation.eval_batch_size)
+        names = {"correct": "base_accuracy"}
+        _base_means[key] = {names.get(name, f"base_{name}"): sum(values) / len(values)
+                            for name, values in columns.items() if name in ("correct", "exact_match", "f1", "rouge_l")}
+    return dict(_base_means[key])

@@ -61,18 +61,31 @@ def run_text_experiment(config, output_dir, *, progress=True, device="cpu", resu
     run_dir = RunDir(output_dir)
     run_dir.record_resume(config, resume_changes or {}, at_round=resumed_round)
     task = run.layout
-    summary = {
-        **task.summary(), "options": config.task.options, "description": task.description,
-        "client_sizes": [len(part) for part in run.data.partitions],
-        "client_label_counts": [
-            [int((examples.labels == label).sum()) for label in range(task.num_labels)]
-            for examples in run.data.clients
-        ],
-        "baselines": task_baselines(config, task, run.data.evaluation),
-    }
+    if getattr(config.task, "data", None) is not None:
+        summary = file_task_summary(config, task, run.data)
+    else:
+        summary = {
+            **task.summary(), "options": config.task.options, "description": task.description,
+            "client_sizes": [len(part) for part in run.data.partitions],
+            "client_label_counts": [
+                [int((examples.labels == label).sum()) for label in range(task.num_labels)]
+                for examples in run.data.clients
+            ],
+            "baselines": task_baselines(config, task, run.data.evaluation),
+        }
     run_dir.write_json(TEXT_TASK_FILE, summary)
     run.start_in_process()
     return run
+
+
+def file_task_summary(config, task, data):
+    """``text_task.json`` of a file task (``task.data``): its summary, the clients' sizes and the
+    base model's per-item mean on the test examples (smartfed.experiments.item_scores)."""
+    from smartfed.experiments.item_scores import base_model_means
+
+    return {**task.summary(), "data": config.task.data.model_dump(), "client_sizes": [len(part) for part in
+                                                                                      data.partitions],
+            "baselines": base_model_means(config, task, data.evaluation)}
 
 
 def _merged(base, override):
@@ -171,9 +184,9 @@ def _check_grid_overrides(runs, overrides):
 def _require_text_task(config):
     from smartfed.config import SYNTHETIC_TASK, ConfigError
 
-    if config.task.name == SYNTHETIC_TASK:
-        raise ConfigError("must name a text task of smartfed.tasks (e.g. bbc_news) for smartfed sweep; "
-                          "smartfed train runs the synthetic task", key="task.name")
+    if config.task.name == SYNTHETIC_TASK and getattr(config.task, "data", None) is None:
+        raise ConfigError("must name a text task of smartfed.tasks (e.g. bbc_news), or task.data a task from "
+                          "files, for smartfed sweep; smartfed train runs the synthetic task", key="task.name")
 
 
 def grid_extensions(path):
