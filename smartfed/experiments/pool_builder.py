@@ -146,6 +146,22 @@ def training_environment():
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch_threads": torch.get_num_threads()}
 
 
+def code_version():
+    """The smartfed commit that trained an adapter ("+modified" when smartfed/ differs from it),
+    or None outside a git checkout."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                check=True, timeout=30).stdout.strip()
+        changed = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "smartfed"],
+                                 capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+modified" if changed else "")
+
+
 def optimize(optimizer, batches, loss_of, *, desc, progress, overall=None):
     """One optimizer step per batch on ``loss_of(batch)``; returns (the losses, seconds).
     ``overall``: a progress bar over the whole build, advanced one per step."""

@@ -91,7 +91,7 @@ def train_source_adapter(model_dir, task, spec, adapter, directory, *, progress=
     the spec's dtype and check it from there; returns its record."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    from smartfed.experiments.pool_builder import optimize
+    from smartfed.experiments.pool_builder import code_version, optimize, training_environment
     from smartfed.models import load_frozen_model
 
     steps = adapter.get("steps", spec["training"]["steps"])
@@ -128,4 +128,5 @@ def train_source_adapter(model_dir, task, spec, adapter, directory, *, progress=
         # The v1 manifest's columns: the check's overall score.
         "eval_accuracy_before": check_before["overall"], "eval_accuracy_after": check_after["overall"],
         "train_seconds": train_seconds, "check_seconds": check_seconds,
+        "environment": training_environment(), "code_version": code_version(),
     }
