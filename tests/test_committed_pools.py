@@ -13,6 +13,7 @@ import safetensors.torch
 import torch
 
 from smartfed.pool import LoRAPool
+from smartfed.tasks.templates import TEXTS
 
 ROOT = Path(__file__).resolve().parent.parent
 POOLS = ROOT / "pools"
@@ -31,8 +32,8 @@ def sha256(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_the_committed_pools_are_v1_and_small():
-    assert [path.name for path in POOL_DIRS] == ["public_v1"]
+def test_the_committed_pools_are_v1_and_v2_and_small():
+    assert [path.name for path in POOL_DIRS] == ["public_v1", "public_v2"]
     assert sum(path.stat().st_size for path in POOLS.rglob("*") if path.is_file()) < MAX_POOLS_BYTES
 
 
@@ -50,6 +51,35 @@ def test_every_adapter_is_the_file_its_manifest_hashes(pool):
         config = json.loads((folder / "adapter_config.json").read_text())
         assert (config["r"], config["lora_alpha"]) == (record["lora"]["r"], record["lora"]["lora_alpha"])
         assert sorted(config["target_modules"]) == sorted(record["lora"]["target_modules"])
+
+
+def test_the_v2_adapters_are_float16_finite_and_load_into_the_pool_exactly():
+    pool = POOLS / "public_v2"
+    record = manifest(pool)
+    assert record["dtype"] == "float16"
+    for adapter in record["adapters"]:
+        stored = safetensors.torch.load_file(str(pool / adapter["name"] / "adapter_model.safetensors"))
+        assert stored and all(tensor.dtype == torch.float16 and bool(torch.isfinite(tensor).all())
+                              for tensor in stored.values())
+        loaded = LoRAPool.from_pretrained(pool / adapter["name"])
+        for module in loaded.modules.values():
+            assert module.expert_a.dtype == torch.float32
+            assert torch.equal(module.expert_a.half().float(), module.expert_a)
+
+
+def test_the_v2_provenance_names_templates_training_data_and_code():
+    for adapter in manifest(POOLS / "public_v2")["adapters"]:
+        provenance = json.loads((POOLS / "public_v2" / adapter["name"] / "provenance.json").read_text())
+        assert provenance["training_data"]["rows"] > 0 and len(provenance["training_data"]["sha256"]) == 64
+        assert len(provenance["code_version"].split("+")[0]) == 40
+        assert provenance["environment"]["cpu_capability"]
+        # Trained on pool templates only (several paraphrases), checked on those and one it never saw.
+        assert len(provenance["templates"]) >= 2
+        for template, text in provenance["templates"].items():
+            family, role = template.split("/")
+            assert role.startswith("pool-") and text in TEXTS[family]["pool"]
+        assert set(provenance["check_templates"]) - set(provenance["templates"])
+        assert provenance["check_after"]["rows"] > 0
 
 
 def committed_runs():
