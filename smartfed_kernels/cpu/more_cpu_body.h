@@ -174,11 +174,14 @@ int FN(more_route_expand)(struct more_problem *p, double gamma)
     p->gamma = gamma;
     if (!FN(all_finite)(p))
         return MORE_NON_FINITE;
-    return run_rows(p, FN(route_rows), FN(scratch_bytes)(p));
+    /* Per token: k expand rows, and k shrink dot products where they are computed here. */
+    const int64_t work_per_token = p->top_k * (p->d_out + (p->shrink ? 0 : p->d_in));
+    return run_rows(p, FN(route_rows), FN(scratch_bytes)(p), work_per_token);
 }
 
 /* One token end to end but for the base product: its logits (and, for the expert_space router,
- * every A x) by dot products into scratch of its own, then as more_route_expand. */
+ * every A x) by dot products into scratch of its own, then as more_route_expand; all in the
+ * caller's thread. */
 int FN(more_token)(struct more_problem *p, double gamma)
 {
     const SCALAR *x = (const SCALAR *)p->x, *router_weight = (const SCALAR *)p->router_weight;
@@ -195,9 +198,6 @@ int FN(more_token)(struct more_problem *p, double gamma)
     }
     const SCALAR *router_input = shrink ? shrink : x;
     const int64_t router_width = shrink ? n : p->d_in;
-#ifdef _OPENMP
-#pragma omp parallel for num_threads((int)p->threads) if (p->threads > 1 && n * router_width >= TOKEN_PARALLEL_MIN)
-#endif
     for (int64_t i = 0; i < n; ++i)
         logits[i] = FN(dot)(router_weight + i * p->router_weight_stride, router_input, router_width)
                     + (bias ? bias[i] : 0);
