@@ -48,12 +48,11 @@ SUBCOMMANDS = {
                    "TRITON_INTERPRET=1",
     ),
     "inspect": Subcommand(
-        forward_to="smartfed_kernels.inspect",
+        module="smartfed_kernels.static_check",
         summary="compile every Triton kernel config for sm_80 / sm_90 (no GPU needed) and report its resources",
         details="Registers, spills, shared memory and tensor-core instructions (HMMA / HGMMA) per (arch, dtype, "
-                "kernel, config), from triton.compile and the cuobjdump shipped with triton. Options: --arch "
-                "sm_80 sm_90, --dtype fp32 fp16 bf16, --kernel NAME..., --where KEY=VALUE..., --json FILE, "
-                "--dump DIR, --no-progress (those of python -m smartfed_kernels.inspect).",
+                "kernel, config), from triton.compile and the cuobjdump shipped with triton (the same as python "
+                "-m smartfed_kernels.static_check).",
         example="smartfed inspect --arch sm_90 --dtype bf16 --json inspect.json",
         writes="a table on stdout; --json FILE the rows; --dump DIR every cubin",
         exit_codes="0 clean; 1 a compile failed, a config spills or an fp16/bf16 config has no tensor-core "
