@@ -105,10 +105,12 @@ def _run(entry, head, tail, spec, fields, expert_b, out, with_routing):
     """Runs entry point ``entry`` (0: more_route_expand, 1: more_token) on the fields ``head``
     (tokens to shrink_stride) + the output fields + ``tail`` (x to expert_space): (indices, gates),
     (None, None) without ``with_routing``, or None."""
-    if expert_b.stride()[0] != 1 and head[0] * spec.top_k >= spec.num_experts:
+    b_strides = expert_b.stride()
+    if b_strides[0] != 1 and head[0] * spec.top_k >= spec.num_experts:
         # The expand reads k rows of B^T per token, vectorised only where they are contiguous
         # (MoRELinear keeps B column-major); a few tokens read them strided rather than copy B.
         expert_b = expert_b.t().contiguous().t()
+        b_strides = expert_b.stride()
     indices = gates = None
     if with_routing:
         indices = torch.empty(head[0], spec.top_k, dtype=torch.int64)
@@ -118,7 +120,7 @@ def _run(entry, head, tail, spec, fields, expert_b, out, with_routing):
     if problem is None:
         problem = _buffers.problem = _Problem()
     problem[:len(abi.FIELDS)] = (
-        *head, expert_b.data_ptr(), expert_b.stride()[1], expert_b.stride()[0], out.data_ptr(), out.stride()[0],
+        *head, expert_b.data_ptr(), b_strides[1], b_strides[0], out.data_ptr(), out.stride()[0],
         0 if indices is None else indices.data_ptr(), 0 if gates is None else gates.data_ptr(),
         gate, torch.get_num_threads(), grain, *tail,
     )
