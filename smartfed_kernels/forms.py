@@ -47,11 +47,15 @@ class RouterForm:
         return shrink if self.reads_shrink else x2
 
 
+_ROW_WISE_MIN_TOKENS = 64
+
+
 def _topk_softmax(logits, selected_logits, indices):
     """g = softmax(L_I)."""
-    if selected_logits.dtype in (torch.float16, torch.bfloat16):
-        return torch.softmax(selected_logits, dim=-1), None  # accumulates half inputs in fp32
-    # Over rows of k ~ 8, these row-wise ops run ~2.5x faster on CPU than torch.softmax.
+    if selected_logits.dtype in (torch.float16, torch.bfloat16) or selected_logits.shape[0] < _ROW_WISE_MIN_TOKENS:
+        # Half inputs: torch.softmax accumulates them in fp32. Few tokens: one op costs less than five.
+        return torch.softmax(selected_logits, dim=-1), None
+    # Over many rows of k ~ 8, these row-wise ops run ~2.5x faster on CPU than torch.softmax.
     gates = (selected_logits - selected_logits.amax(dim=-1, keepdim=True)).exp_()
     return gates.div_(gates.sum(dim=-1, keepdim=True)), None
 
