@@ -173,6 +173,19 @@ def test_strided_logits_and_bias_views_are_read_in_place():
     assert_close_for(gates, want_gates)
 
 
+@pytest.mark.parametrize("tokens", [1, 5, kernels.FEW_TOKENS, kernels.FEW_TOKENS + 1, 40])
+@pytest.mark.parametrize("router", list(ROUTER_FORMS))
+def test_row_strided_x_is_read_in_place(tokens, router):
+    """x as rows of a wider tensor (unit column stride): the few-token entry point, which computes
+    the logits itself, and the GEMM route both read it by its row stride."""
+    inputs = make_more_inputs(tokens, 19, 11, 13, router=router, seed=tokens)
+    wide = torch.randn(tokens, 25, generator=torch.Generator().manual_seed(1))
+    wide[:, 3:22] = inputs["x"]
+    inputs["x"] = wide[:, 3:22]
+    assert inputs["x"].stride() == (25, 1)
+    assert_matches(*kernel_and_reference(inputs, 4, router=router, gate="softmax_topk"))
+
+
 @pytest.mark.parametrize("special", [float("nan"), float("inf"), float("-inf")])
 @pytest.mark.parametrize("tokens", [1, 5])
 def test_non_finite_logits_decline_and_the_general_path_answers(special, tokens):

@@ -12,7 +12,7 @@ goes to C as one int64 array (pointers included, in the order of abi.FIELDS), wr
 slice assignment into a per-thread buffer, and the fields fixed by the call's CallSpec are
 computed once per spec. Threads: the C side opens a parallel region only when every thread gets
 ``GRAIN`` multiply-adds and a token of its own (``more_threads_for``), so decode-sized calls run
-in the caller's thread.
+in the caller's thread, their logits included (up to FEW_TOKENS tokens).
 """
 
 import ctypes
@@ -60,7 +60,7 @@ def supports(x2: torch.Tensor) -> bool:
     return True
 
 
-_ENTRY_NAMES = ("more_route_expand", "more_token")
+_ENTRY_NAMES = ("more_route_expand", "more_tokens")
 _entry_points = {}
 # CallSpec -> its fields below, by identity (hashing the frozen dataclass on every call would
 # cost more than the lookup saves); the spec is kept in the entry so its id cannot be reused.
@@ -69,7 +69,7 @@ _SPEC_CACHE_SIZE = 4096
 
 
 def _entry_points_for(dtype):
-    """(more_route_expand, more_token) of the library for this dtype, typed once."""
+    """(more_route_expand, more_tokens) of the library for this dtype, typed once."""
     library = load_library()
     functions = _entry_points.get((id(library), dtype))
     if functions is None:
@@ -102,7 +102,7 @@ def _rows(t):
 
 
 def _run(entry, head, tail, spec, fields, expert_b, out, with_routing):
-    """Runs entry point ``entry`` (0: more_route_expand, 1: more_token) on the fields ``head``
+    """Runs entry point ``entry`` (0: more_route_expand, 1: more_tokens) on the fields ``head``
     (tokens to shrink_stride) + the output fields + ``tail`` (x to expert_space): (indices, gates),
     (None, None) without ``with_routing``, or None."""
     b_strides = expert_b.stride()
@@ -153,16 +153,20 @@ def route_expand(logits, router_bias, shrink, expert_b, out, spec, with_routing,
     return _run(0, head, tail, spec, fields, expert_b, out, with_routing)
 
 
-def one_token(x2, router_weight, router_bias, expert_a, expert_b, out, spec, with_routing):
-    """As :func:`route_expand` for one token (``x2`` [1, d_in]), its logits and A x computed in the
-    kernel (for the linear router, A x of the k selected experts alone)."""
+def few_tokens(x2, router_weight, router_bias, expert_a, expert_b, out, spec, with_routing):
+    """As :func:`route_expand` for a few tokens (``x2`` [T, d_in], T <= FEW_TOKENS), their logits
+    and A x computed in the kernel (for the linear router, A x of the k selected experts alone)."""
     x2, router_weight, expert_a = _rows(x2), _rows(router_weight), _rows(expert_a)
     router_bias = None if router_bias is None else _rows(router_bias)
     fields = _spec_fields(spec)
-    head = (1, *fields[0], 0, 0, 0 if router_bias is None else router_bias.data_ptr(), 0, 0)
-    tail = (x2.data_ptr(), 0, router_weight.data_ptr(), router_weight.stride()[0], expert_a.data_ptr(),
+    head = (x2.shape[0], *fields[0], 0, 0, 0 if router_bias is None else router_bias.data_ptr(), 0, 0)
+    tail = (x2.data_ptr(), x2.stride()[0], router_weight.data_ptr(), router_weight.stride()[0], expert_a.data_ptr(),
             expert_a.stride()[0], *fields[2])
     return _run(1, head, tail, spec, fields, expert_b, out, with_routing)
+
+
+# Up to this many tokens (decode) a call computes its logits in the kernel, in the caller's thread.
+FEW_TOKENS = 16
 
 
 def forward(x2, weight, bias, router_weight, router_bias, expert_a, expert_b, spec, with_routing):
@@ -171,17 +175,19 @@ def forward(x2, weight, bias, router_weight, router_bias, expert_a, expert_b, sp
     The kernel selects, gates and adds the k chosen experts of each token onto the base product
     (F.linear, bias included) in one pass over the token's logits, computing A x for the k
     selected experts alone when the router reads x (a router that reads the shrink values needs
-    all N: they come from a GEMM). One token computes its logits in the kernel too (one call
-    instead of several GEMVs); more tokens take theirs from one GEMM, which the kernel reads in
-    place and adds the router bias to. The routing GEMM goes first, so that the base product,
-    written last, is still in cache when the kernel adds onto it.
+    all N). Up to FEW_TOKENS tokens (decode) compute their logits in the kernel too, in the
+    caller's thread: the base product is then the call's only multi-threaded operation, as in
+    nn.Linear, and one GEMM fewer waits at a barrier beside a busy neighbour. More tokens take
+    their logits from one GEMM, which the kernel reads in place and adds the router bias to; it
+    goes first, so that the base product, written last, is still in cache when the kernel adds
+    onto it.
     """
     def base_product():
         return x2.new_zeros(x2.shape[0], spec.d_out) if weight is None else F.linear(x2, weight, bias)
 
-    if x2.shape[0] == 1:
+    if 0 < x2.shape[0] <= FEW_TOKENS:
         y = base_product()
-        routing = one_token(x2, router_weight, router_bias, expert_a, expert_b, y, spec, with_routing)
+        routing = few_tokens(x2, router_weight, router_bias, expert_a, expert_b, y, spec, with_routing)
     elif _spec_fields(spec)[2][1]:
         shrink = F.linear(x2, expert_a)
         logits = F.linear(shrink, router_weight, router_bias)

@@ -44,7 +44,7 @@ enum more_gate { MORE_GATES(GATE_ENUM) };
     FIELD(int64_t, gate) /* an enum more_gate */                                                  \
     FIELD(int64_t, threads) /* at most this many threads */                                       \
     FIELD(int64_t, grain) /* and at least this many multiply-adds per thread */                   \
-    /* x [T, d_in] and A [N, d_in], read when shrink is NULL; more_token also reads the router */ \
+    /* x [T, d_in] and A [N, d_in], read when shrink is NULL; more_tokens also reads the router */ \
     /* weight (rows strided, unit columns) */                                                     \
     FIELD(const void *, x)                                                                        \
     FIELD(int64_t, x_stride)                                                                      \

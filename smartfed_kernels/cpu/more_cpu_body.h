@@ -184,29 +184,35 @@ int FN(more_route_expand)(struct more_problem *p, double gamma)
     return run_rows(p, FN(route_rows), FN(scratch_bytes)(p), work_per_token);
 }
 
-/* One token end to end but for the base product: its logits (and, for the expert_space router,
- * every A x) by dot products into scratch of its own, then as more_route_expand; all in the
- * caller's thread. */
-int FN(more_token)(struct more_problem *p, double gamma)
+/* A few tokens end to end but for the base product: their logits (and, for the expert_space
+ * router, every A x) by dot products into scratch of their own, then as more_route_expand. All in
+ * the caller's thread: a decode call then runs no multi-threaded operation but the base product,
+ * whose parallel region nn.Linear has too (a second GEMM for the logits was a second region to
+ * wait in beside a busy neighbour). */
+int FN(more_tokens)(struct more_problem *p, double gamma)
 {
-    const SCALAR *x = (const SCALAR *)p->x, *router_weight = (const SCALAR *)p->router_weight;
+    const SCALAR *router_weight = (const SCALAR *)p->router_weight;
     const SCALAR *expert_a = (const SCALAR *)p->expert_a, *bias = (const SCALAR *)p->router_bias;
-    const int64_t n = p->num_experts;
-    SCALAR *logits = malloc(2 * (size_t)n * sizeof(SCALAR));
+    const int64_t n = p->num_experts, tokens = p->tokens;
+    if (tokens < 1)
+        return MORE_OK;
+    SCALAR *logits = malloc(2 * (size_t)(tokens * n) * sizeof(SCALAR));
     if (!logits)
         return MORE_NO_MEMORY;
-    SCALAR *shrink = NULL;
-    if (p->expert_space) {
-        shrink = logits + n;
+    SCALAR *shrink = p->expert_space ? logits + tokens * n : NULL;
+    for (int64_t t = 0; t < tokens; ++t) {
+        const SCALAR *x = (const SCALAR *)p->x + t * p->x_stride;
+        SCALAR *z = logits + t * n, *h = shrink ? shrink + t * n : NULL;
+        if (h) {
+            for (int64_t i = 0; i < n; ++i)
+                h[i] = FN(dot)(expert_a + i * p->expert_a_stride, x, p->d_in);
+        }
+        const SCALAR *router_input = h ? h : x;
+        const int64_t router_width = h ? n : p->d_in;
         for (int64_t i = 0; i < n; ++i)
-            shrink[i] = FN(dot)(expert_a + i * p->expert_a_stride, x, p->d_in);
+            z[i] = FN(dot)(router_weight + i * p->router_weight_stride, router_input, router_width)
+                   + (bias ? bias[i] : 0);
     }
-    const SCALAR *router_input = shrink ? shrink : x;
-    const int64_t router_width = shrink ? n : p->d_in;
-    for (int64_t i = 0; i < n; ++i)
-        logits[i] = FN(dot)(router_weight + i * p->router_weight_stride, router_input, router_width)
-                    + (bias ? bias[i] : 0);
-    p->tokens = 1;
     p->logits = logits;
     p->shrink = shrink;
     p->logits_stride = p->shrink_stride = n;
