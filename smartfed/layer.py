@@ -248,15 +248,19 @@ class MoRELinear(nn.Module):
         return self.router_weight
 
     def _routing_tensors(self, dtype: torch.dtype):
-        """[router weight, router bias, A, B] as the op takes them, in ``dtype``. Read from the
+        """(router weight, router bias, A, B) as the op takes them, in ``dtype``. Read from the
         module's registries directly: at decode sizes nn.Module.__getattr__'s lookups add up to a
         sizeable part of the call. Nothing is kept between calls, so in-place and ``.data`` writes
         show on the next one."""
         params = self._parameters
         experts = params if "expert_a" in params else self._buffers
         router_weight = self.effective_router_weight() if self.router == "projected" else params["router_weight"]
-        tensors = (router_weight, params["router_bias"], experts["expert_a"], experts["expert_b"])
-        return [t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors]
+        router_bias, expert_a, expert_b = params["router_bias"], experts["expert_a"], experts["expert_b"]
+        if (router_weight.dtype is dtype and expert_a.dtype is dtype and expert_b.dtype is dtype
+                and (router_bias is None or router_bias.dtype is dtype)):
+            return router_weight, router_bias, expert_a, expert_b
+        return tuple(t if t is None or t.dtype == dtype else t.to(dtype)
+                     for t in (router_weight, router_bias, expert_a, expert_b))
 
     @property
     def op_router(self) -> str:
