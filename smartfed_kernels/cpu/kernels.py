@@ -8,14 +8,15 @@ run and nothing usable was written: some token's logits hold a NaN or an infinit
 ops then answer as the reference does).
 
 A call costs a few microseconds of Python, which at decode sizes is most of the call: the problem
-goes to C as one int64 array (pointers included, in the order of abi.FIELDS), written by a single
-slice assignment into a per-thread buffer, and the fields fixed by the call's CallSpec are
+goes to C as one int64 array (pointers included, in the order of abi.FIELDS), packed in one
+struct.pack_into into a per-thread buffer, and the fields fixed by the call's CallSpec are
 computed once per spec. Threads: the C side opens a parallel region only when every thread gets
 ``GRAIN`` multiply-adds and a token of its own (``more_threads_for``), so decode-sized calls run
 in the caller's thread, their logits included (up to FEW_TOKENS tokens).
 """
 
 import ctypes
+import struct
 import threading
 
 import torch
@@ -31,6 +32,8 @@ _NON_FINITE, _NO_MEMORY = 1, 2
 # products and k expand rows per token): fewer do not pay for waking the thread.
 GRAIN = 2 ** 20
 _Problem = abi.problem_type()
+# Writes the int64 fields into a problem buffer (faster than a ctypes slice assignment).
+_PACK = struct.Struct(f"={len(abi.FIELDS)}q")
 _buffers = threading.local()
 _enabled = True
 
@@ -84,13 +87,13 @@ def _entry_points_for(dtype):
 
 
 def _spec_fields(spec):
-    """(num_experts, top_k, d_out), (gate code, grain) and (d_in, router reads shrink) of a spec."""
+    """(num_experts, top_k, d_out), (gate code,), grain and (d_in, router reads shrink) of a spec."""
     entry = _spec_cache.get(id(spec))
     if entry is not None and entry[0] is spec:
         return entry[1]
     if len(_spec_cache) >= _SPEC_CACHE_SIZE:
         _spec_cache.clear()
-    fields = ((spec.num_experts, spec.top_k, spec.d_out), (gate_form(spec.gate).code, GRAIN),
+    fields = ((spec.num_experts, spec.top_k, spec.d_out), (gate_form(spec.gate).code,), GRAIN,
               (spec.d_in, int(router_form(spec.router).reads_shrink)))
     _spec_cache[id(spec)] = (spec, fields)
     return fields
@@ -104,30 +107,32 @@ def _rows(t):
 def _run(entry, head, tail, spec, fields, expert_b, out, with_routing):
     """Runs entry point ``entry`` (0: more_route_expand, 1: more_tokens) on the fields ``head``
     (tokens to shrink_stride) + the output fields + ``tail`` (x to expert_space): (indices, gates),
-    (None, None) without ``with_routing``, or None."""
+    (None, None) without ``with_routing``, or None. Every microsecond here counts at decode."""
     b_strides = expert_b.stride()
-    if b_strides[0] != 1 and head[0] * spec.top_k >= spec.num_experts:
+    tokens = head[0]
+    if b_strides[0] != 1 and tokens * spec.top_k >= spec.num_experts:
         # The expand reads k rows of B^T per token, vectorised only where they are contiguous
         # (MoRELinear keeps B column-major); a few tokens read them strided rather than copy B.
         expert_b = expert_b.t().contiguous().t()
         b_strides = expert_b.stride()
     indices = gates = None
+    pointers = (0, 0)
     if with_routing:
-        indices = torch.empty(head[0], spec.top_k, dtype=torch.int64)
-        gates = out.new_empty(head[0], spec.top_k)
-    gate, grain = fields[1]
-    problem = getattr(_buffers, "problem", None)
-    if problem is None:
+        indices = torch.empty(tokens, spec.top_k, dtype=torch.int64)
+        gates = out.new_empty(tokens, spec.top_k)
+        pointers = (indices.data_ptr(), gates.data_ptr())
+    try:
+        problem = _buffers.problem
+    except AttributeError:
         problem = _buffers.problem = _Problem()
-    problem[:len(abi.FIELDS)] = (
-        *head, expert_b.data_ptr(), b_strides[1], b_strides[0], out.data_ptr(), out.stride()[0],
-        0 if indices is None else indices.data_ptr(), 0 if gates is None else gates.data_ptr(),
-        gate, torch.get_num_threads(), grain, *tail,
-    )
+    _PACK.pack_into(problem, 0, *head, expert_b.data_ptr(), b_strides[1], b_strides[0], out.data_ptr(),
+                    out.stride()[0], *pointers, *fields[1], torch.get_num_threads(), fields[2], *tail)
     status = _entry_points_for(out.dtype)[entry](problem, spec.gamma)
-    if status == _NO_MEMORY:
-        raise MemoryError("smartfed_kernels.cpu: the MoRE CPU kernel could not allocate its scratch")
-    return None if status == _NON_FINITE else (indices, gates)
+    if status:
+        if status == _NO_MEMORY:
+            raise MemoryError("smartfed_kernels.cpu: the MoRE CPU kernel could not allocate its scratch")
+        return None
+    return indices, gates
 
 
 def route_expand(logits, router_bias, shrink, expert_b, out, spec, with_routing, x2=None, expert_a=None):
@@ -143,7 +148,7 @@ def route_expand(logits, router_bias, shrink, expert_b, out, spec, with_routing,
     if shrink is None:
         x2, expert_a = _rows(x2), _rows(expert_a)
         shrink_fields = (0, 0)
-        tail = (x2.data_ptr(), x2.stride()[0], 0, 0, expert_a.data_ptr(), expert_a.stride()[0], *fields[2])
+        tail = (x2.data_ptr(), x2.stride()[0], 0, 0, expert_a.data_ptr(), expert_a.stride()[0], *fields[3])
     else:
         shrink = _rows(shrink)
         shrink_fields = (shrink.data_ptr(), shrink.stride()[0])
@@ -161,7 +166,7 @@ def few_tokens(x2, router_weight, router_bias, expert_a, expert_b, out, spec, wi
     fields = _spec_fields(spec)
     head = (x2.shape[0], *fields[0], 0, 0, 0 if router_bias is None else router_bias.data_ptr(), 0, 0)
     tail = (x2.data_ptr(), x2.stride()[0], router_weight.data_ptr(), router_weight.stride()[0], expert_a.data_ptr(),
-            expert_a.stride()[0], *fields[2])
+            expert_a.stride()[0], *fields[3])
     return _run(1, head, tail, spec, fields, expert_b, out, with_routing)
 
 
@@ -188,7 +193,7 @@ def forward(x2, weight, bias, router_weight, router_bias, expert_a, expert_b, sp
     if 0 < x2.shape[0] <= FEW_TOKENS:
         y = base_product()
         routing = few_tokens(x2, router_weight, router_bias, expert_a, expert_b, y, spec, with_routing)
-    elif _spec_fields(spec)[2][1]:
+    elif _spec_fields(spec)[3][1]:
         shrink = F.linear(x2, expert_a)
         logits = F.linear(shrink, router_weight, router_bias)
         y = base_product()
