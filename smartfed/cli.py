@@ -149,6 +149,18 @@ SUBCOMMANDS = {
                    "a --set outside the evaluation settings, --split validation on a run without a validation "
                    "split or bad arguments (one line on stderr)",
     ),
+    "tiny-assets": Subcommand(
+        module="smartfed.experiments.tiny_assets",
+        summary="write a tiny random Llama folder and three peft LoRA adapters to try the API with",
+        details="The base model of the default run config (configs/tiny.yaml), saved with save_pretrained, and "
+                "its pool: rank-4 LoRA adapters trained with peft on synthetic source tasks (cached; seconds on "
+                "a CPU). They load as a user's own model and adapters do; the README's snippets use them. "
+                "Random weights: they show the API, not what a real model learns.",
+        example="smartfed tiny-assets --output tiny-assets",
+        writes="OUTPUT/model/ (config.json, model.safetensors) and OUTPUT/adapters/source_<i>/ (adapter_config.json, "
+               "adapter_model.safetensors); OUTPUT must not exist",
+        exit_codes="0 done; 2 OUTPUT exists (one line on stderr)",
+    ),
     "expert-usage": Subcommand(
         module="smartfed.experiments.expert_usage",
         summary="which source adapters a finished SmartFed run routes to",
