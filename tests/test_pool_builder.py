@@ -46,6 +46,11 @@ def pool_spec(model_dir, output_dir, *, arithmetic_steps=20):
     })
 
 
+def adapter_paths(spec, manifest):
+    """The adapter folders of a built pool (the manifest names them relative to its folder)."""
+    return [str(pool_builder.Path(spec["output_dir"]) / record["path"]) for record in manifest["adapters"]]
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("pool")
@@ -64,7 +69,7 @@ def test_build_pool_writes_peft_adapters_and_provenance(built):
     assert arithmetic["environment"] == pool_builder.training_environment()
     written = json.loads((pool_builder.Path(spec["output_dir"]) / pool_builder.MANIFEST_FILE).read_text())
     assert [r["inputs_hash"] for r in written["adapters"]] == [r["inputs_hash"] for r in manifest["adapters"]]
-    pool = LoRAPool.from_pretrained([r["path"] for r in manifest["adapters"]])
+    pool = LoRAPool.from_pretrained(adapter_paths(spec, manifest))
     experts = pool.modules["model.layers.0.self_attn.q_proj"]
     assert experts.expert_a.shape == (6, 32) and {name for name, _ in experts.origins} == {
         "arithmetic", "number_words", "next_letter"}
@@ -72,7 +77,7 @@ def test_build_pool_writes_peft_adapters_and_provenance(built):
 
 def test_build_pool_reuses_cached_adapters_and_retrains_changed_ones(built):
     spec, manifest = built
-    weights = pool_builder.Path(manifest["adapters"][1]["path"]) / "adapter_model.safetensors"
+    weights = pool_builder.Path(adapter_paths(spec, manifest)[1]) / "adapter_model.safetensors"
     before = weights.stat().st_mtime_ns
     again = pool_builder.build_pool(spec, progress=False)
     assert not any(r["rebuilt"] for r in again["adapters"])
@@ -90,7 +95,7 @@ def test_build_pool_reuses_cached_adapters_and_retrains_changed_ones(built):
     ({"lora": {"rank": 4}}, r"^lora\.rank: unknown key; expected one of \['lora_alpha', 'r', 'target_modules'\]$"),
     ({"training": {"steps": 0}}, r"^training\.steps: must be >= 1, got 0$"),
     ({"training": {"lr": "3e-3"}}, r"^training\.lr: must be a number, got the string '3e-3'"),
-    ({"epochs": 3}, r"^epochs: unknown key; expected one of \['adapters', 'lora', 'model_dir'"),
+    ({"epochs": 3}, r"^epochs: unknown key; expected one of \['adapters', 'dtype', 'lora', 'model_dir'"),
 ])
 def test_validate_spec_names_the_bad_key(change, message):
     spec = {"adapters": [{"name": "a", "task": "skills_arithmetic"}], **change}
@@ -121,7 +126,7 @@ def test_text_task_runs_through_the_federated_harness(built, tmp_path):
     base = {
         "seed": 0, "model": {"tiny": None, "pretrained": spec["model_dir"]},
         "task": {"name": "skills_target", "options": {"split_seed": 0}},
-        "pool": {"paths": [r["path"] for r in manifest["adapters"]], "target_modules": ["q_proj", "v_proj"]},
+        "pool": {"paths": adapter_paths(spec, manifest), "target_modules": ["q_proj", "v_proj"]},
         "more": {"top_k": 2, "router": "expert_space"}, "eeqa": {"every_rounds": 1},
         "federation": {"num_clients": 3, "rounds": 2, "min_clients": 2, "local_steps": 2, "batch_size": 8,
                        "min_examples_per_client": 4, "lr": 0.01},
@@ -152,7 +157,7 @@ def test_smartfed_train_reads_a_text_task_from_its_config(built, tmp_path, capsy
     config = {
         "seed": 0, "method": "smartfed", "model": {"tiny": None, "pretrained": spec["model_dir"]},
         "task": {"name": "skills_target", "options": {"split_seed": 0}},
-        "pool": {"paths": [r["path"] for r in manifest["adapters"]], "target_modules": ["q_proj", "v_proj"]},
+        "pool": {"paths": adapter_paths(spec, manifest), "target_modules": ["q_proj", "v_proj"]},
         "more": {"top_k": 2}, "eeqa": {"every_rounds": 1},
         "federation": {"num_clients": 2, "rounds": 1, "min_clients": 2, "local_steps": 1, "batch_size": 8,
                        "min_examples_per_client": 4},
@@ -222,7 +227,7 @@ def test_expert_usage_counts_selections_by_source_adapter(built):
     from smartfed.models import load_frozen_model
 
     spec, manifest = built
-    pool = LoRAPool.from_pretrained([r["path"] for r in manifest["adapters"]])
+    pool = LoRAPool.from_pretrained(adapter_paths(spec, manifest))
     model = inject_more(load_frozen_model(spec["model_dir"]), pool, MoREConfig(top_k=2, router="expert_space"))
     input_ids = torch.randint(0, len(VOCAB_WORDS), (5, 6), generator=torch.Generator().manual_seed(0))
     usage = expert_usage_by_adapter(model, input_ids, batch_size=2)
@@ -331,9 +336,9 @@ def test_adapters_recorded_under_the_legacy_model_fingerprint_stay_cached(built,
     manifest = pool_builder.build_pool(spec, progress=False)
     legacy = legacy_model_fingerprint(spec["model_dir"])
     tokenizer = load_tokenizer(spec["model_dir"])
-    for adapter, record in zip(spec["adapters"], manifest["adapters"]):
+    for adapter, folder in zip(spec["adapters"], adapter_paths(spec, manifest)):
         task = load_task(adapter["task"], tokenizer, **adapter["options"])
-        path = pool_builder.Path(record["path"]) / pool_builder.PROVENANCE_FILE
+        path = pool_builder.Path(folder) / pool_builder.PROVENANCE_FILE
         provenance = json.loads(path.read_text())
         provenance.update(inputs_hash=pool_builder._inputs_hash(legacy, task, adapter, spec), model_fingerprint=legacy)
         path.write_text(json.dumps(provenance))
