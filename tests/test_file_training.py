@@ -16,7 +16,7 @@ from smartfed.federated.accounting import PeakMemory
 from smartfed.federated.data import ClassificationSequences, InstructionExamples, length_bucketed_batches
 from smartfed.federated.evaluation import answer_scores, exact_match, greedy_generate, normalize_answer, token_f1
 from smartfed.tasks.file_task import load_file_task
-from smartfed.tasks.schema import DataSection
+from smartfed.config.data import DataSection
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

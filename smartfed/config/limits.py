@@ -31,6 +31,11 @@ MAX_QUOTA_BUDGET = 10_000_000
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
 MAX_LORA_ALPHA = 1e6
 
+# task.data: rows read from a file, labels of a classification file, tokens of one example.
+MAX_DATA_ROWS = 10_000_000
+MAX_DATA_LABELS = 1_000
+MAX_EXAMPLE_TOKENS = 32_768
+
 # model.tiny: the random Llama's sizes, and its parameter count (float32: 4 bytes each).
 MAX_TINY_SIZES = {
     "hidden_size": 65_536,

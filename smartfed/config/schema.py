@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal, Optional
 from pydantic import Field, field_validator, model_validator
 
 from smartfed.choices import MAX_TOP_K
+from smartfed.config.data import DataSection
 from smartfed.config.errors import ConfigError
 from smartfed.config.limits import (
     MAX_ADAPTERS, MAX_BATCH, MAX_CLIENTS, MAX_EXAMPLES, MAX_LABELS, MAX_LORA_ALPHA, MAX_QUOTA_BUDGET, MAX_RANK,
@@ -57,7 +58,8 @@ class TaskSection(Section):
     sequences of ``seq_len`` content tokens whose label is shown by ``signals_per_example``
     signal tokens (the fields below). Any other ``name`` is a text task of smartfed.tasks
     (``bbc_news``, ``skills_target``) built with ``options`` as its keyword arguments and the
-    tokenizer of ``model.pretrained``; the synthetic fields are then unused.
+    tokenizer of ``model.pretrained``; the synthetic fields are then unused. ``data`` instead
+    reads the task from the user's own files (``smartfed.config.data``, docs/data.md).
     ``validation_fraction`` of the training examples (any task) are held out, before the client
     partition, as a validation split for choosing settings; the test split is never touched."""
 
@@ -70,6 +72,13 @@ class TaskSection(Section):
     train_examples: count(1, MAX_EXAMPLES) = 512
     eval_examples: count(1, MAX_EXAMPLES) = 128
     validation_fraction: number(ge=0, lt=0.5) = 0.0
+    data: Optional[DataSection] = None
+
+    @property
+    def clients_hold_their_data(self) -> bool:
+        """Each client reads its own data (a SuperNode's ``data-path``): ``data`` names no
+        training file."""
+        return self.data is not None and self.data.train is None
 
     def validation_size(self, train_examples) -> int:
         """How many of ``train_examples`` training examples the validation split holds."""
@@ -82,8 +91,11 @@ class TaskSection(Section):
         if self.signals_per_example > self.seq_len:
             raise ConfigError(f"must be <= task.seq_len ({self.seq_len}), got {self.signals_per_example}",
                               key="signals_per_example")
+        if self.data is not None and (self.name != SYNTHETIC_TASK or self.options):
+            raise ConfigError(f"reads the task from files, but task.name ({self.name!r}) or task.options name "
+                              "another task: leave them out", key="data")
         tokens = (self.train_examples + self.eval_examples) * self.seq_len
-        if self.name == SYNTHETIC_TASK and tokens > MAX_TASK_TOKENS:
+        if self.name == SYNTHETIC_TASK and self.data is None and tokens > MAX_TASK_TOKENS:
             raise ConfigError(f"(train_examples + eval_examples) x seq_len is {tokens} tokens, more than "
                               f"{MAX_TASK_TOKENS}", key="seq_len")
         return self
@@ -166,9 +178,10 @@ class RobustnessSection(Section):
     Krum / MultiKrum (assuming ``krum_malicious`` hostile clients; multi-Krum averages
     ``multi_krum_select`` of them) instead of FedAvg. ``example_counts``: "partition" weights
     every client by the size of the partition the server assigned it, "claimed" by its own claim
-    (no defence: for ablations). ``importance``: how the clients' EEQA importance means combine,
-    after each is clipped to ``importance_clip`` times the round's median per module ("mean":
-    the token-weighted mean of the raw statistics, no clipping)."""
+    (no defence: for ablations); where each client holds its own data, "partition" is the count
+    its node declared at setup, capped at ``max_claimed_examples``. ``importance``: how the
+    clients' EEQA importance means combine, after each is clipped to ``importance_clip`` times the
+    round's median per module ("mean": the token-weighted mean of the raw statistics, no clipping)."""
 
     aggregator: Literal[AGGREGATORS] = "fedavg"
     # Flower cuts int(trim_fraction * clients) at each end: 0.25 still cuts one of four clients.
@@ -179,6 +192,9 @@ class RobustnessSection(Section):
     example_counts: Literal[EXAMPLE_COUNTS] = "partition"
     importance: Literal[IMPORTANCE_AGGREGATIONS] = "median"
     importance_clip: number(ge=1, le=1e6) = 3.0
+    # Where each client holds its own data (task.data without train) the server cannot count a
+    # client's examples: it weights each by the count its node declared at setup, capped here.
+    max_claimed_examples: count(1, MAX_EXAMPLES) = 1000
 
 
 class DifferentialPrivacySection(Section):
@@ -278,10 +294,29 @@ class RunConfig(Section):
         if self.task.name != SYNTHETIC_TASK and self.model.pretrained is None:
             raise ConfigError(f"task.name {self.task.name!r} is a text task: model.pretrained must name a folder "
                               "with a tokenizer", key="model.pretrained")
+        if self.task.data is not None:
+            return self._files_consistent()
+        if self.federation.partition == "natural":
+            raise ConfigError("'natural' splits a file task by task.data.partition_column; a built-in task is "
+                              "split 'dirichlet' or 'iid'", key="federation.partition")
         needed = self.federation.min_examples_per_client * self.federation.num_clients
         held_out = self.task.validation_size(self.task.train_examples)
         if needed > self.task.train_examples - held_out:
             left = f" less the {held_out} of task.validation_fraction" if held_out else ""
             raise ConfigError(f"times federation.num_clients is {needed}, more than task.train_examples "
                               f"({self.task.train_examples}){left}", key="federation.min_examples_per_client")
+        return self
+
+    def _files_consistent(self):
+        data = self.task.data
+        if self.model.pretrained is None:
+            raise ConfigError("task.data is tokenized by the model's tokenizer: model.pretrained must name a model "
+                              "folder", key="model.pretrained")
+        natural = self.federation.partition == "natural"
+        if natural and data.partition_column is None:
+            raise ConfigError("'natural' needs task.data.partition_column, the column naming each row's client",
+                              key="federation.partition")
+        if self.task.clients_hold_their_data and self.task.validation_fraction:
+            raise ConfigError("holds validation examples out of one training file; with task.data.train null each "
+                              "client holds its own data, which the server never sees", key="task.validation_fraction")
         return self

@@ -8,7 +8,8 @@ from smartfed_kernels.options import BACKENDS, GATES
 # the two to the same names).
 METHODS = ("smartfed", "fedit", "ffa_lora", "adapter_mixture", "linear_merge")
 WIRE_DTYPES = ("fp32", "bf16")
-PARTITIONS = ("dirichlet", "iid")
+# "natural": one client per distinct value of task.data.partition_column (file tasks only).
+PARTITIONS = ("dirichlet", "iid", "natural")
 FAULT_KINDS = ("raise", "nan", "shape", "timeout", "hang", "poison", "malformed")
 AGGREGATORS = ("fedavg", "trimmed_mean", "median", "krum", "multi_krum")
 NORM_BOUND_MODES = ("clip", "reject", "none")

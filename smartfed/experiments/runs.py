@@ -16,6 +16,7 @@ import torch
 
 from smartfed.config import SYNTHETIC_TASK, config_fingerprint, config_to_dict
 from smartfed.experiments.assets import build_base_model, build_tiny_pool, task_layout
+from smartfed.experiments.file_data import file_federated_data, held_out_data, node_data_section, own_data
 from smartfed.experiments.method_registry import build_method
 from smartfed.federated.client import FederatedClient
 from smartfed.federated.data import Examples, FederatedData, split_clients
@@ -49,7 +50,14 @@ def build_trainer(config, *, device="cpu", progress=False, layout=None):
 def federated_data(config, layout) -> FederatedData:
     """The target task's training examples split across ``config.federation.num_clients``
     clients and its held-out evaluation examples; deterministic by ``config.seed``. With
-    ``task.validation_fraction`` the validation split is held out of the training examples first."""
+    ``task.validation_fraction`` the validation split is held out of the training examples first.
+    A file task (``task.data``) is split by flwr-datasets' partitioners; where its clients hold
+    their own data, the server has only its own held-out examples (``file_data.held_out_data``)."""
+    if config.task.data is not None:
+        if config.task.clients_hold_their_data:
+            return held_out_data(layout)
+        return file_federated_data(layout, config.federation, seed=config.seed,
+                                   validation_size=config.task.validation_size(len(layout.train)))
     if config.task.name != SYNTHETIC_TASK:
         train = Examples(layout.train_input_ids, layout.train_labels)
         evaluation = Examples(layout.eval_input_ids, layout.eval_labels)
@@ -67,6 +75,19 @@ def federated_data(config, layout) -> FederatedData:
     if size:
         train, validation = hold_out(train, size, seed=derived_seed(config.seed, STREAM_VALIDATION))
     return split_clients(train, evaluation, config.federation, seed=config.seed, validation=validation)
+
+
+def build_client(config, *, device="cpu", client_id=0, node_config=None) -> FederatedClient:
+    """The client handlers of a process that answers ``config``'s messages: every client of the
+    run, their examples split from the run's task (in-process, the simulation engine, a SuperNode
+    of a run that splits one file); where the clients hold their own data, client ``client_id``
+    alone, on the files its ``node_config`` names (``data-path``, optional ``eval-path``)."""
+    if not config.task.clients_hold_their_data:
+        trainer, layout = build_trainer(config, device=device)
+        return FederatedClient(trainer, federated_data(config, layout), config)
+    task = task_layout(config, node_data_section(config.task.data, node_config or {}))
+    trainer, _ = build_trainer(config, device=device, layout=task)
+    return FederatedClient(trainer, own_data(task, client_id), config)
 
 
 def hold_out(examples, size, *, seed):
@@ -126,11 +147,13 @@ def open_run(config, output_dir, *, resume=False, progress=True, trainer=None, d
     config_dict = config_to_dict(config)
     if not resume:
         run_dir.check_writable(config_dict, resume=False)
+    # A file task's problems (its files, its partition) come before the model and the pool are built.
+    layout = task_layout(config) if trainer is not None or config.task.data is not None else None
+    data = None if layout is None else federated_data(config, layout)
     if trainer is None:
-        trainer, layout = build_trainer(config, device=device, progress=progress)
-    else:
-        layout = task_layout(config)
-    data = federated_data(config, layout)
+        trainer, layout = build_trainer(config, device=device, progress=progress, layout=layout)
+    if data is None:
+        data = federated_data(config, layout)
     fingerprint = config_fingerprint(config)
     strategy = SmartFedStrategy(
         config, trainer, data.evaluation, fingerprint=fingerprint, partitions=data.clients,

@@ -48,6 +48,8 @@ __all__ = [
     "POOL", "POOL_FINGERPRINT", "RUN_CONFIG", "FederatedClient", "pause", "setup_config_json", "setup_content",
 ]
 PAUSE_SLICE_S = 0.05
+# What a client's evaluation reply carries (besides its example count); perplexity: instruction tasks.
+CLIENT_SCORES = ("loss", "accuracy", "perplexity")
 
 
 def pause(seconds) -> None:
@@ -87,7 +89,8 @@ class FederatedClient:
 
     def setup(self, msg: Message, partition_id) -> Message:
         reply = RecordDict({
-            NODE: MetricRecord({PARTITION_ID: int(partition_id), NUM_PARTITIONS: self.config.federation.num_clients}),
+            NODE: MetricRecord({PARTITION_ID: int(partition_id), NUM_PARTITIONS: self.config.federation.num_clients,
+                                NUM_EXAMPLES: len(self.data.clients[partition_id])}),
             POOL: ConfigRecord({POOL_FINGERPRINT: self.trainer.pool_fingerprint}),
         })
         return Message(reply, reply_to=msg)
@@ -117,7 +120,8 @@ class FederatedClient:
     def evaluate(self, msg: Message, partition_id) -> Message:
         state, quotas = content_to_evaluation(msg.content)
         scores = self.trainer.evaluate(
-            state, quotas, self.data.clients[partition_id], batch_size=self.config.federation.eval_batch_size
+            state, quotas, self.data.client_evaluation(partition_id), batch_size=self.config.federation.eval_batch_size
         )
-        metrics = MetricRecord({NUM_EXAMPLES: scores["num_examples"], "loss": scores["loss"], "accuracy": scores["accuracy"]})
+        metrics = MetricRecord({NUM_EXAMPLES: scores["num_examples"],
+                                **{key: scores[key] for key in CLIENT_SCORES if key in scores}})
         return Message(RecordDict({"metrics": metrics}), reply_to=msg)

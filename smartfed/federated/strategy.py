@@ -20,6 +20,7 @@ where its checkpoint ended, so its rounds, initial arrays and evaluation come fr
 """
 
 import json
+import math
 import time
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -90,10 +91,15 @@ class SmartFedStrategy(Strategy):
     configuration as far as a completed round depends on it; ``setup_json`` is the run
     configuration sent to every client at setup; ``timeout`` bounds each wait for replies.
     ``partitions`` (Examples per client id, the server's own split) give each client's weight
-    and its most plausible token counts. ``aggregate(states, weights)`` replaces the configured
-    aggregation (e.g. ``flower_aggregator(FedMedian())``). ``round_progress`` holds what the
-    round in progress has gathered (None between rounds). A fresh strategy starts at round 0;
-    ``restore`` continues from a checkpoint."""
+    and its most plausible token counts; None where each client holds its own data, which the
+    server never sees: each client is then weighted by the example count its node declared at
+    setup, capped at ``robustness.max_claimed_examples``, and an example has at most
+    ``task.data.max_length`` tokens. ``evaluation`` None: the server holds no held-out examples,
+    and the clients score each round's state on their own (``evaluate_global`` returns None).
+    ``aggregate(states, weights)`` replaces the configured aggregation (e.g.
+    ``flower_aggregator(FedMedian())``). ``round_progress`` holds what the round in progress has
+    gathered (None between rounds). A fresh strategy starts at round 0; ``restore`` continues from
+    a checkpoint."""
 
     def __init__(self, config, trainer, evaluation, *, fingerprint, partitions, setup_json="{}", timeout=3600.0,
                  aggregate=None, validation=None):
@@ -104,9 +110,12 @@ class SmartFedStrategy(Strategy):
         self.fingerprint = fingerprint
         self.setup_json = setup_json
         self.timeout = timeout
-        self.partition_sizes = {client_id: len(examples) for client_id, examples in enumerate(partitions)}
+        # Filled at setup where the clients hold their data; the same dict the SecAgg+ round reads.
+        self.partition_sizes = {} if partitions is None else {
+            client_id: len(examples) for client_id, examples in enumerate(partitions)}
         fed, robustness = config.federation, config.robustness
-        widest = max(examples.input_ids.shape[-1] for examples in partitions)
+        widest = config.task.data.max_length if partitions is None else max(
+            examples.input_ids.shape[-1] for examples in partitions)
         self.max_importance_count = fed.local_steps * fed.batch_size * widest
         self.combine_importance = partial(
             combine_importance, how=robustness.importance, clip=robustness.importance_clip,
@@ -169,11 +178,17 @@ class SmartFedStrategy(Strategy):
     def connect(self, grid, *, wait_s, listed=()):
         """Map client ids to the nodes of ``grid`` (``NodeMap.connect``); returns the mapping."""
         fed = self.config.federation
-        return self.nodes.connect(
+        own_data = self.config.task.clients_hold_their_data
+        clients = self.nodes.connect(
             grid, num_clients=fed.num_clients, min_clients=fed.min_clients, setup_json=self.setup_json,
             pool_fingerprint=self.trainer.pool_fingerprint, wait_s=wait_s, reply_timeout_s=self.timeout,
-            listed=listed,
+            listed=listed, declared_counts=own_data,
         )
+        if own_data:
+            cap = self.config.robustness.max_claimed_examples
+            self.partition_sizes.clear()
+            self.partition_sizes.update({client: min(count, cap) for client, count in self.nodes.declared.items()})
+        return clients
 
     # --- training ---------------------------------------------------------------------------
 
@@ -231,8 +246,8 @@ class SmartFedStrategy(Strategy):
         wire_dtype = self.config.communication.wire_dtype
         for client_id in sampled:
             reply = by_client.get(client_id)
-            if client_id in self.contested:
-                dropped.append(self.nodes.contested_reason(client_id))
+            if client_id not in self.clients:
+                dropped.append(self.nodes.absent_reason(client_id))
             elif reply is None:
                 dropped.append({"client": client_id, "reason": f"no reply within {self.timeout} s"})
             elif reply.has_error():
@@ -303,7 +318,7 @@ class SmartFedStrategy(Strategy):
                                   accounting=progress.accounting)
         if outcome.privacy is not None:
             progress.privacy = outcome.privacy
-        dropped = [self.nodes.contested_reason(c) for c in sampled if c in self.contested] + outcome.dropped
+        dropped = [self.nodes.absent_reason(c) for c in sampled if c not in self.clients] + outcome.dropped
         return self._close_training(server_round, outcome.valid, lambda states, weights: outcome.aggregate,
                                     dropped, [])
 
@@ -312,7 +327,10 @@ class SmartFedStrategy(Strategy):
     def evaluate_global(self, round_index=None):
         """Loss and accuracy of the global state on the held-out examples, with what the task's
         shape adds (instruction: perplexity and, at the rounds it asks for, generated-answer
-        scores) and, with a validation split, ``val_loss`` / ``val_accuracy``."""
+        scores) and, with a validation split, ``val_loss`` / ``val_accuracy``; None when the
+        server holds no held-out examples."""
+        if self.evaluation is None:
+            return None
         batch_size = self.config.federation.eval_batch_size
         scores = self.trainer.evaluate(self.state.global_state, self.state.quotas, self.evaluation,
                                        batch_size=batch_size, round_index=round_index)
@@ -355,6 +373,8 @@ class SmartFedStrategy(Strategy):
         means = {
             key: sum(m[key] * m[NUM_EXAMPLES] for m in per_client.values()) / total for key in ("loss", "accuracy")
         } if total else {}
+        if total and all("perplexity" in m for m in per_client.values()):
+            means["perplexity"] = math.exp(min(means["loss"], 700.0))
         self.client_scores = {"clients": per_client, "errors": errors, **means}
         return MetricRecord({**means, NUM_EXAMPLES: total}) if total else None
 
