@@ -216,8 +216,13 @@ SUBCOMMANDS = {
         details="Keys made once under --dir (default ~/.smartfed/federation), a SuperLink on 127.0.0.1 with TLS and "
                 "SuperNode authentication, each node's key registered, one SuperNode per client. Without --run it "
                 "prints the flwr command for a run and stays up until Ctrl-C; --run CONFIG runs that config once on "
-                "exactly the registered SuperNodes and stops.",
-        example="smartfed federation --nodes 2\n  smartfed federation --run configs/tiny.yaml --threads 1",
+                "exactly the registered SuperNodes and stops. --node-data I=PATH gives SuperNode I its own data "
+                "file (its node config's data-path) for a run whose task.data.train is null: each node reads only "
+                "its own file, the server never opens one.",
+        example="smartfed federation --nodes 2\n  smartfed federation --run configs/tiny.yaml --threads 1\n"
+                "  smartfed federation --nodes 3 --run examples/headlines/headlines.yaml --set task.data.train=null "
+                "--node-data 0=~/smartfed-headlines/client_0.jsonl 1=~/smartfed-headlines/client_1.jsonl "
+                "2=~/smartfed-headlines/client_2.jsonl",
         writes="DIR/keys/ (once), DIR/session-<time>/ (database, logs), DIR/runs/<run>/ (the run folder)",
         exit_codes="0 done (or stopped by a process exiting: 1); 2 bad arguments or keys; 3 the run did not "
                    "complete; 130 Ctrl-C (every process stopped)",

@@ -102,6 +102,24 @@ def test_a_node_builds_its_client_from_its_own_file_and_declares_its_count(feder
     assert reply.content.metric_records[protocol.NODE][messages.NUM_EXAMPLES] == len(train)
 
 
+def test_an_honest_node_declares_and_reports_its_count_capped(federation_files, private_cache):
+    """Above ``robustness.max_claimed_examples`` an honest node declares the cap, at setup and in
+    each train reply, so the server (which weights by the cap anyway) never flags it."""
+    from flwr.app import Message, MessageType
+
+    from smartfed.config import with_overrides
+    from smartfed.federated.flower_compat import set_task_identity
+
+    cap = 3
+    config = with_overrides(federation_files["config"], robustness={"max_claimed_examples": cap})
+    node = node_client(config, 1, federation_files["files"][1])
+    assert len(node.data.clients[1]) > cap
+    set_task_identity(run_id=1, node_id=1)
+    reply = node.setup(Message(protocol.setup_content("{}"), 7, MessageType.QUERY), 1)
+    assert reply.content.metric_records[protocol.NODE][messages.NUM_EXAMPLES] == cap
+    assert node.claimed(len(node.data.clients[1])) == cap and node.claimed(cap - 1) == cap - 1
+
+
 def test_a_node_without_its_file_fails_in_one_line(federation_files, private_cache):
     config, files = federation_files["config"], federation_files["files"]
     with pytest.raises(DatasetError, match=rf"^node config data-path: {files[CLIENTS - 1]} does not exist$"):

@@ -18,6 +18,7 @@ in-process grid can cancel an abandoned step).
 """
 
 import time
+from dataclasses import replace
 
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
@@ -90,10 +91,23 @@ class FederatedClient:
     def setup(self, msg: Message, partition_id) -> Message:
         reply = RecordDict({
             NODE: MetricRecord({PARTITION_ID: int(partition_id), NUM_PARTITIONS: self.config.federation.num_clients,
-                                NUM_EXAMPLES: len(self.data.clients[partition_id])}),
+                                NUM_EXAMPLES: self.claimed(len(self.data.clients[partition_id]))}),
             POOL: ConfigRecord({POOL_FINGERPRINT: self.trainer.pool_fingerprint}),
         })
         return Message(reply, reply_to=msg)
+
+    def claimed(self, count) -> int:
+        """The example count this client reports: its own, capped where the clients hold their
+        data at ``robustness.max_claimed_examples``, the most the server weights any client by (so
+        an honest large client is not flagged every round, and under SecAgg+, where the client
+        weights its own update inside the sum, is not refused)."""
+        if self.config.task.clients_hold_their_data:
+            return min(count, self.config.robustness.max_claimed_examples)
+        return count
+
+    def _train(self, instructions, examples, limit):
+        result = self.trainer.train(instructions, examples, time_limit_s=limit)
+        return replace(result, num_examples=self.claimed(result.num_examples))
 
     def train(self, msg: Message, partition_id, *, context=None) -> Message:
         """The reply to a train message, or to a stage of SecAgg+ (``context``: the node's
@@ -112,9 +126,9 @@ class FederatedClient:
                 ))
             return secure_train(
                 msg, context, names=self.names,
-                train=lambda instructions: self.trainer.train(instructions, examples, time_limit_s=limit),
+                train=lambda instructions: self._train(instructions, examples, limit),
             )
-        result = self.trainer.train(content_to_instructions(msg.content), examples, time_limit_s=limit)
+        result = self._train(content_to_instructions(msg.content), examples, limit)
         return Message(result_to_content(result, self.config.communication.wire_dtype), reply_to=msg)
 
     def evaluate(self, msg: Message, partition_id) -> Message:
