@@ -24,7 +24,7 @@ from pydantic import Field, field_validator, model_validator
 
 from smartfed.config.errors import ConfigError
 from smartfed.config.limits import MAX_DATA_LABELS, MAX_DATA_ROWS, MAX_EXAMPLE_TOKENS
-from smartfed.config.numbers import Section
+from smartfed.config.number_types import Section
 
 SHAPES = ("classification", "instruction")
 # "arrow": a folder written by ``datasets.Dataset.save_to_disk``.

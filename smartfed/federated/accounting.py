@@ -8,8 +8,10 @@ Peak memory of a client's training is measured for real on every device:
   not yet taken back (``mallinfo2``: heap chunks in use plus mmapped chunks), minus its value at
   the start (``malloc_in_use_peak``). torch allocates CPU tensors with malloc, so this is what the
   client's step itself allocated at its worst: activations, gradients, AdamW's moments and
-  temporaries, plus Python objects. A thread samples it every ``SAMPLE_INTERVAL_S`` and once more
-  at the end, so a spike shorter than that can be missed.
+  temporaries, plus Python objects. A thread samples it every ``SAMPLE_INTERVAL_S``, the measured
+  code reads it at its known high points (``sample()``: the trainer after each forward and each
+  optimizer step, since a thread starved of CPU on a loaded machine may not sample a short block
+  at all), and it is read once more at the end; a spike between reads can still be missed.
 - CPU elsewhere: the peak of the resident set (``/proc/self/statm`` or ``ru_maxrss``) over the
   block minus its start (``rss_peak``), which counts pages only, not freed-and-reused memory.
 
@@ -83,11 +85,18 @@ class PeakMemory:
         while not self._stop.wait(self.interval_s):
             self._peak = max(self._peak, self._read())
 
+    def sample(self):
+        """Read the memory in use now (a no-op on CUDA, whose allocator keeps its own peak)."""
+        if self.device.type != "cuda":
+            self._caller_peak = max(self._caller_peak, self._read())
+
     def __enter__(self):
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
             return self
-        self._start = self._peak = self._read()
+        # Two maxima, one per writer: the sampling thread's and the caller's, so neither loses
+        # the other's update.
+        self._start = self._peak = self._caller_peak = self._read()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, name="peak-memory", daemon=True)
         self._thread.start()
@@ -99,7 +108,7 @@ class PeakMemory:
             return False
         self._stop.set()
         self._thread.join()
-        self.peak_bytes = max(0, int(max(self._peak, self._read()) - self._start))
+        self.peak_bytes = max(0, int(max(self._peak, self._caller_peak, self._read()) - self._start))
         return False
 
 

@@ -81,6 +81,7 @@ class ClientTrainer:
                     loss, fed = examples.training_loss(
                         self.model, index, label_token_ids=self.label_token_ids, device=self.device
                     )
+                    memory.sample()
                     objective = loss
                     if anchors is not None:
                         drift = sum(((p - a) ** 2).sum() for (_, p), a in zip(named, anchors))
@@ -88,6 +89,7 @@ class ClientTrainer:
                     optimizer.zero_grad(set_to_none=True)
                     objective.backward()
                     optimizer.step()
+                    memory.sample()
                     losses.append(float(loss.detach()))
                     tokens += fed
                     elapsed = time.perf_counter() - started
