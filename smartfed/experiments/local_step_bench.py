@@ -129,6 +129,7 @@ def local_step_bench(*, layers=30, shape=None, batch_size=8, prompt_tokens=(48, 
     replacing SmolLM2-135M's (tests use a tiny one)."""
     from smartfed.federated.accounting import PeakMemory
 
+    load_at_start = os.getloadavg()[0]
     shape = dict(SMOLLM2_135M, num_hidden_layers=layers) if shape is None else dict(shape)
     examples = instruction_batch(batch_size, prompt_tokens, response_tokens, shape["vocab_size"], seed)
     methods = [("fedit", "linear")] + [("smartfed", router) for router in routers]
@@ -170,7 +171,7 @@ def local_step_bench(*, layers=30, shape=None, batch_size=8, prompt_tokens=(48, 
         row["peak_memory_ratio_vs_fedit"] = row["peak_memory_bytes"] / max(1, fedit["peak_memory_bytes"])
     record = {
         "bench": "local_step", "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(), "load_average": os.getloadavg()[0], "rounds": rounds,
+        "torch_threads": torch.get_num_threads(), "load_average": load_at_start, "rounds": rounds,
         "shape": shape, "pool": {"adapters": adapters, "rank": pool_rank, "experts_per_module": adapters * pool_rank},
         "active_rank": active_rank, "batch": {
             "examples": len(examples), "tokens": int(examples.lengths.sum()),
