@@ -21,7 +21,10 @@
     2018): no update outweighs a median one and none pulls against the centre. The centre is the
     coordinate-wise median of the updates (``median_centre``; Yin et al. ICML 2018), which, while
     the attackers are fewer than the honest clients, lies in every coordinate within the range of
-    the honest values; or the server's own update on a root set it holds (``root_centre``,
+    the honest values, taken a second time without the updates that point away from the first
+    (one step of the filtering of robust mean estimation, Diakonikolas et al. FOCS 2016: large
+    identical attacks drag the first median far enough that honest updates point away from it,
+    not from the second); or the server's own update on a root set it holds (``root_centre``,
     FLTrust's own centre), which does not depend on the clients at all.
 
   Record fields of a round: ``centre_cosines`` (each checked client's cosine to the centre) and,
@@ -171,15 +174,20 @@ class Checked:
     record: dict = field(default_factory=dict)
 
 
-def direction_check(states, server, round_index, centre, label, *, drop) -> Checked:
+def direction_check(states, server, round_index, centre, label, *, drop, refine=False) -> Checked:
     """The cosine of every update of ``states`` (client -> state) around ``server.global_state``
     to ``centre(updates, server, round_index)`` (``centre_cosines``); with ``drop``, the updates
-    at cosine <= 0 are dropped, their reason naming ``label``."""
+    at cosine <= 0 are dropped, their reason naming ``label``. With ``refine`` (a centre taken
+    from the updates), once some but not all point away: the centre is taken again from the
+    updates that point along it, and every update is checked against that one instead."""
     if not states:
         return Checked({})
     clients = sorted(states)
     updates = flat_updates([states[c] for c in clients], server.global_state)
     cos = cosines(updates, centre(updates, server, round_index))
+    along = cos > 0
+    if drop and refine and 0 < along.sum() < len(clients):
+        cos = cosines(updates, centre(updates[along], server, round_index))
     away = {c: value for c, value in zip(clients, cos) if drop and value <= 0}
     dropped = [{"client": c, "reason": f"update points away from the {label} (cosine {value:.3f})"}
                for c, value in away.items()]
@@ -206,14 +214,16 @@ class Weighted:
 
 class FilteredMean:
     """The direction check against ``centre(updates, server, round_index)`` (named ``label`` in
-    the reasons), then the norm-clipped, weight-capped mean of the kept updates."""
+    the reasons; ``refine``: re-taken once without the updates pointing away, for a centre taken
+    from the updates), then the norm-clipped, weight-capped mean of the kept updates."""
 
-    def __init__(self, centre, label):
+    def __init__(self, centre, label, *, refine=False):
         self.centre = centre
         self.label = label
+        self.refine = refine
 
     def check(self, states, server, round_index) -> Checked:
-        return direction_check(states, server, round_index, self.centre, self.label, drop=True)
+        return direction_check(states, server, round_index, self.centre, self.label, drop=True, refine=self.refine)
 
     def __call__(self, states, weights, reference):
         """(the mean, {"aggregation_weights", "clip_norm"})."""
@@ -248,7 +258,8 @@ AGGREGATORS = {
     "krum": _flower(lambda robustness: Krum(num_malicious_nodes=robustness.krum_malicious)),
     "multi_krum": _flower(lambda robustness: MultiKrum(
         num_malicious_nodes=robustness.krum_malicious, num_nodes_to_select=robustness.multi_krum_select)),
-    "filtered_mean": lambda robustness, default, root_update: FilteredMean(median_centre, "coordinate median"),
+    "filtered_mean": lambda robustness, default, root_update: FilteredMean(median_centre, "coordinate median",
+                                                                           refine=True),
     "filtered_mean_root": _root_filtered_mean,
 }
 
