@@ -45,20 +45,23 @@ SUBCOMMANDS = {
                 "module, a plain dense-masked MoRE and, on CUDA, Triton) is compared with the float64 reference "
                 "on every shape first; a disagreement prints FAIL and stops before timing.",
         example="smartfed bench --quick\n  smartfed bench --shapes smollm2:T4096:N32:k4 --mode fwd full\n"
+                "  smartfed bench --cpu-isa avx2 --require-targets --output benchmarks/results\n"
                 "  smartfed bench --gpu-check",
-        writes="benchmarks/results/<device>-<date>.json, .md and .png (or --output); with --gpu-check "
-               "benchmarks/results/gpu_check-<device>.json, .md and .png",
+        writes="<device>-<UTC time>.json, .md and .png (gpu_check-<device>-<UTC time>.* with --gpu-check) in "
+               "--output DIR, by default in a new folder of that name under ./bench-results/; never over an "
+               "existing file. The last line printed is the verdict: correctness x/y, targets met x/y, the "
+               "machine's load and what it means for the numbers.",
         exit_codes="0 every provider agrees with the reference; 1 one disagrees (or, with --gpu-check, a CUDA "
-                   "test fails); 2 bad arguments, --device cuda or --gpu-check without a CUDA device, or --gpu-check with "
-                   "TRITON_INTERPRET=1",
+                   "test fails); 2 bad arguments, an existing record file, --device cuda or --gpu-check without a "
+                   "CUDA device, or --gpu-check with TRITON_INTERPRET=1; 3 with --require-targets, a target not "
+                   "met",
     ),
     "inspect": Subcommand(
-        forward_to="smartfed_kernels.inspect",
+        module="smartfed_kernels.static_check",
         summary="compile every Triton kernel config for sm_80 / sm_90 (no GPU needed) and report its resources",
         details="Registers, spills, shared memory and tensor-core instructions (HMMA / HGMMA) per (arch, dtype, "
-                "kernel, config), from triton.compile and the cuobjdump shipped with triton. Options: --arch "
-                "sm_80 sm_90, --dtype fp32 fp16 bf16, --kernel NAME..., --where KEY=VALUE..., --json FILE, "
-                "--dump DIR, --no-progress (those of python -m smartfed_kernels.inspect).",
+                "kernel, config), from triton.compile and the cuobjdump shipped with triton (the same as python "
+                "-m smartfed_kernels.static_check).",
         example="smartfed inspect --arch sm_90 --dtype bf16 --json inspect.json",
         writes="a table on stdout; --json FILE the rows; --dump DIR every cubin",
         exit_codes="0 clean; 1 a compile failed, a config spills or an fp16/bf16 config has no tensor-core "
@@ -145,6 +148,18 @@ SUBCOMMANDS = {
         exit_codes="0 done; 2 missing run folder, no final state, a state that does not match the rebuilt model, "
                    "a --set outside the evaluation settings, --split validation on a run without a validation "
                    "split or bad arguments (one line on stderr)",
+    ),
+    "tiny-assets": Subcommand(
+        module="smartfed.experiments.tiny_assets",
+        summary="write a tiny random Llama folder and three peft LoRA adapters to try the API with",
+        details="The base model of the default run config (configs/tiny.yaml), saved with save_pretrained, and "
+                "its pool: rank-4 LoRA adapters trained with peft on synthetic source tasks (cached; seconds on "
+                "a CPU). They load as a user's own model and adapters do; the README's snippets use them. "
+                "Random weights: they show the API, not what a real model learns.",
+        example="smartfed tiny-assets --output tiny-assets",
+        writes="OUTPUT/model/ (config.json, model.safetensors) and OUTPUT/adapters/source_<i>/ (adapter_config.json, "
+               "adapter_model.safetensors); OUTPUT must not exist",
+        exit_codes="0 done; 2 OUTPUT exists (one line on stderr)",
     ),
     "expert-usage": Subcommand(
         module="smartfed.experiments.expert_usage",

@@ -3,12 +3,12 @@
     y = base(x) + gamma * sum_{i in topk(z)} g_i (A_i . x) B_i       (docs/design.md §2)
 
 The base Linear stays frozen and its weight and bias feed the fused op; only the router trains
-(and the experts, if ``train_experts``). The forward is one call to the chosen backend's
-``more_linear_checked``, the op behind :func:`smartfed_kernels.more_linear` without its per-call
-checks: the layer's tensors are checked when they are set, x on each call. A CPU call that
-needs no graph (grad mode off) goes straight to the torch path's inference function instead, the
-per-call cost that matters at decode. While observers are attached it splits into ``base(x)``
-and the expert contribution so that observers (EEQA importance) can see both.
+(and the experts, if ``train_experts``). The forward is one call, through dispatch, to the chosen
+backend's ``more_linear_checked``: the op behind :func:`smartfed_kernels.more_linear` without its
+per-call checks (the layer's tensors are checked when they are set, x on each call). On the CPU
+that is the one inference path of the torch backend (C kernels, PyTorch ops as their fall-back)
+whenever no graph is needed. While observers are attached it splits into ``base(x)`` and the
+expert contribution so that observers (EEQA importance) can see both.
 """
 
 import math
@@ -21,14 +21,9 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from smartfed.choices import LAYER_ROUTERS, ROUTER_INITS
-from smartfed_kernels import torch_ops
 from smartfed_kernels.dispatch import BACKENDS, backend_module, resolve_backend
-from smartfed_kernels.validation import GATES, ROUTERS, CallSpec, check_more_inputs, resolve_gamma
+from smartfed_kernels.validation import GATES, CallSpec, check_more_inputs, resolve_gamma
 
-# Calls the inference shortcut of MoRELinear.forward takes: the backends that run the torch path on
-# the CPU, in the dtypes it computes in directly (CPU half precision is upcast by the general path).
-_INFERENCE_BACKENDS = ("auto", "torch")
-_INFERENCE_DTYPES = (torch.float32, torch.float64)
 NORMAL_INIT_STD = 1e-3
 
 Observer = Callable[["MoRELinear", torch.Tensor, torch.Tensor, torch.Tensor], None]
@@ -253,8 +248,19 @@ class MoRELinear(nn.Module):
         return self.router_weight
 
     def _routing_tensors(self, dtype: torch.dtype):
-        tensors = (self.effective_router_weight(), self.router_bias, self.expert_a, self.expert_b)
-        return [t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors]
+        """(router weight, router bias, A, B) as the op takes them, in ``dtype``. Read from the
+        module's registries directly: at decode sizes nn.Module.__getattr__'s lookups add up to a
+        sizeable part of the call. Nothing is kept between calls, so in-place and ``.data`` writes
+        show on the next one."""
+        params = self._parameters
+        experts = params if "expert_a" in params else self._buffers
+        router_weight = self.effective_router_weight() if self.router == "projected" else params["router_weight"]
+        router_bias, expert_a, expert_b = params["router_bias"], experts["expert_a"], experts["expert_b"]
+        if (router_weight.dtype is dtype and expert_a.dtype is dtype and expert_b.dtype is dtype
+                and (router_bias is None or router_bias.dtype is dtype)):
+            return router_weight, router_bias, expert_a, expert_b
+        return tuple(t if t is None or t.dtype == dtype else t.to(dtype)
+                     for t in (router_weight, router_bias, expert_a, expert_b))
 
     @property
     def op_router(self) -> str:
@@ -284,52 +290,20 @@ class MoRELinear(nn.Module):
             self._spec_key = key
         return self._spec
 
-    def _inference_forward(self, x: torch.Tensor) -> Optional[torch.Tensor]:
-        """The forward of a CPU call that needs no graph, straight to the torch path's inference
-        function; None for any call it does not cover (the general path then runs or explains)."""
-        spec = self._call_spec()
-        shape = x.shape
-        dtype = x.dtype
-        if not shape or shape[-1] != spec.d_in or dtype not in _INFERENCE_DTYPES:
-            return None
-        # The registries nn.Module.__getattr__ would search, read directly: at decode sizes its
-        # lookups add up to a sizeable part of the call.
-        params = self._parameters
-        experts = params if "expert_a" in params else self._buffers
-        base = self._modules["base"]._parameters
-        weight, router_weight, expert_a, expert_b = (
-            base["weight"], params["router_weight"], experts["expert_a"], experts["expert_b"])
-        if (weight.dtype != dtype or router_weight.dtype != dtype or expert_a.dtype != dtype
-                or expert_b.dtype != dtype or not weight.is_cpu):
-            return None
-        if self.router == "projected":
-            router_weight = self.effective_router_weight()
-        if self._base_is_conv1d:
-            weight = weight.t()
-        flat = len(shape) == 2
-        y = torch_ops.more_inference(x if flat else x.reshape(-1, spec.d_in), weight, base["bias"], router_weight,
-                                     params["router_bias"], expert_a, expert_b, spec, with_routing=False)[0]
-        return y if flat else y.reshape(*shape[:-1], spec.d_out)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (not torch.is_grad_enabled() and x.is_cpu and not self._observers and self.backend in _INFERENCE_BACKENDS
-                and not torch.compiler.is_compiling()):
-            y = self._inference_forward(x)
-            if y is not None:
-                return y
+        spec = self._call_spec()
+        base = self._modules["base"]._parameters
+        weight = base["weight"].t() if self._base_is_conv1d else base["weight"]
+        tensors = (weight, base["bias"], *self._routing_tensors(x.dtype))
         # The layer's own tensors were validated when set; per call only x can be wrong, and the
         # full check runs just to name what is wrong.
-        spec = self._call_spec()
-        weight, bias = self.base_weight_out_in(), self.base.bias
-        routing = self._routing_tensors(x.dtype)
-        if x.dim() < 1 or x.shape[-1] != spec.d_in or x.dtype != weight.dtype or x.device != weight.device:
-            check_more_inputs(x, weight, bias, *routing, spec.top_k, gate=spec.gate, gamma=self.gamma,
-                              router=spec.router)
+        if not x.shape or x.shape[-1] != spec.d_in or x.dtype != weight.dtype or x.device != weight.device:
+            check_more_inputs(x, *tensors, spec.top_k, gate=spec.gate, gamma=self.gamma, router=spec.router)
         impl = backend_module(resolve_backend(self.backend, x))
         if not self._observers:
-            return impl.more_linear_checked(x, weight, bias, *routing, spec, False)
+            return impl.more_linear_checked(x, *tensors, spec, False)
         y0 = self.base(x)
-        delta = impl.more_linear_checked(x, None, None, *routing, spec, False)
+        delta = impl.more_linear_checked(x, None, None, *tensors[2:], spec, False)
         for observer in list(self._observers.values()):
             observer(self, x, y0, delta)
         return y0 + delta

@@ -95,6 +95,21 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def cpu_kernels():
+    """The MoRE CPU kernel library: the test is skipped where it is not built -- and fails instead
+    under SMARTFED_REQUIRE_CPU_KERNELS=1 (CI), so that kernels that do not build fail the run."""
+    from smartfed_kernels.cpu import build
+
+    library = build.load_library()
+    if library is None:
+        message = f"no MoRE CPU kernels here: {build.unavailable_reason()}"
+        if build.kernels_required():
+            pytest.fail(f"{message} ({build.REQUIRE_VARIABLE}=1)")
+        pytest.skip(message)
+    return library
+
+
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
     """A pool cache shared by the tests of one module (pools are deterministic for a seed)."""

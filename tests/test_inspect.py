@@ -1,4 +1,4 @@
-"""``python -m smartfed_kernels.inspect`` on a subset: compiles for sm_80/sm_90 without a GPU.
+"""``python -m smartfed_kernels.static_check`` (``smartfed inspect``) on a subset: compiles for sm_80/sm_90 without a GPU.
 
 Runs the CLI in a subprocess without TRITON_INTERPRET in its environment (it compiles real GPU
 code, which Triton's CPU interpreter would replace). Asserts zero spills and tensor-core
@@ -10,8 +10,11 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
-SUBSET = ["--where", "BLOCK_E=32,64", "ROUTER_LINEAR=True", "TOPK_SOFTMAX=True", "DENSE=True",
+import pytest
+
+SUBSET = ["--where", "BLOCK_E=32,64", "ROUTER_LINEAR=True", "GATE=0", "DENSE=True",
           "WITH_SECOND=True"]
 
 
@@ -19,7 +22,7 @@ def run_inspect(tmp_path, *args):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     report = tmp_path / "inspect.json"
     completed = subprocess.run(
-        [sys.executable, "-m", "smartfed_kernels.inspect", "--no-progress", "--json", str(report), *args],
+        [sys.executable, "-m", "smartfed_kernels.static_check", "--no-progress", "--json", str(report), *args],
         capture_output=True, text=True, env=env, timeout=600,
     )
     return completed, json.loads(report.read_text())
@@ -47,8 +50,28 @@ def test_subset_compiles_without_spills_and_uses_tensor_cores(tmp_path):
 
 def test_where_filter_rejects_malformed_pairs(tmp_path):
     completed = subprocess.run(
-        [sys.executable, "-m", "smartfed_kernels.inspect", "--where", "BLOCK_E"],
+        [sys.executable, "-m", "smartfed_kernels.static_check", "--where", "BLOCK_E"],
         capture_output=True, text=True, timeout=120,
     )
     assert completed.returncode != 0
     assert "--where: expected KEY=VALUE" in completed.stderr
+
+
+def test_no_module_shadows_the_standard_library():
+    """A module named like a standard one (smartfed_kernels/inspect.py was) shadows it for any
+    script run from its folder; none of the packages' modules may take such a name."""
+    root = Path(__file__).resolve().parent.parent
+    found = [str(path.relative_to(root)) for package in ("smartfed", "smartfed_kernels")
+             for path in (root / package).rglob("*.py") if path.stem in sys.stdlib_module_names]
+    assert found == []
+
+
+def test_smartfed_inspect_help_lists_its_options(capsys):
+    from smartfed.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["inspect", "--help"])
+    assert done.value.code == 0
+    help_text = capsys.readouterr().out
+    for option in ("--arch", "--dtype", "--kernel", "--where", "--json", "--dump", "--no-progress"):
+        assert option in help_text

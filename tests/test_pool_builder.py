@@ -219,7 +219,7 @@ def test_sweep_ablations_get_a_label_and_per_task_values():
 def test_expert_usage_counts_selections_by_source_adapter(built):
     from smartfed import MoREConfig, inject_more, more_layers
     from smartfed.experiments.expert_usage import expert_usage_by_adapter
-    from smartfed.tasks.models import load_frozen_model
+    from smartfed.models import load_frozen_model
 
     spec, manifest = built
     pool = LoRAPool.from_pretrained([r["path"] for r in manifest["adapters"]])
@@ -325,7 +325,7 @@ def test_the_model_fingerprint_follows_weights_and_tokens_not_library_versions(b
 def test_adapters_recorded_under_the_legacy_model_fingerprint_stay_cached(built, tmp_path):
     from smartfed.experiments.model_identity import legacy_model_fingerprint
     from smartfed.tasks import load_task
-    from smartfed.tasks.models import load_tokenizer
+    from smartfed.models import load_tokenizer
 
     spec = pool_spec(built[0]["model_dir"], tmp_path / "pool", arithmetic_steps=4)
     manifest = pool_builder.build_pool(spec, progress=False)

@@ -5,10 +5,11 @@ import torch
 
 import smartfed_kernels
 from smartfed_kernels import reference, torch_ops
+from smartfed_kernels.forms import GATE_FORMS, ROUTER_FORMS
 from smartfed_kernels.testing import ARGUMENTS as INPUT_NAMES, assert_close_for, make_more_inputs
 
-ROUTERS = ("linear", "expert_space")
-GATES = ("topk_softmax", "softmax_topk")
+ROUTERS = tuple(ROUTER_FORMS)
+GATES = tuple(GATE_FORMS)
 
 
 def make_inputs(tokens, d_in, d_out, num_experts, **options):

@@ -4,10 +4,14 @@ Steps: (1) on each shape, every available provider's output (and, when a backwar
 asked for, its gradients) is compared with ``smartfed_kernels.reference`` in float64; any
 disagreement prints FAIL and exits 1 before timing. (2) Providers are timed interleaved, per
 shape and mode, with ratios to nn.Linear, the minimum work of each call and the targets of
-docs/design.md §8. (3) A JSON record, a markdown table and a PNG plot are written, by default
-to ``benchmarks/results/<device>-<date>.{json,md,png}``.
+docs/design.md §8. On the CPU the decode shapes (T <= 16) are timed again beside a neighbour:
+another process doing PyTorch matmuls on its own threads (smartfed/benchmarking/neighbour.py).
+(3) A JSON record, a markdown table and a PNG plot are written, named after the device and the
+UTC time, by default into a folder of their own under ``bench-results/`` (never over an
+existing file), and a last line gives the verdict: correctness, targets met, and the machine's
+load and what it means for the numbers.
 
-``--gpu-check`` runs the CUDA tests first and writes ``gpu_check-<device>.*`` instead
+``--gpu-check`` runs the CUDA tests first and names the record ``gpu_check-<device>-<time>``
 (smartfed/benchmarking/gpu_check.py).
 """
 
@@ -23,6 +27,14 @@ from pathlib import Path
 from smartfed.benchmarking.shapes import default_shape_specs, parse_shapes
 
 MODES = ("fwd", "bwd", "full")
+RESULTS_ROOT = Path("bench-results")
+# Shapes with at most this many tokens are decode-shaped: timed again beside a neighbour on CPU.
+DECODE_TOKENS = 16
+NEIGHBOUR_PROVIDERS = ("linear", "more-torch", "more-torch-ops", "more-layer")
+# What --cpu-isa avx2 sets before torch loads: ATen's vector kernels, MKL, oneDNN, the C kernels.
+AVX2_ENVIRONMENT = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+                    "SMARTFED_CPU_KERNELS_ISA": "avx2"}
+TARGETS_NOT_MET = 3
 PROVIDER_NAMES = ("linear", "peft-lora", "more-reference", "more-torch", "more-torch-ops", "more-triton", "more-layer",
                   "dense-masked")
 DTYPE_NAMES = ("fp32", "fp16", "bf16", "fp64")
@@ -45,13 +57,24 @@ def configure_parser(parser: argparse.ArgumentParser):
     parser.add_argument("--time-per-case", type=float, metavar="SECONDS",
                         help="timing budget per shape and mode (default 3, 0.2 with --quick)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads before timing (CPU)")
-    parser.add_argument("--output", type=Path, default=Path("benchmarks/results"),
-                        help="directory for <device>-<date>.{json,md,png}, or a path ending in .json")
+    parser.add_argument("--output", type=Path, metavar="DIR",
+                        help="directory for <device>-<UTC time>.{json,md,png} (default: a new folder of that name "
+                             "under ./bench-results/), or a path ending in .json; an existing file is never "
+                             "overwritten")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-neighbour", action="store_true",
+                        help="CPU: skip timing the decode shapes (T <= 16) again beside another process doing "
+                             "PyTorch matmuls on its own threads")
+    parser.add_argument("--cpu-isa", choices=("native", "avx2"), default="native",
+                        help="avx2: run torch (ATen, MKL, oneDNN) and build the C kernels without AVX-512, to "
+                             "measure an AVX2 machine on an AVX-512 one (takes effect before torch loads)")
+    parser.add_argument("--require-targets", action="store_true",
+                        help=f"exit {TARGETS_NOT_MET} when a docs/design.md §8 target is not met (default: report only)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     parser.add_argument("--gpu-check", action="store_true",
                         help="CUDA only: run tests/test_triton_cuda.py (compiled kernels) in a child pytest first, "
-                             "then check and time as usual; writes gpu_check-<device>.{json,md,png} with the test "
-                             "outcome, and exits 1 when a test fails")
+                             "then check and time as usual; names the record gpu_check-<device>-<UTC time> with the "
+                             "test outcome, and exits 1 when a test fails")
 
 
 def _device_name(device) -> str:
@@ -79,17 +102,51 @@ def _load() -> list:
     return [round(v, 2) for v in os.getloadavg()]
 
 
-def _output_paths(output: Path, device_type: str, device_name: str, date: str, gpu_check: bool):
+def _output_paths(output, device_type: str, device_name: str, stamp: str, gpu_check: bool) -> dict:
+    """json/md/png paths of the record: ``<device>-<stamp>`` in ``output`` (default: a folder of
+    that name under RESULTS_ROOT), or the stem of an ``output`` ending in .json."""
     slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
-    if output.suffix == ".json":
+    name = f"gpu_check-{slug}-{stamp}" if gpu_check else f"{device_type}-{slug}-{stamp}"
+    if output is None:
+        stem = RESULTS_ROOT / name / name
+    elif output.suffix == ".json":
         stem = output.with_suffix("")
-    elif gpu_check:
-        # One file per GPU model, replaced by the next check: the latest state of the kernels there.
-        stem = output / f"gpu_check-{slug}"
     else:
-        stem = output / f"{device_type}-{slug}-{date}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
+        stem = output / name
     return {ext: stem.with_name(stem.name + "." + ext) for ext in ("json", "md", "png")}
+
+
+def _existing(paths: dict):
+    """The first of ``paths`` that exists (resolved), or None."""
+    return next((path.resolve() for path in paths.values() if path.exists()), None)
+
+
+def _write_record(record, paths: dict) -> None:
+    """The three files, each created anew: one that appeared meanwhile is refused, not replaced."""
+    from smartfed.benchmarking import report
+
+    paths["json"].parent.mkdir(parents=True, exist_ok=True)
+    with open(paths["json"], "x") as handle:
+        handle.write(report.json_text(record))
+    with open(paths["md"], "x") as handle:
+        handle.write(report.markdown_report(record))
+    with open(paths["png"], "xb") as handle:
+        report.write_plot(record, handle)
+
+
+def _apply_cpu_isa(isa: str):
+    """Sets the environment of --cpu-isa before torch loads; an error line when too late."""
+    if isa == "native":
+        return None
+    if "torch" in sys.modules:
+        import torch
+
+        if torch.backends.cpu.get_cpu_capability() != "AVX2":
+            settings = " ".join(f"{k}={v}" for k, v in AVX2_ENVIRONMENT.items())
+            return f"--cpu-isa avx2: torch is already loaded in this process; set {settings} in its environment"
+    for name, value in AVX2_ENVIRONMENT.items():
+        os.environ[name] = value
+    return None
 
 
 def _select_providers(args, device):
@@ -131,15 +188,15 @@ def _check(shapes, providers, dtype, device, args, progress):
     return checks
 
 
-def _time(shapes, providers, dtype, device, args, progress):
+def _time(shapes, providers, dtype, device, args, progress, modes, neighbour=False):
     from smartfed.benchmarking import targets, timing, work
     from smartfed.benchmarking.providers import make_case, timed_call
 
     budget = args.time_per_case if args.time_per_case is not None else (0.2 if args.quick else 3.0)
     peaks = work.gpu_peaks(_device_name(device)) if device.type == "cuda" else None
     results = []
-    cases = [(shape, mode) for shape in shapes for mode in args.mode]
-    for shape, mode in progress(cases, desc="timing"):
+    cases = [(shape, mode) for shape in shapes for mode in modes]
+    for shape, mode in progress(cases, desc="timing beside a neighbour" if neighbour else "timing"):
         case = make_case(shape, dtype, device, args.seed)
         fns = {p.name: timed_call(p.build(case), mode, case.grad_out) for p in providers}
         if device.type == "cuda":
@@ -157,7 +214,7 @@ def _time(shapes, providers, dtype, device, args, progress):
                 attainable = min(peaks[args.dtype], flops / nbytes * peaks["bandwidth"])
                 roofline = flops / seconds / attainable
             results.append({
-                "shape": shape.as_dict(), "mode": mode, "provider": provider.name,
+                "shape": shape.as_dict(), "mode": mode, "provider": provider.name, "neighbour": neighbour,
                 "median_ms": stats["median_ms"], "ratio_to_linear": stats["ratio"], "rounds": stats["samples"],
                 "min_gflop": flops / 1e9, "min_mbytes": nbytes / 1e6, "tflops": flops / seconds / 1e12,
                 "gbytes_per_s": nbytes / seconds / 1e9, "flop_per_byte": flops / nbytes,
@@ -168,7 +225,28 @@ def _time(shapes, providers, dtype, device, args, progress):
     return results
 
 
+def _fail(message: str, code: int = 2) -> int:
+    print(f"smartfed bench: {message}", file=sys.stderr)
+    return code
+
+
+def _time_beside_neighbour(shapes, providers, dtype, device, args, progress, environment):
+    """fwd timings of the decode shapes while a neighbour process computes on every core."""
+    from smartfed.benchmarking import neighbour
+
+    decode = [s for s in shapes if s.tokens <= DECODE_TOKENS]
+    chosen = [p for p in providers if p.name in NEIGHBOUR_PROVIDERS]
+    if args.no_neighbour or device.type != "cpu" or not decode or not chosen:
+        return []
+    with neighbour.running(threads=os.cpu_count() or 1) as described:
+        environment["neighbour"] = described
+        return _time(decode, chosen, dtype, device, args, progress, ("fwd",), neighbour=True)
+
+
 def run(args) -> int:
+    problem = _apply_cpu_isa(args.cpu_isa)
+    if problem:
+        return _fail(problem)
     import torch
     from tqdm import tqdm
 
@@ -176,15 +254,12 @@ def run(args) -> int:
     from smartfed.benchmarking.providers import DTYPES
 
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("smartfed bench: --device cuda, but torch sees no CUDA device", file=sys.stderr)
-        return 2
+        return _fail("--device cuda, but torch sees no CUDA device")
     unusable = args.gpu_check and gpu_check.unusable_reason(torch)
     if unusable:
-        print(f"smartfed bench: {unusable}", file=sys.stderr)
-        return 2
+        return _fail(unusable)
     if args.gpu_check and args.device == "cpu":
-        print("smartfed bench: --gpu-check runs on CUDA, not with --device cpu", file=sys.stderr)
-        return 2
+        return _fail("--gpu-check runs on CUDA, not with --device cpu")
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
     args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
@@ -196,26 +271,32 @@ def run(args) -> int:
     try:
         shapes = parse_shapes(args.shapes or default_shape_specs(device.type, args.quick))
     except ValueError as error:
-        print(f"smartfed bench: {error}", file=sys.stderr)
-        return 2
-    dtype = DTYPES[args.dtype]
-    date = datetime.datetime.now().strftime("%Y-%m-%d")
+        return _fail(str(error))
+    now = datetime.datetime.now(datetime.timezone.utc)
     environment = {
         "device": device.type, "device_name": _device_name(device), "torch": torch.__version__,
         "triton": _version("triton"), "peft": _version("peft"), "python": platform.python_version(),
         "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "load_before": _load(),
     }
+    paths = _output_paths(args.output, device.type, environment["device_name"], now.strftime("%Y%m%dT%H%M%SZ"),
+                          args.gpu_check)
+    existing = _existing(paths)
+    if existing is not None:
+        return _fail(f"{existing} exists; a bench never overwrites a record (choose another --output)")
+    dtype = DTYPES[args.dtype]
     if device.type == "cpu":
         from smartfed_kernels import cpu
 
         environment["cpu_kernels"] = cpu.status()
+        environment["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+        environment["isa_environment"] = {name: os.environ.get(name) for name in AVX2_ENVIRONMENT}
     print(f"smartfed bench on {environment['device_name']} ({device.type}), {args.dtype}, "
           f"{environment['threads']} threads, torch {environment['torch']}, load {environment['load_before']}")
     if device.type == "cpu" and environment["load_before"][0] > 0.5 * (os.cpu_count() or 1):
         print("warning: other processes keep the CPU busy; CPU timings and ratios will be unreliable")
 
     def progress(items, desc):
-        return tqdm(items, desc=desc, leave=False, file=sys.stderr)
+        return tqdm(items, desc=desc, leave=False, file=sys.stderr, disable=args.no_progress)
 
     tests = None
     if args.gpu_check:
@@ -234,35 +315,38 @@ def run(args) -> int:
             detail = c["quantity"] if c["max_rel_err"] is None else (
                 f"{c['quantity']} max relative error {c['max_rel_err']:.3e} > {c['tolerance']:.0e}")
             print(f"FAIL: {c['provider']} on {c['shape']}: {detail}", file=sys.stderr)
-        print("smartfed bench: providers disagree with the reference; nothing timed", file=sys.stderr)
-        return 1
+        print(report.verdict_line({"checks": checks, "results": [], "environment": environment}))
+        return _fail("providers disagree with the reference; nothing timed", 1)
     if not providers:
-        print("smartfed bench: no provider available to time", file=sys.stderr)
-        return 1
+        return _fail("no provider available to time", 1)
 
-    results = _time(shapes, providers, dtype, device, args, progress)
+    results = _time(shapes, providers, dtype, device, args, progress, args.mode)
+    results += _time_beside_neighbour(shapes, providers, dtype, device, args, progress, environment)
     environment["load_after"] = _load()
     record = {
-        "date": date, "timestamp": datetime.datetime.now().isoformat(timespec="seconds"),
+        "date": now.strftime("%Y-%m-%d"), "timestamp": now.isoformat(timespec="seconds"),
         "environment": environment, "dtype": args.dtype, "modes": args.mode,
         "shapes": [s.as_dict() for s in shapes], "providers": {p.name: p.description for p in providers},
         "skipped": skipped, "checks": checks, "results": results,
     }
     if tests is not None:
         record["tests"] = tests
+    record["verdict"] = report.verdict_line(record)
     print("\nTimings (median; x linear = median of per-round ratios to nn.Linear):")
     print(report.text_table(report.RESULT_COLUMNS, report.result_rows(results)))
     target_rows = report.target_rows(results)
     if target_rows:
         print("\nTargets:")
         print(report.text_table(report.TARGET_COLUMNS, target_rows))
-    paths = _output_paths(args.output, device.type, environment["device_name"], date, args.gpu_check)
-    report.write_json(record, paths["json"])
-    paths["md"].write_text(report.markdown_report(record))
-    report.write_plot(record, paths["png"])
-    print(f"\nload average after: {environment['load_after']}")
-    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    try:
+        _write_record(record, paths)
+    except FileExistsError as error:
+        return _fail(f"{Path(error.filename).resolve()} appeared during the run; nothing overwritten")
+    print("\nwrote " + ", ".join(str(p.resolve()) for p in paths.values()))
+    print(record["verdict"])
     if tests is not None and tests["returncode"] != 0:
-        print(f"smartfed bench: the CUDA tests failed: {tests['summary']}", file=sys.stderr)
-        return 1
+        return _fail(f"the CUDA tests failed: {tests['summary']}", 1)
+    if args.require_targets and not all(v["met"] for r in results for v in r["targets"]):
+        return _fail("--require-targets: some docs/design.md §8 targets are not met (see the verdict)",
+                     TARGETS_NOT_MET)
     return 0

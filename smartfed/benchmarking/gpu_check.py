@@ -4,7 +4,8 @@
    in a pytest process of its own, without TRITON_INTERPRET: a process that has loaded Triton
    interpreted cannot run the compiled kernels.
 2. The usual `smartfed bench` check and timings on this device's shapes follow, in this process.
-3. Both go into one record, ``benchmarks/results/gpu_check-<device>.{json,md,png}``.
+3. Both go into one record, ``gpu_check-<device>-<UTC time>.{json,md,png}`` (where ``--output``
+   says, by default a folder of that name under ``bench-results/``).
 """
 
 import os

@@ -1,7 +1,6 @@
 """Renderings of one benchmark run: console/markdown tables, the JSON record, the PNG plot."""
 
 import json
-from pathlib import Path
 
 RESULT_COLUMNS = ("shape", "mode", "provider", "ms", "x linear", "GFLOP", "MB", "TFLOP/s", "GB/s",
                   "FLOP/B", "roofline", "design §8 target")
@@ -11,13 +10,21 @@ def _fmt(value):
     return "-" if value is None else f"{value:.3f}"
 
 
+NEIGHBOUR_MARK = " +neighbour"
+
+
+def row_label(result) -> str:
+    """The shape of a timed row, marked when it was timed beside a neighbour process."""
+    return result["shape"]["label"] + (NEIGHBOUR_MARK if result.get("neighbour") else "")
+
+
 def result_rows(results):
     rows = []
     for r in results:
         targets = "; ".join(f"{v['target']}: {'met' if v['met'] else 'NOT met'} ({v['ratio']:.2f})"
                             for v in r["targets"]) or "-"
         rows.append((
-            r["shape"]["label"], r["mode"], r["provider"], _fmt(r["median_ms"]), _fmt(r["ratio_to_linear"]),
+            row_label(r), r["mode"], r["provider"], _fmt(r["median_ms"]), _fmt(r["ratio_to_linear"]),
             f"{r['min_gflop']:.3g}", f"{r['min_mbytes']:.3g}", f"{r['tflops']:.3g}", f"{r['gbytes_per_s']:.3g}",
             f"{r['flop_per_byte']:.3g}",
             "-" if r["roofline_fraction"] is None else f"{100 * r['roofline_fraction']:.0f}%", targets,
@@ -36,7 +43,7 @@ TARGET_COLUMNS = ("target", "shape", "mode", "provider", "against", "ratio", "bo
 
 def target_rows(results):
     """One row per target verdict of the run, in table order."""
-    return [(v["target"], r["shape"]["label"], r["mode"], r["provider"], v["against"], f"{v['ratio']:.2f}",
+    return [(v["target"], row_label(r), r["mode"], r["provider"], v["against"], f"{v['ratio']:.2f}",
              f"{v['bound']:.2f}", "met" if v["met"] else "NOT met") for r in results for v in r["targets"]]
 
 
@@ -63,8 +70,16 @@ def markdown_report(record) -> str:
         f"after {env['load_after']}." + (f" C kernels: {env['cpu_kernels']}." if "cpu_kernels" in env else ""),
         "Times are medians over interleaved rounds; `x linear` is the median of per-round ratios to "
         "nn.Linear; GFLOP and MB are the minimum work of the call (see smartfed/benchmarking/work.py).",
-        "",
     ]
+    if "cpu_capability" in env:
+        isa = ", ".join(f"{k}={v}" for k, v in env["isa_environment"].items() if v) or "none set"
+        lines.append(f"CPU capability used by torch: {env['cpu_capability']} (ISA variables: {isa}).")
+    if "neighbour" in env:
+        lines.append(f"Rows marked `{NEIGHBOUR_MARK.strip()}` were timed while another process ran "
+                     f"{env['neighbour']['work']} on {env['neighbour']['threads']} threads.")
+    if "verdict" in record:
+        lines += ["", f"**{record['verdict']}**"]
+    lines.append("")
     if "tests" in record:
         tests = record["tests"]
         lines += ["## CUDA tests", "", f"`{tests['command']}`: exit code {tests['returncode']}, {tests['summary']} "
@@ -89,14 +104,51 @@ def markdown_report(record) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_json(record, path: Path):
-    path.write_text(json.dumps(record, indent=2) + "\n")
+def json_text(record) -> str:
+    return json.dumps(record, indent=2) + "\n"
 
 
-def write_plot(record, path: Path):
+def _load_meaning(env) -> str:
+    """What the load averages say about the timings (the 1-minute values)."""
+    cores = env.get("cpu_count") or 1
+    before = env["load_before"][0]
+    own = env["threads"] + (env["neighbour"]["threads"] if "neighbour" in env else 0)
+    after = env.get("load_after")
+    measured = f"load {before:.2f} before" + (f", {after[0]:.2f} after" if after else "") + f" on {cores} cores"
+    if env["device"] != "cpu":
+        return f"{measured} (GPU timings depend little on it)"
+    counted = f"; the load after counts this bench's own {own} threads" + (
+        " (its neighbour's included)" if "neighbour" in env else "")
+    if before <= 0.25 * cores:
+        meaning = "quiet before the run: ratios representative"
+    elif before <= 0.75 * cores:
+        meaning = (f"other processes used about {before:.1f} of {cores} cores before the run: ratios somewhat "
+                   "inflated, compare with a run on idle cores")
+    else:
+        meaning = (f"other processes kept the cores busy before the run: CPU ratios unreliable, rerun on "
+                   "idle cores")
+    return f"{measured}: {meaning}" + (counted if after else "")
+
+
+def verdict_line(record) -> str:
+    """One line: correctness x/y, targets met x/y (naming those not met), the load and its meaning."""
+    checks = record["checks"]
+    verdicts = [(row_label(r), v) for r in record["results"] for v in r["targets"]]
+    missed = [f"{v['target']} on {label} ({v['ratio']:.2f})" for label, v in verdicts if not v["met"]]
+    targets = f"targets met {len(verdicts) - len(missed)}/{len(verdicts)}"
+    if missed:
+        targets += " (NOT met: " + "; ".join(missed) + ")"
+    if not verdicts:
+        targets = "no target applies" if record["results"] else "nothing timed"
+    return (f"verdict: correctness {sum(c['ok'] for c in checks)}/{len(checks)} ok; {targets}; "
+            f"{_load_meaning(record['environment'])}")
+
+
+def write_plot(record, path):
     """One panel per mode: time ratio to nn.Linear per shape, a bar per provider, log scale.
 
-    Targets against nn.Linear show as a dashed mark over the bar they apply to.
+    Targets against nn.Linear show as a dashed mark over the bar they apply to. ``path``: a file
+    name or a binary file object.
     """
     import matplotlib
 
@@ -106,7 +158,7 @@ def write_plot(record, path: Path):
 
     results = record["results"]
     modes = list(dict.fromkeys(r["mode"] for r in results))
-    shapes = list(dict.fromkeys(r["shape"]["label"] for r in results))
+    shapes = list(dict.fromkeys(row_label(r) for r in results))
     providers = list(dict.fromkeys(r["provider"] for r in results))
     fig, axes = plt.subplots(len(modes), 1, figsize=(max(6.0, 1.6 * len(shapes) * len(providers) / 3), 3.2 * len(modes)),
                              squeeze=False)
@@ -116,7 +168,7 @@ def write_plot(record, path: Path):
             ratios = []
             for s_index, shape in enumerate(shapes):
                 match = [r for r in results if r["mode"] == mode and r["provider"] == provider
-                         and r["shape"]["label"] == shape]
+                         and row_label(r) == shape]
                 ratios.append(match[0]["ratio_to_linear"] if match and match[0]["ratio_to_linear"] else 0.0)
                 centre = s_index + p_index * width
                 for verdict in (match[0]["targets"] if match else []):
@@ -138,5 +190,5 @@ def write_plot(record, path: Path):
     axes[0, 0].legend(fontsize=7, ncol=len(providers))
     axes[0, 0].set_title(f"{record['environment']['device_name']}, {record['dtype']} ({record['date']})", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)

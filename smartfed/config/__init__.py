@@ -36,7 +36,7 @@ from smartfed.config.loading import (
     with_overrides,
 )
 from smartfed.config.more import MoRESection
-from smartfed.config.numbers import (
+from smartfed.config.number_types import (
     Fraction, IntKey, NonEmptyStr, NonNegative, NonNegativeInt, Positive, PositiveInt, Section, count, number,
 )
 from smartfed.config.schema import (

@@ -11,7 +11,7 @@ from typing import Literal, Optional
 from pydantic import create_model
 
 from smartfed.choices import MAX_TOP_K, MoREConfig, more_options
-from smartfed.config.numbers import Section, count, number
+from smartfed.config.number_types import Section, count, number
 
 # MoREConfig fields that are not in the section: where a run takes them from.
 RUN_SUPPLIED = {

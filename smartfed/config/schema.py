@@ -21,7 +21,7 @@ from smartfed.config.limits import (
 )
 from smartfed.config.llama import DEFAULT_TINY, check_llama_arguments, check_tiny_sizes
 from smartfed.config.more import MoRESection
-from smartfed.config.numbers import (
+from smartfed.config.number_types import (
     Fraction, IntKey, NonEmptyStr, NonNegative, Positive, Section, count, number,
 )
 from smartfed.config.vocabularies import (

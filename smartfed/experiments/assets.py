@@ -49,7 +49,7 @@ def task_layout(config):
     ``label_token_ids`` is all the trainer reads) tokenized by ``model.pretrained``'s tokenizer."""
     if config.task.name != SYNTHETIC_TASK:
         from smartfed.tasks import load_task
-        from smartfed.tasks.models import load_tokenizer
+        from smartfed.models import load_tokenizer
 
         return load_task(config.task.name, load_tokenizer(config.model.pretrained), **config.task.options)
     vocab_size = base_vocab_size(config.model)

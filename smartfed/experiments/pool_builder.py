@@ -135,7 +135,7 @@ def train_adapter(model_dir, task, spec, adapter, directory, *, progress=True, o
     from peft import LoraConfig, get_peft_model
     from tqdm.auto import tqdm
 
-    from smartfed.tasks.models import load_frozen_model
+    from smartfed.models import load_frozen_model
 
     steps = adapter.get("steps", spec["training"]["steps"])
     lr = adapter.get("lr", spec["training"]["lr"])
@@ -190,7 +190,7 @@ def build_pool(spec, *, force=False, progress=True):
     from smartfed.experiments.model_identity import ModelIdentity
     from smartfed.staging import finish_staging, make_staging, remove_stale_staging
     from smartfed.tasks import load_task
-    from smartfed.tasks.models import load_tokenizer, resolve_model_dir
+    from smartfed.models import load_tokenizer, resolve_model_dir
 
     model_dir = resolve_model_dir(spec["model_dir"])
     model = ModelIdentity.of(model_dir)
@@ -262,7 +262,7 @@ def configure_parser(parser):
 
 def run(args) -> int:
     from smartfed.config import ConfigError
-    from smartfed.tasks.models import DEFAULT_MODEL_DIR, DEMO_INSTALL
+    from smartfed.models import DEFAULT_MODEL_DIR, DEMO_INSTALL
 
     spec = select_adapters(load_spec(args.config), args.only, source=args.config)
     if args.output is not None:

@@ -55,7 +55,7 @@ def check_inputs(config):
     ``config`` exist; the default SmolLM2 folder counts (``prepare_model`` makes it)."""
     from smartfed.config import SYNTHETIC_TASK, ConfigError
     from smartfed.tasks import TASK_BUILDERS
-    from smartfed.tasks.models import DEFAULT_MODEL_DIR, DEMO_INSTALL
+    from smartfed.models import DEFAULT_MODEL_DIR, DEMO_INSTALL
 
     if config.task.name != SYNTHETIC_TASK and config.task.name not in TASK_BUILDERS:
         raise ConfigError(f"must be {SYNTHETIC_TASK!r} or a text task of smartfed.tasks {sorted(TASK_BUILDERS)}, "
@@ -77,7 +77,7 @@ def check_inputs(config):
 
 def prepare_model(config):
     """Materialize the default SmolLM2 folder when the config points at it and it is missing."""
-    from smartfed.tasks.models import DEFAULT_MODEL_DIR, materialize_gguf
+    from smartfed.models import DEFAULT_MODEL_DIR, materialize_gguf
 
     model = config.model
     if model.pretrained and Path(model.pretrained) == DEFAULT_MODEL_DIR and not (DEFAULT_MODEL_DIR / "config.json").is_file():

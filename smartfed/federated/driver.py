@@ -50,7 +50,7 @@ def drive(strategy, grid, run_dir, *, node_wait_s=120.0, stop_after_round=None, 
             arrays, train_metrics = _train_round(strategy, grid, run_dir, round_index, result.arrays)
             result.arrays = arrays
             result.train_metrics_clientapp[round_index] = train_metrics
-            record = strategy.close_round(round_index, strategy.evaluate_global())
+            record = strategy.close_round(round_index, strategy.evaluate_global(round_index))
             run_dir.save_checkpoint(strategy.checkpoint())
             run_dir.append_metrics(record)
             result.evaluate_metrics_serverapp[round_index] = MetricRecord(

@@ -319,13 +319,14 @@ class SmartFedStrategy(Strategy):
 
     # --- evaluation -------------------------------------------------------------------------
 
-    def evaluate_global(self):
-        """Loss and accuracy of the global state on the held-out examples and, with a
-        validation split, ``val_loss`` / ``val_accuracy``."""
+    def evaluate_global(self, round_index=None):
+        """Loss and accuracy of the global state on the held-out examples, with what the task's
+        shape adds (instruction: perplexity and, at the rounds it asks for, generated-answer
+        scores) and, with a validation split, ``val_loss`` / ``val_accuracy``."""
         batch_size = self.config.federation.eval_batch_size
         scores = self.trainer.evaluate(self.state.global_state, self.state.quotas, self.evaluation,
-                                       batch_size=batch_size)
-        result = {"loss": scores["loss"], "accuracy": scores["accuracy"]}
+                                       batch_size=batch_size, round_index=round_index)
+        result = {key: value for key, value in scores.items() if key != "num_examples"}
         if self.validation is not None:
             scores = self.trainer.evaluate(self.state.global_state, self.state.quotas, self.validation,
                                            batch_size=batch_size)

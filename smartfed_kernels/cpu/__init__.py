@@ -12,7 +12,8 @@ def status() -> str:
     library = build.load_library()
     if library is None:
         return f"not built ({build.unavailable_reason()}): PyTorch ops only"
-    return f"built ({library._name})" if kernels.enabled() else "built, disabled in this context"
+    threads = "OpenMP" if kernels.openmp() else "single-threaded"
+    return f"built ({library._name}, {threads})" if kernels.enabled() else "built, disabled in this context"
 
 
 @contextlib.contextmanager

@@ -69,7 +69,10 @@ static void FN(select_top)(const SCALAR *z, int64_t n, int64_t k, const struct F
     }
 }
 
-/* Partial sums in DOT_LANES independent lanes: one accumulator would wait on each add's latency. */
+/* Partial sums in DOT_LANES independent lanes: one accumulator would wait on each add's latency.
+ * The lanes are then added pairwise, halving their number each step: every step is independent
+ * adds that vectorise, where summing them one by one into a scalar was a chain of DOT_LANES
+ * dependent adds (half the C time of a d=576 token's 64 router dot products). */
 static SCALAR FN(dot)(const SCALAR *restrict a, const SCALAR *restrict b, int64_t n)
 {
     SCALAR partial[DOT_LANES] = {0};
@@ -79,12 +82,14 @@ static SCALAR FN(dot)(const SCALAR *restrict a, const SCALAR *restrict b, int64_
         for (int j = 0; j < DOT_LANES; ++j)
             partial[j] += a[i + j] * b[i + j];
     }
-    SCALAR sum = 0;
     for (; i < n; ++i)
-        sum += a[i] * b[i];
-    for (int j = 0; j < DOT_LANES; ++j)
-        sum += partial[j];
-    return sum;
+        partial[i % DOT_LANES] += a[i] * b[i];
+    for (int width = DOT_LANES / 2; width > 0; width /= 2) {
+#pragma omp simd
+        for (int j = 0; j < width; ++j)
+            partial[j] += partial[j + width];
+    }
+    return partial[0];
 }
 
 /* Selection, gates and expand of one token whose logits z (bias included) are all finite:
@@ -174,34 +179,40 @@ int FN(more_route_expand)(struct more_problem *p, double gamma)
     p->gamma = gamma;
     if (!FN(all_finite)(p))
         return MORE_NON_FINITE;
-    return run_rows(p, FN(route_rows), FN(scratch_bytes)(p));
+    /* Per token: k expand rows, and k shrink dot products where they are computed here. */
+    const int64_t work_per_token = p->top_k * (p->d_out + (p->shrink ? 0 : p->d_in));
+    return run_rows(p, FN(route_rows), FN(scratch_bytes)(p), work_per_token);
 }
 
-/* One token end to end but for the base product: its logits (and, for the expert_space router,
- * every A x) by dot products into scratch of its own, then as more_route_expand. */
-int FN(more_token)(struct more_problem *p, double gamma)
+/* A few tokens end to end but for the base product: their logits (and, for the expert_space
+ * router, every A x) by dot products into scratch of their own, then as more_route_expand. All in
+ * the caller's thread: a decode call then runs no multi-threaded operation but the base product,
+ * whose parallel region nn.Linear has too (a second GEMM for the logits was a second region to
+ * wait in beside a busy neighbour). */
+int FN(more_tokens)(struct more_problem *p, double gamma)
 {
-    const SCALAR *x = (const SCALAR *)p->x, *router_weight = (const SCALAR *)p->router_weight;
+    const SCALAR *router_weight = (const SCALAR *)p->router_weight;
     const SCALAR *expert_a = (const SCALAR *)p->expert_a, *bias = (const SCALAR *)p->router_bias;
-    const int64_t n = p->num_experts;
-    SCALAR *logits = malloc(2 * (size_t)n * sizeof(SCALAR));
+    const int64_t n = p->num_experts, tokens = p->tokens;
+    if (tokens < 1)
+        return MORE_OK;
+    SCALAR *logits = malloc(2 * (size_t)(tokens * n) * sizeof(SCALAR));
     if (!logits)
         return MORE_NO_MEMORY;
-    SCALAR *shrink = NULL;
-    if (p->expert_space) {
-        shrink = logits + n;
+    SCALAR *shrink = p->expert_space ? logits + tokens * n : NULL;
+    for (int64_t t = 0; t < tokens; ++t) {
+        const SCALAR *x = (const SCALAR *)p->x + t * p->x_stride;
+        SCALAR *z = logits + t * n, *h = shrink ? shrink + t * n : NULL;
+        if (h) {
+            for (int64_t i = 0; i < n; ++i)
+                h[i] = FN(dot)(expert_a + i * p->expert_a_stride, x, p->d_in);
+        }
+        const SCALAR *router_input = h ? h : x;
+        const int64_t router_width = h ? n : p->d_in;
         for (int64_t i = 0; i < n; ++i)
-            shrink[i] = FN(dot)(expert_a + i * p->expert_a_stride, x, p->d_in);
+            z[i] = FN(dot)(router_weight + i * p->router_weight_stride, router_input, router_width)
+                   + (bias ? bias[i] : 0);
     }
-    const SCALAR *router_input = shrink ? shrink : x;
-    const int64_t router_width = shrink ? n : p->d_in;
-#ifdef _OPENMP
-#pragma omp parallel for num_threads((int)p->threads) if (p->threads > 1 && n * router_width >= TOKEN_PARALLEL_MIN)
-#endif
-    for (int64_t i = 0; i < n; ++i)
-        logits[i] = FN(dot)(router_weight + i * p->router_weight_stride, router_input, router_width)
-                    + (bias ? bias[i] : 0);
-    p->tokens = 1;
     p->logits = logits;
     p->shrink = shrink;
     p->logits_stride = p->shrink_stride = n;

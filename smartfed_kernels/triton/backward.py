@@ -15,7 +15,13 @@
 import triton
 import triton.language as tl
 
-from smartfed_kernels.triton.kernel_utils import add_into_output, selected_coefficients, split_rows
+from smartfed_kernels.triton.kernel_utils import (
+    GATE_SOFTMAX_TOPK,
+    GATE_TOPK_SOFTMAX,
+    add_into_output,
+    selected_coefficients,
+    split_rows,
+)
 
 
 @triton.jit
@@ -27,7 +33,7 @@ def routing_grad_kernel(
     dz_ptr, dh_ptr,
     num_tokens, d_out, num_experts, top_k, gamma,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr,
-    ROUTER_LINEAR: tl.constexpr, TOPK_SOFTMAX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ROUTER_LINEAR: tl.constexpr, GATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     rows = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
@@ -65,7 +71,7 @@ def routing_grad_kernel(
         u = tl.load(dh_ptr + rows * num_experts + expert, mask=row_ok, other=0.0)
         weighted += gate * shrink * u
     weighted = weighted * gamma
-    if not TOPK_SOFTMAX:
+    if GATE == GATE_SOFTMAX_TOPK:
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
 
     for e0 in range(0, num_experts, BLOCK_E):
@@ -79,9 +85,9 @@ def routing_grad_kernel(
         )
         grad_gate = gamma * shrink * u
         grad_shrink = gamma * gates * u
-        if TOPK_SOFTMAX:
+        if GATE == GATE_TOPK_SOFTMAX:
             grad_logits = gates * (grad_gate - weighted[:, None])
-        else:
+        else:  # GATE_SOFTMAX_TOPK
             logits = tl.load(logits_ptr + tile, mask=tile_ok, other=float("-inf"))
             grad_logits = tl.exp(logits - lse[:, None]) * (grad_gate - weighted[:, None])
         # u is read by every thread before any thread overwrites it with dh.

@@ -3,7 +3,7 @@
 Layout rule: N <= 256 experts run dense-in-tile (the whole pool in one tile of
 ``next_pow2(N)`` lanes, at least 16 for the tensor-core product); larger pools stream the
 experts in chunks of 64 (32 for fp32) with a running top-k of ``K_MAX`` slots. One compiled kernel serves
-every k <= its ``K_MAX``. Tile sizes were tuned with ``python -m smartfed_kernels.inspect``
+every k <= its ``K_MAX``. Tile sizes were tuned with ``python -m smartfed_kernels.static_check``
 to zero spills on sm_80 and sm_90 (docs/kernels.md keeps the table).
 """
 
@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from smartfed_kernels.validation import GATES, ROUTERS
+from smartfed_kernels.forms import gate_form
+from smartfed_kernels.options import GATES, ROUTERS
 
 DENSE_MAX_EXPERTS = 256
 STREAM_CHUNK = 64
@@ -62,7 +63,7 @@ def stream_k_max(top_k: int) -> int:
 
 def forward_config(num_experts: int, top_k: int, dtype, router: str, gate: str) -> KernelConfig:
     """The forward variant the launcher runs for this pool size, k, dtype and options."""
-    flags = dict(ROUTER_LINEAR=router == "linear", TOPK_SOFTMAX=gate == "topk_softmax",
+    flags = dict(ROUTER_LINEAR=router == "linear", GATE=gate_form(gate).code,
                  DOT_PRECISION=dot_precision(dtype))
     block_k = 64 if _half(dtype) else 16
     block_d = 64 if _half(dtype) else 32
@@ -82,7 +83,7 @@ def forward_config(num_experts: int, top_k: int, dtype, router: str, gate: str) 
 
 def routing_grad_config(dtype, router: str, gate: str) -> KernelConfig:
     return _config(4 if _half(dtype) else 8, 2, BLOCK_T=16, BLOCK_D=64, BLOCK_E=64, BLOCK_R=16,
-                   ROUTER_LINEAR=router == "linear", TOPK_SOFTMAX=gate == "topk_softmax",
+                   ROUTER_LINEAR=router == "linear", GATE=gate_form(gate).code,
                    DOT_PRECISION=dot_precision(dtype))
 
 

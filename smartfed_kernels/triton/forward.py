@@ -19,6 +19,8 @@ import triton
 import triton.language as tl
 
 from smartfed_kernels.triton.kernel_utils import (
+    GATE_SOFTMAX_TOPK,
+    GATE_TOPK_SOFTMAX,
     NO_EXPERT,
     add_into_output,
     column,
@@ -82,7 +84,7 @@ def more_forward_kernel(
     num_tokens, d_in, d_out, num_experts, top_k, gamma, cols_per_split,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr, K_MAX: tl.constexpr,
-    DENSE: tl.constexpr, ROUTER_LINEAR: tl.constexpr, TOPK_SOFTMAX: tl.constexpr,
+    DENSE: tl.constexpr, ROUTER_LINEAR: tl.constexpr, GATE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
@@ -101,9 +103,9 @@ def more_forward_kernel(
             BLOCK_T, BLOCK_E, BLOCK_K, BLOCK_R, ROUTER_LINEAR, False, DOT_PRECISION,
         )
         top = tl.max(logits, axis=1)
-        if TOPK_SOFTMAX:
+        if GATE == GATE_TOPK_SOFTMAX:
             shift = top
-        else:
+        else:  # GATE_SOFTMAX_TOPK
             shift = top + tl.log(tl.sum(tl.exp(logits - top[:, None]), axis=1))
             tl.store(
                 logits_ptr + rows[:, None] * num_experts + lanes[None, :], logits,
@@ -125,7 +127,7 @@ def more_forward_kernel(
             tl.store(gate_ptr + saved, weight, mask=save_ok)
             tl.store(shrink_ptr + saved, tl.sum(tl.where(hit, shrink, 0.0), axis=1), mask=save_ok)
         gates = tl.where(selected != 0, tl.exp(logits - shift[:, None]), 0.0)
-        if TOPK_SOFTMAX:
+        if GATE == GATE_TOPK_SOFTMAX:
             gates = gates / total[:, None]
             # The gates stored in the loop lacked the normaliser; every thread must see them
             # written before they are rescaled in place.
@@ -174,7 +176,7 @@ def more_forward_kernel(
                 br_ptr, has_router_bias, shrink_all_ptr, rows, row_ok, experts, expert_ok, d_in,
                 num_experts, BLOCK_T, BLOCK_E, BLOCK_K, BLOCK_R, ROUTER_LINEAR, True, DOT_PRECISION,
             )
-            if not TOPK_SOFTMAX:
+            if GATE == GATE_SOFTMAX_TOPK:
                 chunk_max = tl.maximum(run_max, tl.max(logits, axis=1))
                 run_sum = run_sum * tl.exp(run_max - chunk_max) + tl.sum(
                     tl.exp(logits - chunk_max[:, None]), axis=1
@@ -215,10 +217,10 @@ def more_forward_kernel(
             best_experts = new_experts
             best_shrink = new_shrink
         in_k = slots[None, :] < top_k
-        if TOPK_SOFTMAX:
+        if GATE == GATE_TOPK_SOFTMAX:
             weights = tl.where(in_k, tl.exp(best_logits - column(best_logits, slots, 0)[:, None]), 0.0)
             gates = weights / tl.sum(weights, axis=1)[:, None]
-        else:
+        else:  # GATE_SOFTMAX_TOPK
             shift = run_max + tl.log(run_sum)
             tl.store(lse_ptr + rows, shift, mask=save_ok)
             gates = tl.where(in_k, tl.exp(best_logits - shift[:, None]), 0.0)

@@ -7,8 +7,13 @@ mask; expert columns ``experts`` (int32) with ``expert_ok``; every product accum
 import triton
 import triton.language as tl
 
+from smartfed_kernels.forms import GATE_FORMS
+
 # Larger than any expert index: the "no expert" marker of an empty top-k slot.
 NO_EXPERT = tl.constexpr(2**30)
+# Values of the kernels' GATE constexpr: the codes of smartfed_kernels.forms.
+GATE_TOPK_SOFTMAX = tl.constexpr(GATE_FORMS["topk_softmax"].code)
+GATE_SOFTMAX_TOPK = tl.constexpr(GATE_FORMS["softmax_topk"].code)
 
 
 @triton.jit

@@ -1,7 +1,8 @@
 """Compile every MoRE kernel configuration for sm_80 / sm_90 without a GPU and report its resources.
 
-    python -m smartfed_kernels.inspect [--arch sm_80 sm_90] [--dtype bf16 ...] [--kernel NAME ...]
-                                       [--where KEY=VALUE ...] [--json FILE] [--dump DIR]
+    python -m smartfed_kernels.static_check [--arch sm_80 sm_90] [--dtype bf16 ...] [--kernel NAME ...]
+                                            [--where KEY=VALUE ...] [--json FILE] [--dump DIR]
+    smartfed inspect ...                    (the same, from the smartfed command)
 
 For each (arch, dtype, kernel, config) the launcher can choose (smartfed_kernels.triton.configs),
 ``triton.compile`` builds a cubin for ``GPUTarget("cuda", arch, 32)``; the ``cuobjdump`` shipped
@@ -154,20 +155,18 @@ def format_table(rows) -> str:
     return "\n".join(lines)
 
 
-def parse_where(pairs) -> dict:
-    """``KEY=VALUE`` filters on constexprs; values parse as Python literals (64, True, or 32,64 for either)."""
+def where_pair(text: str) -> tuple:
+    """One ``KEY=VALUE`` filter on constexprs; the value parses as a Python literal (64, True, or
+    32,64 for either)."""
     import ast
 
-    where = {}
-    for pair in pairs or ():
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise ValueError(f"--where: expected KEY=VALUE, got {pair!r}")
-        try:
-            where[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            where[key] = value
-    return where
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
 
 
 def _selected(config, where) -> bool:
@@ -192,16 +191,26 @@ def collect(archs, dtype_names, kernel_names=None, dump_dir=None, progress=True,
             for job in tqdm(jobs, desc="compiling", disable=not progress, file=sys.stderr)]
 
 
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """The options of the check, on ``parser`` (this module's own, or `smartfed inspect`'s)."""
+    parser.add_argument("--arch", nargs="+", choices=sorted(ARCHS), default=sorted(ARCHS),
+                        help="GPU architectures to compile for (default: all)")
+    parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPE_NAMES), default=["fp32", "fp16", "bf16"],
+                        help="input dtypes (default: fp32 fp16 bf16)")
+    parser.add_argument("--kernel", nargs="+", choices=sorted(_KERNEL_NAMES), default=None,
+                        help="only these kernels (default: every kernel)")
+    parser.add_argument("--where", nargs="+", type=where_pair, default=None, metavar="KEY=VALUE",
+                        help="only configs whose constexpr KEY (when it has one) equals VALUE (A,B: either), "
+                             "e.g. BLOCK_E=32,64 GATE=0")
+    parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="write the rows as JSON to this file")
+    parser.add_argument("--dump", type=Path, default=None, metavar="DIR", help="write every cubin into this directory")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(prog="python -m smartfed_kernels.inspect", description=__doc__.split("\n")[0])
-    parser.add_argument("--arch", nargs="+", choices=sorted(ARCHS), default=sorted(ARCHS))
-    parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPE_NAMES), default=["fp32", "fp16", "bf16"])
-    parser.add_argument("--kernel", nargs="+", choices=sorted(_KERNEL_NAMES), default=None)
-    parser.add_argument("--where", nargs="+", default=None, metavar="KEY=VALUE",
-                        help="only configs whose constexpr KEY (when it has one) equals VALUE (A,B: either)")
-    parser.add_argument("--json", type=Path, default=None, help="write the rows as JSON to this file")
-    parser.add_argument("--dump", type=Path, default=None, help="write every cubin into this directory")
-    parser.add_argument("--no-progress", action="store_true")
+    parser = argparse.ArgumentParser(prog="python -m smartfed_kernels.static_check",
+                                     description=__doc__.split("\n")[0])
+    configure_parser(parser)
     return parser
 
 
@@ -209,10 +218,10 @@ _KERNEL_NAMES = ("more_forward_kernel", "routing_grad_kernel", "input_grad_kerne
                  "expert_b_grad_kernel")
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def run(args) -> int:
+    """Compile, print the table and the failures; 1 when anything failed (the `smartfed inspect` entry)."""
     rows = collect(args.arch, [DTYPE_NAMES[d] for d in args.dtype], args.kernel, args.dump,
-                   progress=not args.no_progress, where=parse_where(args.where))
+                   progress=not args.no_progress, where=dict(args.where or ()))
     print(format_table(rows))
     failures = [(row, problem) for row in rows for problem in problems(row)]
     for row, problem in failures:
@@ -221,6 +230,10 @@ def main(argv=None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"rows": rows, "failures": len(failures)}, indent=1))
     return 1 if failures else 0
+
+
+def main(argv=None) -> int:
+    return run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":
