@@ -30,6 +30,7 @@ MAX_ROUTER_DIM = 65_536
 MAX_QUOTA_BUDGET = 10_000_000
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
 MAX_LORA_ALPHA = 1e6
+MAX_ATTACK_PARAM = 1_000_000  # the number of an attack fault, "sign_flip:<c>"
 
 # model.tiny: the random Llama's sizes, and its parameter count (float32: 4 bytes each).
 MAX_TINY_SIZES = {

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from smartfed.config import SYNTHETIC_TASK, config_fingerprint, config_to_dict
+from smartfed.config import SYNTHETIC_TASK, ConfigError, config_fingerprint, config_to_dict
 from smartfed.experiments.assets import build_base_model, build_tiny_pool, task_layout
 from smartfed.experiments.method_registry import build_method
 from smartfed.federated.client import FederatedClient
@@ -23,7 +23,9 @@ from smartfed.federated.driver import drive
 from smartfed.federated.faults import FaultInjectingGrid
 from smartfed.federated.grid import InProcessGrid
 from smartfed.federated.run_dir import RunDir
-from smartfed.federated.seeding import STREAM_EVAL_DATA, STREAM_TRAIN_DATA, STREAM_VALIDATION, derived_seed
+from smartfed.federated.seeding import (
+    STREAM_EVAL_DATA, STREAM_ROOT_SET, STREAM_TRAIN_DATA, STREAM_VALIDATION, derived_seed,
+)
 from smartfed.federated.strategy import SmartFedStrategy
 from smartfed.federated.trainer import ClientTrainer
 from smartfed.tasks.synthetic import TARGET_TASK, generate_examples
@@ -49,7 +51,9 @@ def build_trainer(config, *, device="cpu", progress=False, layout=None):
 def federated_data(config, layout) -> FederatedData:
     """The target task's training examples split across ``config.federation.num_clients``
     clients and its held-out evaluation examples; deterministic by ``config.seed``. With
-    ``task.validation_fraction`` the validation split is held out of the training examples first."""
+    ``task.validation_fraction`` the validation split is held out of the training examples first,
+    then with ``robustness.root_examples`` the server's root set, the same way; neither touches the
+    evaluation split."""
     if config.task.name != SYNTHETIC_TASK:
         train = Examples(layout.train_input_ids, layout.train_labels)
         evaluation = Examples(layout.eval_input_ids, layout.eval_labels)
@@ -66,7 +70,15 @@ def federated_data(config, layout) -> FederatedData:
     size = config.task.validation_size(len(train))
     if size:
         train, validation = hold_out(train, size, seed=derived_seed(config.seed, STREAM_VALIDATION))
-    return split_clients(train, evaluation, config.federation, seed=config.seed, validation=validation)
+    root = None
+    if config.robustness.root_examples:
+        if config.robustness.root_examples >= len(train):
+            raise ConfigError(f"leaves none of the {len(train)} training examples to the clients, got "
+                              f"{config.robustness.root_examples}", key="robustness.root_examples")
+        train, root = hold_out(train, config.robustness.root_examples, seed=derived_seed(config.seed, STREAM_ROOT_SET))
+    data = split_clients(train, evaluation, config.federation, seed=config.seed, validation=validation)
+    data.root = root
+    return data
 
 
 def hold_out(examples, size, *, seed):
@@ -135,6 +147,7 @@ def open_run(config, output_dir, *, resume=False, progress=True, trainer=None, d
     strategy = SmartFedStrategy(
         config, trainer, data.evaluation, fingerprint=fingerprint, partitions=data.clients,
         setup_json=json.dumps(config_dict), timeout=timeout, aggregate=aggregate, validation=data.validation,
+        root=data.root,
     )
     if resume:
         checkpoint = run_dir.resume_checkpoint(config=config, pool_fingerprint=trainer.pool_fingerprint,

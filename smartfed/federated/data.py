@@ -322,6 +322,7 @@ class FederatedData:
     evaluation: object  # held-out examples of the target task for the global model
     partitions: list  # indices into the training examples, per client
     validation: object = None  # held out of the training examples before the split; None: none
+    root: object = None  # the server's root set, held out after the validation split; None: none
 
 
 def split_clients(train: Examples, evaluation: Examples, federation, *, seed, validation=None) -> FederatedData:
