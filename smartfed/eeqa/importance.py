@@ -40,6 +40,15 @@ def _rows(tensor):
     return tensor.detach().reshape(-1, tensor.shape[-1])
 
 
+def _row_norms(tensor):
+    """Euclidean norm of each row [T], a fused reduction: float32 for float32 and narrower
+    inputs, float64 for float64 ones."""
+    rows = _rows(tensor)
+    if rows.dtype == torch.float64:
+        return torch.linalg.vector_norm(rows, dim=-1)
+    return torch.linalg.vector_norm(rows, dim=-1, dtype=torch.float32)
+
+
 def _check_pair(first_name, first, second_name, second):
     if first.shape != second.shape:
         raise ValueError(f"{first_name} and {second_name} must have the same shape, "
@@ -98,9 +107,7 @@ def magnitude_importance(y0, delta, *, scale=1.0):
     """Per-token ``||scale * delta|| / ||y0||`` [T] (a zero ``y0`` counts as the smallest float)."""
     _check_pair("y0", y0, "delta", delta)
     tiny = torch.finfo(torch.float32).tiny
-    norms = torch.linalg.vector_norm(_rows(delta), dim=-1, dtype=torch.float32)
-    return norms.mul_(abs(float(scale))).div_(
-        torch.linalg.vector_norm(_rows(y0), dim=-1, dtype=torch.float32).clamp_min(tiny))
+    return (_row_norms(delta).mul_(abs(float(scale))) / _row_norms(y0).clamp_min(tiny)).float()
 
 
 def gradient_importance(grad_output, delta, *, scale=1.0):
