@@ -31,9 +31,10 @@ import torch
 from smartfed.choices import ESTIMATORS
 
 
-# Rows per block of the cosine estimator's float64 pass: its [rows, 3, D] buffer stays near 1 MiB,
-# so a block lives in cache and never costs a fresh full-size allocation.
-_BLOCK_BYTES = 2 ** 20
+# Bound on the float64 buffer of one block of the cosine estimator. Under it a call is one block,
+# so its few ops run once: on a shared CPU every op's parallel region costs, whatever its size.
+# The buffer (16 bytes per element) is below the five float32 temporaries of the form it replaced.
+_BLOCK_BYTES = 2 ** 24
 
 
 def _rows(tensor):
@@ -56,25 +57,26 @@ def _check_pair(first_name, first, second_name, second):
 
 
 def _row_grams(y0, delta, scale):
-    """Per-row Gram matrices [T, 3, 3] (float64) of ``(y0, scale * delta, y0 + scale * delta)``.
+    """Per-row Gram matrices [T, 2, 2] (float64) of ``(y0, scale * delta)``.
 
-    Each block of rows is copied into one float64 buffer (an exact copy of float32 and narrower
-    data; the scaled delta and the sum are rounded in float64 only) and multiplied by its own
-    transpose, so the call costs a few ops per block and no full-size temporary."""
+    Blocks of rows (as few as ``_BLOCK_BYTES`` allows, evenly split) are copied into one float64
+    buffer, exact for float32 and narrower data, and multiplied by their own transpose: the
+    products are exact and only the sums round, in float64."""
     base, contribution = _rows(y0), _rows(delta)
     tokens, width = base.shape
-    grams = torch.empty(tokens, 3, 3, dtype=torch.float64, device=base.device)
-    step = max(1, _BLOCK_BYTES // (24 * max(1, width)))
+    grams = torch.empty(tokens, 2, 2, dtype=torch.float64, device=base.device)
+    blocks = max(1, -(-tokens * width * 16 // _BLOCK_BYTES))
+    step = max(1, -(-tokens // blocks))
     with torch.no_grad():
         for start in range(0, tokens, step):
             stop = min(start + step, tokens)
-            block = torch.empty(stop - start, 3, width, dtype=torch.float64, device=base.device)
+            block = torch.empty(stop - start, 2, width, dtype=torch.float64, device=base.device)
             block[:, 0].copy_(base[start:stop])
             block[:, 1].copy_(contribution[start:stop])
-            if scale != 1:
-                block[:, 1].mul_(scale)
-            torch.add(block[:, 0], block[:, 1], out=block[:, 2])
             torch.bmm(block, block.transpose(1, 2), out=grams[start:stop])
+    if scale != 1:
+        grams[:, 0, 1].mul_(scale)
+        grams[:, 1, 1].mul_(scale * scale)
     return grams
 
 
@@ -82,20 +84,22 @@ def cosine_importance(y0, delta, *, scale=1.0):
     """Per-token ``1 - cos(y0, y0 + scale * delta)`` [T] in float32, without forming the sum in
     float32 or any full-size temporary.
 
-    With ``b = y0``, ``d = scale * delta``, ``o = b + d`` and the row dot products taken in float64
-    (exact products of the float32 inputs), ``1 - cos = (|b|^2 |d|^2 - (b.d)^2) / (n (n + b.o))``
-    with ``n = |b| |o|`` where ``b.o > 0``, and ``1 - b.o / n`` otherwise: the numerator is the
-    squared area spanned by b and d (Lagrange's identity), so a small or nearly parallel
-    contribution never leaves ``1 - cos`` to a float32 cancellation. Precision: within 2^-24
-    relative (the final rounding to float32) plus an absolute ``~1e-15 (|d| / |o|)^2`` from the
-    float64 reductions -- below the ``~6e-8 * angle`` of the unit-vector difference
-    ``||u - v||^2 / 2`` in float32 that it replaces, for any angle above 1e-7. A zero vector's unit
-    vector is zero, as in that form: a token with one of ``y0``, ``y0 + delta`` zero scores 0.5,
-    with both zero 0."""
+    With ``b = y0``, ``d = scale * delta``, ``o = b + d`` and the row dot products ``b.b``,
+    ``b.d``, ``d.d`` taken in float64 (exact products of the float32 inputs),
+    ``1 - cos = (|b|^2 |d|^2 - (b.d)^2) / (n (n + b.o))`` with ``n = |b| |o|`` where ``b.o > 0``,
+    and ``1 - b.o / n`` otherwise (``b.o = b.b + b.d``, ``o.o = b.b + 2 b.d + d.d``): the
+    numerator is the squared area spanned by b and d (Lagrange's identity), so a small or nearly
+    parallel contribution never leaves ``1 - cos`` to a float32 cancellation. Precision: within
+    2^-24 relative (the final rounding to float32) plus an absolute ``~1e-15 (|d| / |o|)^2`` from
+    the float64 sums, for outputs not cancelled below ``1e-4 |y0|`` -- below the
+    ``~6e-8 * angle`` of the float32 unit-vector difference ``||u - v||^2 / 2`` it replaces, for
+    any angle above 1e-7. A zero vector's unit vector is zero, as in that form: a token with one
+    of ``y0``, ``y0 + delta`` zero scores 0.5, with both zero 0."""
     _check_pair("y0", y0, "delta", delta)
     grams = _row_grams(y0, delta, float(scale))
     base_sq, base_delta, delta_sq = grams[:, 0, 0], grams[:, 0, 1], grams[:, 1, 1]
-    base_out, out_sq = grams[:, 0, 2], grams[:, 2, 2]
+    base_out = base_sq + base_delta
+    out_sq = (base_out + base_delta + delta_sq).clamp_min(0)
     norms = (base_sq * out_sq).sqrt()
     area = (base_sq * delta_sq - base_delta * base_delta).clamp_min(0)
     turned = torch.where(base_out > 0, area / (norms * (norms + base_out)), 1 - base_out / norms)
