@@ -7,9 +7,14 @@ many experts each matrix may use. Only router parameters travel.
 
 import argparse
 import importlib
+import logging
 import sys
 import textwrap
+import traceback
+import warnings
 from dataclasses import dataclass
+
+from smartfed.errors import SmartFedError
 
 
 @dataclass(frozen=True)
@@ -100,8 +105,10 @@ SUBCOMMANDS = {
                 "source task of smartfed.tasks; an adapter is retrained only when a hash of its inputs (model "
                 "weights, task data, LoRA and training settings, seed) changes, or with --force. The weights "
                 "also depend on what the hash leaves out (library versions, the CPU's SIMD kernels), recorded in "
-                "provenance.json.",
-        example="smartfed build-pool --config configs/public_pool.yaml",
+                "provenance.json. --only NAME... builds those adapters and leaves the others as they are; the "
+                "overall progress counts training steps, so its ETA weighs each adapter by its steps.",
+        example="smartfed build-pool --config configs/public_pool.yaml\n"
+                "  smartfed build-pool --config configs/public_pool.yaml --only arithmetic number_words",
         writes="OUTPUT/<adapter>/ (adapter_config.json, adapter_model.safetensors, provenance.json) and "
                "OUTPUT/manifest.json; OUTPUT is output_dir of the config or --output",
         exit_codes="0 done; 2 bad config, arguments or model folder (one line on stderr)",
@@ -115,7 +122,10 @@ SUBCOMMANDS = {
                 "its bytes). Methods swept over an lr_grid are chosen on validation first (the last 3 rounds' "
                 "validation accuracy, averaged over the seeds every rate ran; the chosen rate reports all its "
                 "seeds), then SmartFed's configuration among its lr_grid entries (e.g. router forms); only "
-                "the chosen runs' test numbers are reported.",
+                "the chosen runs' test numbers are reported. Runs of one task and method whose configurations "
+                "differ (other than the seed) are never averaged: each configuration is a method of its own, named "
+                "with the values that set it apart. Base model and majority class accuracy stand beside the runs "
+                "that recorded them (smartfed sweep) or that --baselines covers. Prints where it wrote.",
         example="smartfed report runs/paper_small --output runs/paper_small/report",
         writes="OUTPUT/report.md, OUTPUT/summary.json, OUTPUT/*.png (accuracy vs round and vs bytes, mean "
                "accuracy vs bytes, EEQA quotas per matrix, expert usage); with lr_grid runs also OUTPUT/selection.json, "
@@ -139,6 +149,18 @@ SUBCOMMANDS = {
                    "a --set outside the evaluation settings, --split validation on a run without a validation "
                    "split or bad arguments (one line on stderr)",
     ),
+    "tiny-assets": Subcommand(
+        module="smartfed.experiments.tiny_assets",
+        summary="write a tiny random Llama folder and three peft LoRA adapters to try the API with",
+        details="The base model of the default run config (configs/tiny.yaml), saved with save_pretrained, and "
+                "its pool: rank-4 LoRA adapters trained with peft on synthetic source tasks (cached; seconds on "
+                "a CPU). They load as a user's own model and adapters do; the README's snippets use them. "
+                "Random weights: they show the API, not what a real model learns.",
+        example="smartfed tiny-assets --output tiny-assets",
+        writes="OUTPUT/model/ (config.json, model.safetensors) and OUTPUT/adapters/source_<i>/ (adapter_config.json, "
+               "adapter_model.safetensors); OUTPUT must not exist",
+        exit_codes="0 done; 2 OUTPUT exists (one line on stderr)",
+    ),
     "expert-usage": Subcommand(
         module="smartfed.experiments.expert_usage",
         summary="which source adapters a finished SmartFed run routes to",
@@ -156,19 +178,67 @@ SUBCOMMANDS = {
                 "addresses nodes dial (--host, default 127.0.0.1 and localhost) and one EC P-384 key pair per "
                 "SuperNode in OpenSSH format (flwr supernode register / --auth-supernode-private-key). Private keys "
                 "are mode 600; existing files are never overwritten without --force.",
-        example="smartfed federation-keys keys --nodes 2",
+        example="smartfed federation-keys ~/.smartfed/federation/keys --nodes 2",
         writes="DIR/ca.pem, ca.key, server.pem, server.key, supernode-<i>.key and supernode-<i>.pub",
         exit_codes="0 written; 2 a file exists (nothing written; --force replaces them) or bad arguments",
+    ),
+    "federation": Subcommand(
+        module="smartfed.experiments.federation",
+        summary="start docs/flower.md's local TLS + authenticated Flower deployment in one line",
+        details="Keys made once under --dir (default ~/.smartfed/federation), a SuperLink on 127.0.0.1 with TLS and "
+                "SuperNode authentication, each node's key registered, one SuperNode per client. Without --run it "
+                "prints the flwr command for a run and stays up until Ctrl-C; --run CONFIG runs that config once on "
+                "exactly the registered SuperNodes and stops.",
+        example="smartfed federation --nodes 2\n  smartfed federation --run configs/tiny.yaml --threads 1",
+        writes="DIR/keys/ (once), DIR/session-<time>/ (database, logs), DIR/runs/<run>/ (the run folder)",
+        exit_codes="0 done (or stopped by a process exiting: 1); 2 bad arguments or keys; 3 the run did not "
+                   "complete; 130 Ctrl-C (every process stopped)",
     ),
 }
 
 
-class UsageError(Exception):
+DEBUG_FLAG = "--debug"
+# Error types of other modules that are the user's to fix but do not derive from SmartFedError
+# yet: (module, class name), looked up only in modules already imported (an error of a module
+# never imported cannot have been raised).
+USER_ERRORS_ELSEWHERE = (
+    ("smartfed.federated.run_dir", "RunDirError"),
+    ("smartfed.federated.checkpoint", "CheckpointError"),
+)
+
+
+class UsageError(SmartFedError):
     """A command-line mistake, reported in one line."""
 
 
+def _unknown_flags(parser, args) -> list:
+    """The options in ``args`` that ``parser`` knows under no name or prefix (argparse names a
+    missing required option before an unknown one, which hides a typo such as --configs)."""
+    known = parser._option_string_actions
+    unknown = []
+    for arg in args:
+        if arg == "--":
+            break
+        name = arg.split("=", 1)[0]
+        if name.startswith("-") and len(name) > 1 and not name[1:2].isdigit() and name not in known \
+                and not any(option.startswith(name) for option in known if option.startswith("--")):
+            unknown.append(name)
+    return unknown
+
+
 class _Parser(argparse.ArgumentParser):
+    def parse_known_args(self, args=None, namespace=None):
+        self._arguments_seen = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
     def error(self, message):
+        unknown = _unknown_flags(self, getattr(self, "_arguments_seen", ()))
+        if unknown and not message.startswith("unrecognized arguments"):
+            close = [option for option in self._option_string_actions if option.startswith("--")]
+            import difflib
+
+            hint = difflib.get_close_matches(unknown[0], close, n=1)
+            message = f"unrecognized arguments: {' '.join(unknown)}" + (f" (did you mean {hint[0]}?)" if hint else "")
         raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
@@ -185,8 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="smartfed", formatter_class=argparse.RawDescriptionHelpFormatter, description=__doc__.strip(),
         epilog=_wrapped("Run `smartfed COMMAND --help` for a command's options, an example, what it writes and "
-                        "its exit status. Errors are one line on stderr with exit status 2."),
+                        "its exit status. A mistake in the input (config, arguments, files) is one line on stderr "
+                        "with exit status 2; an internal error shows its traceback, exit status 1."),
     )
+    parser.add_argument(DEBUG_FLAG, action="store_true",
+                        help="show the traceback of every error, also of a mistake in the input (may stand anywhere)")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
     for name, spec in SUBCOMMANDS.items():
         sub = subparsers.add_parser(name, help=spec.summary, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -216,8 +289,38 @@ def _one_line(error) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
+def _user_error_types() -> tuple:
+    types = [SmartFedError, OSError]
+    for module_name, class_name in USER_ERRORS_ELSEWHERE:
+        cls = getattr(sys.modules.get(module_name), class_name, None)
+        if isinstance(cls, type) and issubclass(cls, BaseException):
+            types.append(cls)
+    return tuple(types)
+
+
+class _DropFlowerPackagingWarnings(logging.Filter):
+    """Flower's checks of an app's pyproject.toml that a user of smartfed cannot act on."""
+
+    def filter(self, record):
+        return "Recommended property" not in record.getMessage()
+
+
+def quiet_library_warnings():
+    """Hide warnings a user cannot act on: transformers' FutureWarnings (deprecations inside the
+    library) and Flower's packaging recommendations for the app's pyproject.toml."""
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers(\.|$)")
+    warnings.filterwarnings("ignore", message=r".*Recommended property .* missing")
+    logging.getLogger("flwr").addFilter(_DropFlowerPackagingWarnings())
+
+
 def main(argv=None) -> int:
+    """Run one ``smartfed`` command. A user's mistake (a SmartFedError, a usage error, a file or
+    folder the command cannot use) is one line on stderr and exit status 2; anything else is a
+    defect and keeps its traceback, exit status 1. ``--debug`` (anywhere) shows the traceback of
+    a user's mistake too."""
     from_argv = sys.argv[1:] if argv is None else list(argv)
+    debug = DEBUG_FLAG in from_argv
+    from_argv = [arg for arg in from_argv if arg != DEBUG_FLAG]
     parser = build_parser()
     try:
         args, rest = parser.parse_known_args(from_argv)
@@ -227,21 +330,25 @@ def main(argv=None) -> int:
         print(error, file=sys.stderr)
         return 2
     command = f"smartfed {args.command}"
+    quiet_library_warnings()
     try:
         if getattr(args, "forward_to", ""):
             return _forward(args.forward_to, command, rest)
         return int(importlib.import_module(args.module).run(args) or 0)
-    except UsageError as error:
-        print(error, file=sys.stderr)
-        return 2
-    except (ValueError, OSError) as error:
-        # ConfigError is a ValueError; OSError: a file or folder the command needs. Both are the
-        # user's to fix, so they get one line and exit 2, never a traceback.
-        print(f"{command}: {_one_line(error)}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"{command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:  # noqa: BLE001 (sorted into the user's and SmartFed's below)
+        if not isinstance(error, _user_error_types()):
+            traceback.print_exc()
+            print(f"{command}: internal error ({type(error).__name__}); please report it with the traceback above",
+                  file=sys.stderr)
+            return 1
+        if debug:
+            traceback.print_exc()
+        line = str(error) if isinstance(error, UsageError) else f"{command}: {_one_line(error)}"
+        print(line, file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -14,88 +14,15 @@ silently if merged into the base weights; ``peft_model.unload()`` gives the plai
 import fnmatch
 import sys
 import zlib
-from dataclasses import asdict, dataclass
-from typing import Dict, Mapping, Optional, Sequence, Union
+from typing import Dict, Mapping, Optional, Sequence
 
 from torch import nn
 
-from smartfed.layer import (
-    LAYER_ROUTERS, ROUTER_INITS, MoRELinear, check_choice, check_router_projection, is_conv1d, type_name,
-    weight_out_in,
-)
-from smartfed.pool import LoRAPool, check_target_modules
-from smartfed_kernels.dispatch import BACKENDS
-from smartfed_kernels.validation import GATES, resolve_gamma
+from smartfed.choices import MoREConfig, TopK
+from smartfed.layer import MoRELinear, is_conv1d, type_name, weight_out_in
+from smartfed.pool import LoRAPool
 
-TopK = Union[int, Mapping[str, int]]
-
-
-@dataclass(frozen=True)
-class MoREConfig:
-    """How :func:`inject_more` builds the MoRE layers.
-
-    ``top_k``: one k for every module, or a mapping whose keys are module names (pool or model
-    names), dotted name suffixes as in peft (``"q_proj"``) or fnmatch globs; an exact name wins,
-    then the first matching suffix, then the first matching glob, in mapping order.
-
-    ``target_modules`` selects pool modules with peft's rule: a string is a regex matched against
-    the whole pool module name, a list entry matches the whole name or a dotted suffix
-    (``["q_proj", "v_proj"]``); a list entry also matches as an fnmatch glob on the whole name
-    (``["*.0.*q_proj"]``), kept from before. None: every pool module. Each list entry (or the
-    regex) must match at least one module.
-    ``seed`` seeds ``router_init="normal"`` per module (stable whatever the injection order).
-    ``router="projected"`` routes on ``U (P x)``: ``router_dim`` is m, the width of U [N, m], and
-    ``projection_seed`` seeds the fixed P [m, d_in] that every client rebuilds from it
-    (:func:`smartfed.layer.router_projection`); both are ignored by the other router forms.
-    """
-
-    top_k: TopK = 8
-    router: str = "linear"
-    gate: str = "topk_softmax"
-    gamma: Optional[float] = None
-    router_init: str = "normal"
-    router_bias: bool = True
-    train_experts: bool = False
-    target_modules: Union[str, Sequence[str], None] = None
-    backend: str = "auto"
-    seed: int = 0
-    router_dim: int = 32
-    projection_seed: int = 0
-
-    def __post_init__(self):
-        check_choice("router", self.router, LAYER_ROUTERS)
-        check_router_projection(self.router_dim, self.projection_seed)
-        check_choice("gate", self.gate, GATES)
-        check_choice("router_init", self.router_init, ROUTER_INITS)
-        check_choice("backend", self.backend, BACKENDS)
-        if self.gamma is not None:
-            resolve_gamma(self.gamma, 1)
-        if isinstance(self.top_k, Mapping):
-            if not self.top_k:
-                raise ValueError("top_k: expected a non-empty mapping module name/glob -> int")
-            for key, value in self.top_k.items():
-                _check_k(f"top_k[{key!r}]", value)
-        else:
-            _check_k("top_k", self.top_k)
-        if self.target_modules is not None:
-            check_target_modules(self.target_modules)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise TypeError(f"seed: expected an int, got {type(self.seed).__name__}")
-
-    def to_dict(self) -> dict:
-        config = asdict(self)
-        if isinstance(self.top_k, Mapping):
-            config["top_k"] = dict(self.top_k)
-        if self.target_modules is not None and not isinstance(self.target_modules, str):
-            config["target_modules"] = list(self.target_modules)
-        return config
-
-
-def _check_k(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name}: expected k >= 1, got {value}")
+__all__ = ["MoREConfig", "TopK", "describe", "inject_more", "more_layers", "resolve_module_names", "resolve_top_k"]
 
 
 def more_layers(model: nn.Module) -> Dict[str, MoRELinear]:

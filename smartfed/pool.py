@@ -9,10 +9,9 @@ For a module targeted by adapters e = 1..E (each ``A_e [r_e, d_in]``, ``B_e [d_o
 and remembers each expert's origin (adapter name, rank index). Only adapters whose weights hold
 a module contribute experts to it. Tensors are kept in float32 whatever the file's dtype.
 
-An adapter whose peft LoRA variant has a forward other than ``s B A x`` on the unmodified base
-layer (DoRA, aLoRA, QALoRA, PiSSA-style inits that change the base, ...: ``REFUSED_CONFIG_FIELDS``,
-``BASE_MODIFYING_INITS``) is refused with an :class:`AdapterError` naming the config field, as is
-any set config field this module does not know, so a variant added to peft later cannot slip through.
+The adapter's ``adapter_config.json`` is checked first (smartfed.adapter_config): LoRA variants
+whose forward is not rank-wise are refused by name, every field peft accepts is type- and
+range-checked, and each module's scale must be finite and bounded.
 GPT-2's Conv1D adapters (``fan_in_fan_out=True``) store lora_A/lora_B as for a Linear and need
 nothing special here.
 """
@@ -20,7 +19,6 @@ nothing special here.
 import fnmatch
 import hashlib
 import json
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -31,46 +29,16 @@ import safetensors.torch
 import torch
 from safetensors import SafetensorError
 
-CONFIG_FILE = "adapter_config.json"
+from smartfed.adapter_config import (  # noqa: F401 (the names pool users import from here)
+    BASE_MODIFYING_INITS, CONFIG_FILE, NEUTRAL_CONFIG_FIELDS, REFUSED_CONFIG_FIELDS, AdapterError, adapter_scale,
+    pattern_value, read_adapter_config,
+)
+from smartfed.choices import check_target_modules
+
 WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 LORA_A_SUFFIX = ".lora_A.weight"
 LORA_B_SUFFIX = ".lora_B.weight"
-# Config fields of peft's LoraConfig that change the adapter's forward away from x -> s B A x on
-# the unmodified base layer: field -> (is it set?, why MoRE cannot reproduce it, the value expected).
-REFUSED_CONFIG_FIELDS = {
-    "use_dora": (bool, "DoRA rescales each output column by a learned magnitude, which is not rank-wise", "false"),
-    "lora_bias": (bool, "a bias on lora_B is not a rank-wise expert", "false"),
-    "bias": (lambda value: value not in (None, "none"),
-             "trained base biases are not rank-wise experts", '"none"'),
-    "target_parameters": (bool, "LoRA on raw parameters is not LoRA on a Linear layer", "null"),
-    "alora_invocation_tokens": (
-        lambda value: value is not None,
-        "an activated LoRA (aLoRA) acts only on the tokens after its invocation sequence, MoRE experts act on "
-        "every token", "null"),
-    "use_qalora": (bool, "QALoRA feeds lora_A a group-pooled input, not x", "false"),
-    "use_bdlora": (bool, "BD-LoRA stores block-diagonal lora_A/lora_B blocks, not LoRA factors", "null"),
-    "arrow_config": (lambda value: value is not None, "Arrow routes among its adapters with its own router", "null"),
-    "kasa_config": (lambda value: value is not None,
-                    "KaSA truncates the base weight and scales the rank by a learned diagonal", "null"),
-    "megatron_config": (lambda value: value is not None,
-                        "the LoRA layers are Megatron tensor-parallel layers", "null"),
-    "layer_replication": (bool, "the adapter was trained on a model whose layers peft duplicated", "null"),
-    "trainable_token_indices": (bool, "trained token embeddings change the embedding layer", "null"),
-    "modules_to_save": (bool, "trained full copies of these modules replace the base model's", "null"),
-}
-# init_lora_weights values whose initialisation subtracts the initial adapter from the base weights:
-# the saved adapter then fits only that modified base.
-BASE_MODIFYING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
-# LoraConfig fields known not to change the forward (selection, scaling handled here, training-time
-# only, or sub-configs of an initialisation); any other field set to a non-empty value is refused.
-NEUTRAL_CONFIG_FIELDS = {
-    "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
-    "inference_mode", "r", "lora_alpha", "target_modules", "exclude_modules", "lora_dropout", "fan_in_fan_out",
-    "use_rslora", "init_lora_weights", "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern",
-    "megatron_core", "loftq_config", "eva_config", "corda_config", "lora_ga_config", "qalora_group_size",
-    "runtime_config", "ensure_weight_tying", "velora_config", "monteclora_config",
-}
 # Tensors that training-time variants save beside lora_A/lora_B; their inference forward is plain
 # LoRA (VeLoRA compresses only the backward, MonteCLoRA samples lora_A noise only in training mode).
 AUXILIARY_TENSORS = {
@@ -83,10 +51,6 @@ FOREIGN_LORA_MARKERS = {
     "lora_embedding_B": "an embedding LoRA (lora_embedding_A/B); only LoRA on Linear layers splits into experts",
     "lora_magnitude_vector": "a DoRA adapter (lora_magnitude_vector); DoRA's magnitude rescaling is not rank-wise",
 }
-
-
-class AdapterError(ValueError):
-    """An adapter folder that cannot become rank-wise experts; the message names the file and the problem."""
 
 
 @dataclass(frozen=True)
@@ -157,65 +121,6 @@ def _natural_key(name: str):
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
-def _pattern_value(patterns: Dict[str, float], module: str, default):
-    """peft's rank_pattern / alpha_pattern lookup: first key matching a dotted suffix of the module."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
-
-
-def _read_config(folder: Path) -> dict:
-    config_path = folder / CONFIG_FILE
-    if not config_path.is_file():
-        raise AdapterError(f"{config_path}: missing {CONFIG_FILE} (expected a peft adapter folder)")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise AdapterError(f"{config_path}: not valid JSON ({error})") from error
-    if not isinstance(config, dict):
-        raise AdapterError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
-    peft_type = config.get("peft_type")
-    if peft_type != "LORA":
-        raise AdapterError(
-            f"{config_path}: peft_type is {peft_type!r}, expected 'LORA' "
-            "(only LoRA adapters split into rank-wise experts)"
-        )
-    _refuse_variants(config, config_path)
-    for key in ("r", "lora_alpha"):
-        value = config.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise AdapterError(f"{config_path}: {key} must be a positive number, got {value!r}")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(config.get(key) or {}, dict):
-            raise AdapterError(f"{config_path}: {key} must be a JSON object, got {config[key]!r}")
-    return config
-
-
-def _refuse_variants(config: dict, config_path: Path) -> None:
-    """Raise on any LoRA variant whose forward MoRE's rank-wise experts do not reproduce."""
-    for key, (is_set, reason, expected) in REFUSED_CONFIG_FIELDS.items():
-        value = config.get(key)
-        if is_set(value):
-            raise AdapterError(f"{config_path}: {key} is {json.dumps(value)}, expected {expected}; "
-                               f"MoRE cannot reproduce this LoRA variant ({reason})")
-    init = config.get("init_lora_weights")
-    if isinstance(init, str) and init.lower().startswith(BASE_MODIFYING_INITS):
-        raise AdapterError(
-            f"{config_path}: init_lora_weights is {init!r}, expected true, false or a plain initialisation; this "
-            "initialisation changed the base weights, so the adapter fits only that modified base (re-save it as "
-            "a plain LoRA with peft's save_pretrained(..., path_initial_model_for_weight_conversion=...))"
-        )
-    unknown = sorted(key for key, value in config.items()
-                     if key not in NEUTRAL_CONFIG_FIELDS and key not in REFUSED_CONFIG_FIELDS
-                     and value not in (None, False, "", [], {}))
-    if unknown:
-        raise AdapterError(
-            f"{config_path}: unknown LoraConfig fields {unknown} are set, expected them unset or absent; "
-            "SmartFed cannot tell whether they change the LoRA forward (remove them only if they do not)"
-        )
-
-
 def _read_weights(folder: Path) -> Tuple[Dict[str, torch.Tensor], str]:
     weights_path = folder / WEIGHTS_FILE
     if not weights_path.is_file():
@@ -281,7 +186,7 @@ def _load_adapter(folder: Path, name: str):
     """(AdapterInfo, module name -> (A, B with the scale folded in))."""
     if not folder.is_dir():
         raise AdapterError(f"{folder}: not a directory (expected a peft adapter folder)")
-    config = _read_config(folder)
+    config = read_adapter_config(folder)
     tensors, sha256 = _read_weights(folder)
     weights_path = folder / WEIGHTS_FILE
     modules = _split_lora_tensors(tensors, weights_path, config)
@@ -291,15 +196,15 @@ def _load_adapter(folder: Path, name: str):
     ranks, scales, experts = {}, {}, {}
     for module, (lora_a, lora_b) in modules.items():
         rank = lora_a.shape[0]
-        expected_rank = _pattern_value(rank_pattern, module, config["r"])
+        expected_rank = pattern_value(rank_pattern, module, config["r"])
         if rank != expected_rank:
             raise AdapterError(
                 f"{weights_path}: module {module!r}: lora_A has rank {rank} but {CONFIG_FILE} "
                 f"(r / rank_pattern) says {expected_rank}"
             )
-        alpha = _pattern_value(alpha_pattern, module, config["lora_alpha"])
-        scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
-        ranks[module], scales[module] = rank, float(scale)
+        alpha = pattern_value(alpha_pattern, module, config["lora_alpha"])
+        scale = adapter_scale(weights_path, module, alpha, rank, use_rslora)
+        ranks[module], scales[module] = rank, scale
         experts[module] = (lora_a, lora_b * scale)
     info = AdapterInfo(
         name=name,
@@ -337,26 +242,6 @@ def _adapter_names(paths: Sequence[Path], names: Optional[Sequence[str]]) -> Lis
             )
         first_path[name] = path
     return names
-
-
-def check_target_modules(target_modules) -> None:
-    """Raise unless ``target_modules`` is a valid regex string or a sequence of non-empty strings."""
-    if isinstance(target_modules, str):
-        try:
-            re.compile(target_modules)
-        except re.error as error:
-            raise ValueError(
-                f"target_modules: {target_modules!r} is not a valid regular expression ({error}); a string is a "
-                f"regex matched against the whole module name, as in peft; for names, suffixes or globs pass a "
-                f"list, e.g. [{target_modules!r}]"
-            ) from error
-        return
-    if not isinstance(target_modules, (list, tuple)) or not target_modules:
-        raise TypeError(f"target_modules: expected a regex string or a non-empty list of module names, suffixes "
-                        f"or globs, got {target_modules!r}")
-    for entry in target_modules:
-        if not isinstance(entry, str) or not entry:
-            raise TypeError(f"target_modules: expected non-empty strings in the list, got {entry!r}")
 
 
 def matches_target(name: str, target_modules: Union[str, Sequence[str]]) -> bool:

@@ -26,13 +26,14 @@ from smartfed.federated.checkpoint import (
     save_checkpoint,
 )
 from smartfed.federated.run_dir import (
+    RunDir,
     RunDirError,
     append_jsonl,
     fsync_write,
-    prepare_run_dir,
     rebuild_metrics,
     write_jsonl,
 )
+from smartfed.staging import MARKER, MARKER_KIND, make_staging
 
 ROOT = Path(__file__).resolve().parent.parent
 LATEST, PREVIOUS = "checkpoint", "checkpoint.previous"
@@ -232,17 +233,21 @@ def test_a_crash_between_the_renames_resumes_from_the_previous_without_a_warning
 
 def test_staging_folders_left_by_a_crash_are_removed_by_the_next_save_or_load(tmp_path):
     save_checkpoint(tmp_path, make_checkpoint(1))
-    dead = tmp_path / ".checkpoint-999999999-crashed"
-    unnamed = tmp_path / ".checkpoint-x1y2z3"
-    live = tmp_path / f".checkpoint-{os.getppid()}-writing"  # another process still saving: left alone
-    for folder in (dead, unnamed, live):
-        folder.mkdir()
+    dead = make_staging(tmp_path, ".checkpoint-")
+    live = make_staging(tmp_path, ".checkpoint-")  # another process still saving: left alone
+    (dead / MARKER).write_text(json.dumps({"kind": MARKER_KIND, "pid": 999_999_999}))
+    (live / MARKER).write_text(json.dumps({"kind": MARKER_KIND, "pid": os.getppid()}))
+    unmarked = tmp_path / ".checkpoint-999999999-not-ours"  # a staging name, but no marker: not ours
+    unmarked.mkdir()
+    for folder in (dead, live, unmarked):
         (folder / "tensors.safetensors").write_bytes(b"partial")
     load_checkpoint(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([LATEST, live.name])
-    (tmp_path / f".checkpoint-{os.getpid()}-earlier").mkdir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([LATEST, live.name, unmarked.name])
+    assert (unmarked / "tensors.safetensors").read_bytes() == b"partial"
+    make_staging(tmp_path, ".checkpoint-")  # this process's own leftover
     save_checkpoint(tmp_path, make_checkpoint(2))
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([LATEST, PREVIOUS, live.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([LATEST, PREVIOUS, live.name, unmarked.name])
+    assert not (tmp_path / LATEST / MARKER).exists()
 
 
 # --------------------------------------------------------------------------- the run folder
@@ -252,10 +257,10 @@ CONFIG = {"seed": 0, "federation": {"rounds": 2, "lr": 0.01}, "faults": {1: {0: 
 
 
 def test_a_missing_or_empty_folder_takes_a_fresh_run(tmp_path):
-    assert prepare_run_dir(tmp_path / "new", CONFIG, resume=False) == tmp_path / "new"
+    assert RunDir(tmp_path / "new").check_writable(CONFIG, resume=False) == tmp_path / "new"
     assert not (tmp_path / "new").exists()
     (tmp_path / "empty").mkdir()
-    prepare_run_dir(tmp_path / "empty", CONFIG, resume=False)
+    RunDir(tmp_path / "empty").check_writable(CONFIG, resume=False)
 
 
 def test_a_users_folder_is_refused_and_left_byte_identical(tmp_path):
@@ -266,7 +271,7 @@ def test_a_users_folder_is_refused_and_left_byte_identical(tmp_path):
         (folder / name).write_bytes(data)
     with pytest.raises(RunDirError, match=rf"^{folder} holds files not written by a smartfed run "
                                           r"\(config.json, notes.txt\): give --output a new or empty folder"):
-        prepare_run_dir(folder, CONFIG, resume=False)
+        RunDir(folder).check_writable(CONFIG, resume=False)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == files
 
 
@@ -277,12 +282,12 @@ def test_a_run_of_another_config_is_refused_and_one_of_this_config_taken(tmp_pat
     for name in ("metrics.jsonl", "metrics.jsonl.tmp", "resumes.jsonl"):
         (folder / name).write_text("")
     (folder / ".checkpoint-123-abc").mkdir()
-    prepare_run_dir(folder, CONFIG, resume=False)
+    RunDir(folder).check_writable(CONFIG, resume=False)
     other = {**CONFIG, "federation": {"rounds": 2, "lr": 0.5}}
     with pytest.raises(RunDirError, match=rf"^{folder} holds a run of another config \(config.json: federation.lr "
                                           r"is 0.01 there, 0.5 now\)"):
-        prepare_run_dir(folder, other, resume=False)
-    prepare_run_dir(folder, other, resume=True)  # the config is compared by check_resume
+        RunDir(folder).check_writable(other, resume=False)
+    RunDir(folder).check_writable(other, resume=True)  # the config is compared by check_resume
 
 
 def test_run_files_without_their_config_and_a_file_as_folder_are_refused(tmp_path):
@@ -290,10 +295,10 @@ def test_run_files_without_their_config_and_a_file_as_folder_are_refused(tmp_pat
     folder.mkdir()
     (folder / "metrics.jsonl").write_text("")
     with pytest.raises(RunDirError, match=rf"^{folder} holds run files \(metrics.jsonl\) but no config.json"):
-        prepare_run_dir(folder, CONFIG, resume=False)
+        RunDir(folder).check_writable(CONFIG, resume=False)
     (tmp_path / "file").write_text("x")
     with pytest.raises(RunDirError, match="file is not a folder"):
-        prepare_run_dir(tmp_path / "file", CONFIG, resume=True)
+        RunDir(tmp_path / "file").check_writable(CONFIG, resume=True)
 
 
 def test_smartfed_train_refuses_a_users_folder_with_exit_2_before_building_anything(tmp_path, capsys, monkeypatch):
@@ -382,8 +387,11 @@ def test_pool_cache_build_removes_crashed_staging_and_leaves_none_of_its_own(tmp
     from smartfed.experiments import assets
 
     config = config_from_dict({"pool": {"cache_dir": str(tmp_path), "train_steps": 2, "batch_size": 8}})
-    crashed = tmp_path / f"{assets.POOL_STAGING_PREFIX}{2**31 - 1}-crashed"
+    from smartfed.staging import MARKER, MARKER_KIND
+
+    crashed = tmp_path / f"{assets.POOL_STAGING_PREFIX}crashed"
     (crashed / "source_0").mkdir(parents=True)
+    (crashed / MARKER).write_text(json.dumps({"kind": MARKER_KIND, "pid": 2**31 - 1}))
 
     def fail(*args, **kwargs):
         raise RuntimeError("interrupted")
@@ -396,3 +404,104 @@ def test_pool_cache_build_removes_crashed_staging_and_leaves_none_of_its_own(tmp
     paths = assets.build_tiny_pool(config, progress=False)
     assert all((path / "adapter_config.json").is_file() for path in paths)
     assert sorted(p.name for p in tmp_path.iterdir()) == [paths[0].parent.name]
+
+
+# --------------------------------------------------------------------------- forged files
+
+
+def rehash(state_path, change):
+    """Apply ``change`` to a state.json and record its new self-hash, as a forger would."""
+    meta = json.loads(state_path.read_text())
+    meta.pop("state_sha256")
+    change(meta)
+    canonical = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
+    meta["state_sha256"] = hashlib.sha256(canonical).hexdigest()
+    state_path.write_text(json.dumps(meta))
+
+
+def _set(path, value):
+    def change(meta):
+        node = meta
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+    return change
+
+
+@pytest.mark.parametrize("change, problem", [
+    (_set(["round"], "2"), "'round' must be an int >= 0"),
+    (_set(["round"], True), "'round' must be an int >= 0"),
+    (_set(["quotas"], [1, 2]), "'quotas' must be null or a mapping"),
+    (_set(["quotas"], {"m": "2"}), "'quotas' must be null or a mapping"),
+    (_set(["history"], [{"loss": 1.0}]), "'history' must be a list of round records"),
+    (_set(["history"], "all"), "'history' must be a list of round records"),
+    (lambda meta: meta.pop("config_fingerprint"), "'config_fingerprint' must be a string"),
+    (_set(["extra"], []), "'extra' must be a mapping"),
+    (lambda meta: meta.pop("rng"), "'rng.python' must be python's random state"),
+    (lambda meta: meta["rng"]["python"][1].pop(), "'rng.python' must be python's random state"),
+    (_set(["rng", "numpy", 1, 0], 2**40), "'rng.numpy' must be numpy's MT19937 state"),
+    (_set(["rng", "numpy", 2], 10**6), "'rng.numpy' must be numpy's MT19937 state"),
+    (_set(["files"], "none"), "records no sha256 for tensors.safetensors"),
+    (_set(["files", "tensors.safetensors", "bytes"], [1]), "truncated or damaged"),
+])
+def test_a_forged_state_with_its_self_hash_recomputed_is_refused_in_one_line(tmp_path, change, problem):
+    save_checkpoint(tmp_path, make_checkpoint(1))
+    rehash(tmp_path / LATEST / "state.json", change)
+    with pytest.raises(CheckpointError) as caught:
+        load_checkpoint(tmp_path)
+    assert problem in str(caught.value) and len(str(caught.value).splitlines()) == 1
+
+
+def test_a_forged_torch_rng_state_is_refused(tmp_path):
+    import safetensors.torch
+
+    save_checkpoint(tmp_path, make_checkpoint(1))
+    tensors_path = tmp_path / LATEST / "tensors.safetensors"
+    tensors = safetensors.torch.load(tensors_path.read_bytes())
+    tensors["rng/torch"] = torch.zeros(7, dtype=torch.float32)
+    data = safetensors.torch.save(tensors)
+    tensors_path.write_bytes(data)
+    rehash(tmp_path / LATEST / "state.json",
+           _set(["files", "tensors.safetensors"], {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}))
+    with pytest.raises(CheckpointError, match=r"'rng/torch' must be a torch.uint8 tensor of shape \(5056,\)"):
+        load_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("change, problem", [
+    (lambda c: c.extra.pop("seed"), r"'extra' lacks \['seed'\]"),
+    (lambda c: c.extra.update(seed="3"), "'extra.seed' must be an int >= 0"),
+    (lambda c: c.extra.update(importance_ema={"m": "hot"}), "'extra.importance_ema' must be null or map"),
+    (lambda c: c.extra.update(quota_history={"1": 2}), "'extra.quota_history' must be a list"),
+    (lambda c: c.global_state.update(w=torch.zeros(3)), r"w is torch.float32 \(3,\), the model's is torch.float32 \(2,\)"),
+    (lambda c: c.global_state.update(v=torch.zeros(2)), r"tensor names differ \(missing \[\], unexpected \['v'\]\)"),
+    (lambda c: setattr(c, "quotas", {"m": 9}), "'quotas' must give each module"),
+])
+def test_a_checkpoint_that_does_not_fit_the_run_is_refused_in_one_line(change, problem):
+    from smartfed.federated.server import ServerState
+
+    checkpoint = Checkpoint(
+        round=1, global_state={"w": torch.zeros(2)}, quotas={"m": 2}, history=[], config_fingerprint="cfg",
+        extra={"seed": 3, "max_per_matrix": {"m": 4}, "total_budget": 2, "importance_ema": None, "quota_history": []},
+    )
+    assert ServerState.from_checkpoint(checkpoint, reference={"w": torch.ones(2)}).round == 1
+    change(checkpoint)
+    with pytest.raises(CheckpointError, match=problem):
+        ServerState.from_checkpoint(checkpoint, reference={"w": torch.ones(2)})
+
+
+def test_a_version_1_checkpoint_is_read_for_a_reader_and_refused_for_a_resume(tmp_path):
+    from smartfed.federated.checkpoint import read_checkpoint
+
+    checkpoint = make_checkpoint(2)
+    save_checkpoint(tmp_path, checkpoint)
+    state_path = tmp_path / LATEST / "state.json"
+    state = json.loads(state_path.read_text())
+    for key in ("format", "version", "state_sha256", "files"):
+        del state[key]
+    state_path.write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match="a version-1 checkpoint: it can be read, not resumed"):
+        load_checkpoint(tmp_path)
+    with pytest.warns(UserWarning, match="version-1 checkpoint.*read without verification"):
+        folder, read = read_checkpoint(tmp_path)
+    assert folder == tmp_path / LATEST
+    assert_same(read, checkpoint)

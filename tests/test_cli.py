@@ -125,6 +125,100 @@ def test_a_config_error_in_a_fresh_process_is_one_line_exit_2(tmp_path):
     assert done.stderr == f"smartfed train: {path}: federation.alpha: must be finite, got inf\n"
 
 
+
+def test_an_unknown_flag_is_named_before_a_missing_one(capsys):
+    assert one_line_error(capsys, "train", "--configs", TINY, "--output", "x") == (
+        "smartfed train: unrecognized arguments: --configs (did you mean --config?) (see smartfed train --help)")
+
+
+HEAVY = ("torch", "transformers", "flwr", "peft")
+
+
+def fresh_cli(tmp_path, *argv):
+    """(exit status, stderr, heavy modules imported) of ``smartfed ARGV`` in a fresh interpreter."""
+    code = ("import sys; from smartfed.cli import main; status = main(sys.argv[1:]); "
+            f"print([m for m in {HEAVY!r} if m in sys.modules]); sys.exit(status)")
+    done = subprocess.run([sys.executable, "-c", code, *map(str, argv)], capture_output=True, text=True, cwd=ROOT)
+    return done.returncode, done.stderr, done.stdout.strip()
+
+
+def tiny_run_folder(tmp_path):
+    from smartfed.config import config_to_dict, load_config
+
+    folder = tmp_path / "finished"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config_to_dict(load_config(TINY))))
+    return folder
+
+
+@pytest.mark.parametrize("case", ["set", "yaml", "flag", "split"])
+def test_input_errors_come_before_any_heavy_import(tmp_path, case):
+    """The config (model.tiny included), the flags and the run folder are checked before torch,
+    transformers or Flower load: that is what keeps these errors fast."""
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(TINY.read_text().replace("  rounds: 4", "  roundz: 4"))
+    argv = {
+        "set": ["train", "--config", TINY, "--output", tmp_path / "r", "--set", "badkey=1"],
+        "yaml": ["train", "--config", typo, "--output", tmp_path / "r"],
+        "flag": ["train", "--configs", TINY, "--output", tmp_path / "r"],
+        "split": ["evaluate", tiny_run_folder(tmp_path), "--split", "validation"],
+    }[case]
+    status, err, heavy = fresh_cli(tmp_path, *argv)
+    assert status == 2 and len(err.splitlines()) == 1 and heavy == "[]", (err, heavy)
+    assert {"set": "badkey: unknown key", "yaml": "federation.roundz: unknown key; did you mean 'rounds'?",
+            "flag": "unrecognized arguments: --configs", "split": "--split: task 'synthetic' has no validation split"
+            }[case] in err
+
+
+def test_an_internal_error_keeps_its_traceback_and_exits_1(monkeypatch, capsys):
+    from smartfed.experiments import report
+
+    def broken(args):
+        raise KeyError("an invariant that failed")
+
+    monkeypatch.setattr(report, "run", broken)
+    status, out, err = run_cli(capsys, "report", "somewhere", "--output", "x")
+    assert status == 1 and "Traceback" in err and "KeyError: 'an invariant that failed'" in err
+    assert err.strip().splitlines()[-1] == "smartfed report: internal error (KeyError); please report it with the " \
+                                           "traceback above"
+
+
+def test_debug_shows_the_traceback_of_a_user_error(capsys, tmp_path):
+    status, out, err = run_cli(capsys, "train", "--config", TINY, "--output", tmp_path / "r", "--set", "badkey=1",
+                               "--debug")
+    assert status == 2 and "Traceback" in err and "ConfigError" in err
+    assert err.strip().splitlines()[-1].startswith("smartfed train: --set badkey=1: badkey: unknown key")
+
+
+def test_library_warnings_a_user_cannot_act_on_are_filtered():
+    import logging
+    import warnings
+
+    from smartfed.cli import quiet_library_warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_library_warnings()
+        warnings.warn_explicit("old API", FutureWarning, "modeling_utils.py", 1, module="transformers.modeling_utils")
+        warnings.warn_explicit("ours", FutureWarning, "x.py", 1, module="smartfed.x")
+    assert [str(w.message) for w in caught] == ["ours"]
+    record = logging.LogRecord("flwr", logging.WARNING, "config.py", 1, 'Recommended property "license" missing in '
+                               "[project]", None, None)
+    assert not all(f.filter(record) for f in logging.getLogger("flwr").filters)
+
+
+def test_an_output_path_through_a_missing_folder_is_resolved_before_the_guard(tmp_path, capsys, monkeypatch):
+    """`--output nothere/../userZ` names userZ: the folder guard sees the user's config.json there
+    and refuses, leaving it byte-identical."""
+    monkeypatch.chdir(tmp_path)
+    user = tmp_path / "userZ"
+    user.mkdir()
+    (user / "config.json").write_text('{"mine": true}')
+    error = one_line_error(capsys, "train", "--config", TINY, "--output", "nothere/../userZ")
+    assert f"{user} holds files not written by a smartfed run" in error
+    assert (user / "config.json").read_text() == '{"mine": true}' and sorted(p.name for p in user.iterdir()) == [
+        "config.json"]
+
 def test_sweep_validates_every_selected_run_before_starting(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the sweep's relative pool paths then name nothing, built or not
     error = one_line_error(capsys, "sweep", "--config", ROOT / "configs" / "paper_small.yaml", "--output",

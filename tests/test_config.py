@@ -13,20 +13,18 @@ from smartfed.config import (
     ROUTER_INITS,
     WIRE_DTYPES,
     ConfigError,
-    FlowerRunSettings,
-    PoolSpec,
     RunConfig,
-    SweepConfig,
     apply_overrides,
-    check_resume,
     config_fingerprint,
     config_from_dict,
     config_to_dict,
     load_config,
-    record_resume,
     validate,
     with_overrides,
 )
+from smartfed.experiments.flower_settings import FlowerRunSettings
+from smartfed.experiments.pool_spec import PoolSpec
+from smartfed.experiments.sweep_schema import SweepConfig
 
 
 def error_of(data, schema=RunConfig):
@@ -187,17 +185,122 @@ def test_flower_run_settings_take_run_config_keys_and_set_overrides(tmp_path):
 
 
 def test_check_resume_allows_only_resumable_changes_and_records_them(tmp_path):
+    from smartfed.federated.run_dir import RunDir
+
     config = config_from_dict({"federation": {"rounds": 2}})
     (tmp_path / "config.json").write_text(json.dumps(config_to_dict(config)))
     longer = with_overrides(config, federation={"rounds": 4})
-    changes = check_resume(tmp_path, longer)
+    changes = RunDir(tmp_path).check_resume(longer)
     assert changes == {"federation.rounds": (2, 4)}
     with pytest.raises(ConfigError) as caught:
-        check_resume(tmp_path, with_overrides(config, federation={"lr": 0.5}))
+        RunDir(tmp_path).check_resume(with_overrides(config, federation={"lr": 0.5}))
     assert str(caught.value).startswith(
         f"{tmp_path / 'config.json'}: federation.lr: is 0.5 now but 0.01 in the run already there")
-    record_resume(tmp_path, longer, changes, at_round=2)
+    RunDir(tmp_path).record_resume(longer, changes, at_round=2)
     assert json.loads((tmp_path / "config.json").read_text())["federation"]["rounds"] == 4
     assert json.loads((tmp_path / "resumes.jsonl").read_text()) == {
         "at_round": 2, "changes": {"federation.rounds": [2, 4]}}
-    assert check_resume(tmp_path, longer) == {}
+    assert RunDir(tmp_path).check_resume(longer) == {}
+
+
+def alias_bomb(levels=9, width=9):
+    """A YAML mapping whose last key expands to width**levels values in about 1.7 KB."""
+    names = [f"l{index}" for index in range(levels + 1)]
+    lines = [f"{names[0]}: &{names[0]} [{', '.join(['lol'] * width)}]"]
+    lines += [f"{name}: &{name} [{', '.join(['*' + previous] * width)}]" for previous, name in zip(names, names[1:])]
+    return "\n".join(lines)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("federation: " + "[" * 1000 + "]" * 1000, "nests deeper than 32 levels"),
+    ("a: &a [*a]", "nests deeper than 32 levels"),
+    ("x: 1\n" * 3 + "y: " + "{a: " * 40 + "1" + "}" * 40, "nests deeper than 32 levels"),
+])
+def test_hostile_yaml_is_one_config_error(tmp_path, text, expected):
+    path = tmp_path / "hostile.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=expected) as caught:
+        load_config(path)
+    assert str(caught.value).startswith(str(path)) and "\n" not in str(caught.value)
+
+
+def test_a_large_alias_bomb_under_model_tiny_is_refused_before_validation(tmp_path):
+    bomb = alias_bomb()
+    assert len(bomb) < 2000
+    text = bomb + "\nmodel:\n  tiny:\n    hidden_size: 32\n    architectures: *l9\n"
+    with pytest.raises(ConfigError, match="holds more than 100000 values"):
+        config_from_dict(read_yaml_text(tmp_path, text))
+
+
+def read_yaml_text(tmp_path, text):
+    from smartfed.config import read_yaml
+
+    path = tmp_path / "x.yaml"
+    path.write_text(text)
+    return read_yaml(path)
+
+
+@pytest.mark.parametrize("assignment, expected", [
+    ("task.seq_len=100000000", "task.seq_len: must be <= 8192, got 100000000"),
+    ("federation.rounds=1000000000", "federation.rounds: must be <= 100000"),
+    ("federation.local_steps=10000000000", "federation.local_steps: must be <= 1000000"),
+    ("federation.batch_size=1000000", "federation.batch_size: must be <= 65536"),
+    ("federation.num_clients=100000", "federation.num_clients: must be <= 10000"),
+    ("more.top_k=1000000", "more.top_k: must be <= 65536"),
+    ("model.tiny.hidden_size=10000000", "model.tiny.hidden_size: must be in [1, 65536]"),
+    ("model.tiny.vocab_size=true", "model.tiny.vocab_size: must be an integer, got True"),
+    (("task.train_examples=1000000", "task.seq_len=8192"), "task.seq_len: (train_examples + eval_examples) x seq_len"),
+    (f"federation.rounds={10**400}", "federation.rounds: must be <= 100000, got an integer of about 400 digits"),
+    (f"federation.lr={10**400}", "federation.lr: must be finite, got an integer of about 400 digits"),
+    ("seed=-1", "seed: must be >= 0"),
+])
+def test_every_size_that_allocates_is_bounded(assignment, expected):
+    with pytest.raises(ConfigError) as caught:
+        config_from_dict({}, [assignment] if isinstance(assignment, str) else assignment)
+    assert expected in str(caught.value)
+
+
+def test_the_parameter_count_of_model_tiny_is_bounded_after_its_names():
+    with pytest.raises(ConfigError, match="model.tiny: describes about .* parameters, more than the 1e\\+09"):
+        config_from_dict({"model": {"tiny": {"hidden_size": 16384, "num_hidden_layers": 64}}})
+
+
+def integer_fields(schema, prefix=""):
+    for name, field in schema.model_fields.items():
+        annotation = field.annotation
+        inner = typing.get_args(annotation) or (annotation,)
+        for option in inner:
+            if isinstance(option, type) and issubclass(option, pydantic.BaseModel):
+                yield from integer_fields(option, f"{prefix}{name}.")
+        if annotation is int or set(inner) == {int, type(None)}:
+            yield f"{prefix}{name}", field
+
+
+def test_every_integer_of_the_run_config_has_an_upper_bound():
+    unbounded = [key for key, field in integer_fields(RunConfig)
+                 if not any(getattr(item, "le", None) is not None for item in field.metadata)]
+    assert not unbounded
+
+
+def test_the_more_section_is_derived_from_more_config():
+    import dataclasses
+
+    from smartfed.choices import MoREConfig, more_options
+    from smartfed.config import MoRESection
+    from smartfed.config.more import DEFAULT_TOP_K, RUN_SUPPLIED
+
+    config_fields = {item.name: item for item in dataclasses.fields(MoREConfig)}
+    section_fields = MoRESection.model_fields
+    assert set(section_fields) == {"top_k", *more_options()}
+    assert set(config_fields) == set(section_fields) | set(RUN_SUPPLIED)
+    for name, rule in more_options().items():
+        assert section_fields[name].default == config_fields[name].default, name
+        if rule.choices:
+            assert typing.get_args(section_fields[name].annotation) == rule.choices, name
+    assert section_fields["top_k"].default == DEFAULT_TOP_K
+    section = config_from_dict({"more": {"router": "projected", "router_dim": 8, "gamma": 2.0, "top_k": 3}}).more
+    built = section.more_config(seed=7)
+    assert isinstance(built, MoREConfig) and built.seed == 7
+    assert {name: getattr(built, name) for name in section_fields} == section.model_dump()
+    with pytest.raises(ConfigError, match="more.router_dim: must be >= 1"):
+        config_from_dict({"more": {"router_dim": 0}})

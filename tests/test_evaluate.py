@@ -133,3 +133,21 @@ def test_refuses_a_validation_split_the_task_does_not_have(finished_run, capsys)
     assert one_line_error(capsys, finished_run, "--split", "validation") == (
         "smartfed evaluate: --split: task 'synthetic' has no validation split to score (the run's "
         "task.validation_fraction is 0)")
+
+
+def test_a_state_recorded_with_a_legacy_fingerprint_still_scores(run_copy, capsys):
+    """A run recorded before the fingerprint's schema version carries the bare hash of its
+    config.json minus the resumable keys; it still verifies, and only against that config."""
+    from smartfed.config import legacy_fingerprints
+
+    path = run_copy / "final_state.safetensors"
+    saved = json.loads((run_copy / "config.json").read_text())
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    metadata["config_fingerprint"] = sorted(legacy_fingerprints(saved))[0]
+    save_file(load_file(str(path)), str(path), metadata=metadata)
+    status, out, err = run_cli(capsys, run_copy)
+    assert status == 0 and err == ""
+    saved["federation"]["lr"] = 0.5
+    (run_copy / "config.json").write_text(json.dumps(saved))
+    assert "was trained with config fingerprint" in one_line_error(capsys, run_copy)

@@ -90,6 +90,6 @@ def test_single_adapter_mixture_and_merge_reproduce_peft(tmp_path, method_class)
 
 def test_every_configurable_method_is_registered():
     from smartfed.config import METHODS
-    from smartfed.experiments.methods import METHOD_CLASSES
+    from smartfed.experiments.method_registry import METHOD_CLASSES
 
     assert sorted(METHOD_CLASSES) == sorted(METHODS)

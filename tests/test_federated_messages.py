@@ -2,6 +2,9 @@
 and results survive the Flower records exactly (fp32) or as bf16 rounds them, their size is
 counted, and bad input is refused by name."""
 
+import io
+
+import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, RecordDict
@@ -107,3 +110,59 @@ def test_malformed_messages_are_refused_by_name():
         messages.content_to_result(RecordDict({"state": messages.state_to_record(random_state(), "fp32")}))
     with pytest.raises(ValueError, match="an evaluate message needs the record 'state'"):
         messages.content_to_evaluation(RecordDict())
+
+
+# --------------------------------------------------------------------------- hostile replies
+
+
+@pytest.mark.parametrize("wire_dtype", ["fp32", "bf16"])
+def test_a_reply_in_the_wire_dtype_decodes_exactly(wire_dtype):
+    state = random_state(5)
+    decoded = messages.decode_state(messages.state_to_record(state, wire_dtype), wire_dtype)
+    assert list(decoded) == list(state)
+    for name, tensor in state.items():
+        expected = tensor if wire_dtype == "fp32" else tensor.to(torch.bfloat16).float()
+        assert decoded[name].dtype == torch.float32 and torch.equal(decoded[name], expected)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.int8, np.bool_, np.float16, np.complex64, np.uint64])
+def test_a_reply_in_another_dtype_is_refused_not_cast(dtype):
+    record = ArrayRecord({"w": Array(np.ones((3, 4), dtype=dtype))})
+    with pytest.raises(ValueError, match=rf"tensor 'w': the run's wire dtype is fp32 .*got stype 'numpy.ndarray' "
+                                         rf"with dtype '{np.dtype(dtype)}'"):
+        messages.decode_state(record, "fp32")
+    with pytest.raises(ValueError, match="the run's wire dtype is bf16"):
+        messages.decode_state(record, "bf16")
+    fp32 = messages.state_to_record({"w": torch.ones(3, 4)}, "fp32")
+    with pytest.raises(ValueError, match="the run's wire dtype is bf16"):
+        messages.decode_state(fp32, "bf16")
+
+
+def _npy(array):
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def test_a_record_whose_bytes_disagree_with_its_claims_is_refused():
+    float64_bytes = Array(dtype="float32", shape=(2, 3), stype="numpy.ndarray", data=_npy(np.zeros((2, 3))))
+    with pytest.raises(ValueError, match=r"its bytes hold a float64 array of shape \(2, 3\), not the little-endian"):
+        messages.decode_state(ArrayRecord({"w": float64_bytes}), "fp32")
+    other_shape = Array(dtype="float32", shape=(3, 2), stype="numpy.ndarray", data=_npy(np.zeros((2, 3), np.float32)))
+    with pytest.raises(ValueError, match=r"shape \(2, 3\).*shape \(3, 2\) the record declares"):
+        messages.decode_state(ArrayRecord({"w": other_shape}), "fp32")
+    big_endian = Array(dtype="float32", shape=(2,), stype="numpy.ndarray", data=_npy(np.zeros(2, ">f4")))
+    with pytest.raises(ValueError, match="not the little-endian float32 array"):
+        messages.decode_state(ArrayRecord({"w": big_endian}), "fp32")
+    # A header claiming 2**40 values over 8 bytes of data: refused before anything is allocated.
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (2**40,)})
+    claim = Array(dtype="float32", shape=(2**40,), stype="numpy.ndarray", data=header.getvalue() + bytes(8))
+    with pytest.raises(ValueError, match=r"tensor 'w': 8 bytes of data for shape \(1099511627776,\)"):
+        messages.decode_state(ArrayRecord({"w": claim}), "fp32")
+    raw = Array(dtype="bfloat16", shape=(4,), stype=messages.RAW_STYPE, data=bytes(6))
+    with pytest.raises(ValueError, match=r"6 bytes of data for shape \(4,\) \(8 expected\)"):
+        messages.decode_state(ArrayRecord({"w": raw}), "bf16")
+    pickled = Array(dtype="object", shape=(1,), stype="numpy.ndarray", data=b"\x80\x04")
+    with pytest.raises(ValueError, match="the run's wire dtype is fp32"):
+        messages.decode_state(ArrayRecord({"w": pickled}), "fp32")

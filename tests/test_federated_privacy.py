@@ -70,7 +70,7 @@ def test_dp_run_records_its_parameters_and_noises_the_aggregate(cache_dir, tmp_p
 
     grid.send_and_receive = recording
     initial = {name: tensor.clone() for name, tensor in run.state.global_state.items()}
-    run.strategy.start(grid, stop_after_round=1)
+    run.start(grid, stop_after_round=1)
     record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
     assert record["privacy"]["clipping_norm"] == 0.5 and record["privacy"]["noise_multiplier"] == 0.1
     assert record["privacy"]["noise_stdv"] == pytest.approx(0.1 * 0.5 / 4) and record["privacy"]["clients"] == 4
@@ -84,7 +84,7 @@ def test_dp_run_records_its_parameters_and_noises_the_aggregate(cache_dir, tmp_p
     assert residual.std().item() == pytest.approx(record["privacy"]["noise_stdv"], rel=0.15)
     assert abs(residual.mean().item()) < 4 * record["privacy"]["noise_stdv"] / math.sqrt(residual.numel())
     resumed = open_run(config, tmp_path, resume=True, progress=False)
-    assert resumed.strategy.dp.releases == 1
+    assert resumed.strategy.aggregation.dp.releases == 1
     resumed.start_in_process()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["privacy"]["releases"] for r in records] == [1, 2, 3, 4]

@@ -216,7 +216,7 @@ def test_an_extra_node_claiming_a_partition_is_refused_and_the_run_goes_on(cache
 
     grid._partitions[rogue] = 0
     grid._reply = reply
-    run.strategy.start(grid)
+    run.start(grid)
     assert run.strategy.contested == {0: [NODE_ID_BASE, rogue]}
     records = read_metrics(tmp_path)
     assert [r["status"] for r in records] == ["completed"] * 2

@@ -146,7 +146,7 @@ def _round_bytes(config, output):
         return replies
 
     grid.send_and_receive = recording
-    run.strategy.start(grid, stop_after_round=1)
+    run.start(grid, stop_after_round=1)
     return read_metrics(output)[0], sizes, run.trainer.initial_state()
 
 
@@ -190,7 +190,7 @@ def test_flower_strategies_aggregate_the_screened_updates(cache_dir, tmp_path):
         return replies
 
     grid.send_and_receive = recording
-    run.strategy.start(grid, stop_after_round=1)
+    run.start(grid, stop_after_round=1)
     assert len(updates) == 4
     for name, tensor in run.state.global_state.items():
         median = np.median(np.stack([update[name].numpy() for update in updates]), axis=0)

@@ -5,9 +5,11 @@
   loaders read; private keys are mode 600; nothing is overwritten without --force.
 - A SuperLink with TLS and ``--enable-supernode-auth`` (``smartfed.experiments.local_federation``)
   lets in the SuperNodes whose public keys were registered with ``flwr supernode register`` and
-  refuses one with an unregistered key and one with no key: each exits with Flower's exit code 305
-  and the SuperLink's refusal in its log, and ``flwr supernode list`` shows only the registered
-  nodes.
+  refuses one with an unregistered key and one with no key: each exits with status 1 (its log says
+  Flower's code 305) and the SuperLink's refusal in its log, and ``flwr supernode list`` shows only
+  the registered nodes.
+- ``smartfed federation --run`` from the repository writes nothing into it (issue 25 item 2), and
+  the docs' recipes keep every key, database and run under ``$FED``.
 - The SmartFed Flower app runs over this same setup in tests/test_flower.py's loopback
   deployment test, which also checks its routers against the in-process run.
 - ``--insecure`` only with ``insecure=True``, which warns.
@@ -15,7 +17,11 @@
 
 import argparse
 import ipaddress
+import json
+import re
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +31,7 @@ from smartfed.experiments.federation_keys import make_federation_keys
 from smartfed.experiments.local_federation import INSECURE_WARNING, LocalFederation
 
 NUM_NODES = 2
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _mode(path):
@@ -122,7 +129,8 @@ def test_superlink_serves_tls_and_connects_only_registered_nodes(federation):
     unregistered = federation.start_supernode(NUM_NODES, "partition-id=1 num-partitions=2")
     intruder = federation.start_supernode(NUM_NODES, "partition-id=0 num-partitions=2", authenticate=False,
                                           name="intruder")
-    assert unregistered.wait(timeout=60) != 0 and intruder.wait(timeout=60) != 0
+    # Flower logs its own code 305, but the process exits with status 1 (docs/flower.md).
+    assert unregistered.wait(timeout=60) == 1 and intruder.wait(timeout=60) == 1
     unregistered_log = federation.log(f"supernode{NUM_NODES}")
     assert "Exit Code: 305" in unregistered_log and "[code: 2004] Failed to activate SuperNode" in unregistered_log
     assert "[code: 2001] SuperNode authentication is enabled" in federation.log("intruder")
@@ -134,3 +142,43 @@ def test_superlink_serves_tls_and_connects_only_registered_nodes(federation):
     nodes = federation.nodes()
     assert {node["node-id"] for node in nodes} == registered
     assert all(node["status"] == "online" for node in nodes)
+
+
+def _repository_state():
+    """What ``git status`` would show, ignored files included (keys in an ignored folder count),
+    less Python's byte-code caches."""
+    listed = subprocess.run(["git", "status", "--porcelain", "--ignored", "--untracked-files=all"], cwd=REPO,
+                            capture_output=True, text=True, check=True).stdout.splitlines()
+    return sorted(line for line in listed if "__pycache__" not in line and ".pytest_cache" not in line)
+
+
+def test_the_one_line_deployment_writes_nothing_into_the_repository(tmp_path):
+    """``smartfed federation --run`` (the recipe of docs/flower.md: keys, SuperLink database, node
+    registrations, SuperNodes, ``flwr run``) started from the repository: keys, database, logs and
+    the run all land under --dir, private keys 0600, and ``git status`` is unchanged."""
+    before = _repository_state()
+    folder = tmp_path / "federation"
+    finished = subprocess.run(
+        [sys.executable, "-m", "smartfed.cli", "federation", "--dir", str(folder), "--nodes", "2", "--threads", "1",
+         "--run", str(REPO / "configs" / "tiny.yaml"), "--output-dir", "tiny", "--set", "federation.rounds=2",
+         "--set", f"pool.cache_dir={tmp_path / 'pool'}"],
+        cwd=REPO, capture_output=True, text=True, timeout=900,
+    )
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    assert f"finished:completed -> {folder / 'runs' / 'tiny'}" in finished.stdout
+    assert "SmartFed train 1.0: 2/2 replies after" in finished.stdout  # a round's progress in the stream
+    assert [json.loads(line)["round"] for line in (folder / "runs" / "tiny" / "metrics.jsonl").open()] == [1, 2]
+    keys = federation_keys.FederationKeys(folder / "keys", 2)
+    assert all(_mode(path) == 0o600 for path in keys.private_keys)
+    assert list(folder.glob("session-*/superlink.db"))
+    assert _repository_state() == before
+
+
+def test_the_docs_keep_keys_databases_and_runs_outside_the_repository():
+    """Every path docs/flower.md's recipes write is under $FED (outside the repository) or absolute."""
+    text = (REPO / "docs" / "flower.md").read_text()
+    commands = "\n".join(re.findall(r"```bash\n(.*?)```", text, flags=re.S))
+    written = re.findall(r"(?:--database|--ssl-certfile|--ssl-keyfile|--ssl-ca-certfile|--root-certificates|"
+                         r"--auth-supernode-private-key|federation-keys|register)\s+(\S+)", commands)
+    assert written and all(path.startswith(("$FED/", "/")) for path in written), written
+    assert "output-dir='/" not in text

@@ -221,3 +221,23 @@ def test_top_k_mapping_accepts_peft_style_suffixes(make_lora_adapter, make_tiny_
         assert {name: layer.top_k for name, layer in more_layers(model).items()} == expected
     with pytest.raises(ValueError, match=r"top_k: keys \['\*q_proj'\] match no targeted module"):
         inject_more(make_tiny_llama(), pool, MoREConfig(top_k={"q_proj": 3, "*q_proj": 1, "*": 2}))
+
+
+def test_the_run_config_builds_the_layers_with_every_more_option(make_lora_adapter, make_tiny_llama):
+    """The engine builds SmartFed's layers from the run config's more section: every option of the
+    section (derived from MoREConfig) reaches the layers, so an option added to MoREConfig cannot
+    be dropped on the way."""
+    from smartfed.config import config_from_dict
+    from smartfed.federated.methods import SmartFedMethod
+
+    options = {"top_k": 3, "router": "projected", "router_dim": 8, "projection_seed": 3, "gate": "softmax_topk",
+               "router_init": "zeros", "router_bias": False, "gamma": 2.0, "backend": "torch"}
+    config = config_from_dict({"more": options})
+    assert set(options) == set(config.more.model_dump())
+    pool = LoRAPool.from_pretrained(make_lora_adapter("a", r=4, steps=0))
+    model = SmartFedMethod(config).build(make_tiny_llama(), pool)
+    built = model.more_config
+    assert built == config.more.more_config(seed=built.seed)
+    layer = more_layers(model)[Q0]
+    assert (layer.top_k, layer.router, layer.router_dim, layer.gate, layer.gamma) == (3, "projected", 8,
+                                                                                      "softmax_topk", 2.0)

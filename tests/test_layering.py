@@ -1,9 +1,13 @@
 """The layering rule of docs/design.md §3.2: imports point only downward.
 
     smartfed_kernels  <-  module layer  <-  federated engine  <-  baselines, experiments, CLI
-    (the op layer)        (smartfed/__init__, layer, inject,
+    (the op layer)        (smartfed/__init__, errors, choices, staging,
+                           layer, inject, adapter_config,
                            pool, routers, eeqa)
     smartfed/tasks: data only; the experiment layer or the CLI hands tasks to the engine.
+    smartfed/config: torch-free; only the option names below it (smartfed.choices,
+    smartfed.errors, smartfed_kernels.options), so that a config is checked before torch loads.
+    smartfed/benchmarking: the op and the module layer only, no engine, experiments or CLI.
 
 Every import in smartfed and smartfed_kernels is read from the source: module level, inside
 functions and branches, relative ones, and ``importlib.import_module`` / ``__import__`` of a
@@ -12,6 +16,8 @@ subcommands) may load smartfed modules that way.
 """
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,8 +25,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("smartfed", "smartfed_kernels")
 MODULE_LAYER = (
-    "smartfed.choices", "smartfed.layer", "smartfed.inject", "smartfed.pool", "smartfed.routers", "smartfed.eeqa",
+    "smartfed.errors", "smartfed.choices", "smartfed.staging", "smartfed.layer", "smartfed.inject",
+    "smartfed.adapter_config", "smartfed.pool", "smartfed.routers", "smartfed.eeqa",
 )
+CONFIG_MAY_IMPORT = ("smartfed.config", "smartfed.choices", "smartfed.errors", "smartfed_kernels.options")
 DYNAMIC_IMPORT_ALLOWED = ("smartfed.cli",)
 
 
@@ -51,6 +59,15 @@ RULES = {
         lambda module: within(module, "smartfed.federated"),
         lambda target: within_any(target, ("smartfed.tasks", "smartfed.experiments", "smartfed.baselines",
                                            "smartfed.cli")),
+    ),
+    "smartfed.config imports only smartfed.config, smartfed.choices, smartfed.errors and smartfed_kernels.options": (
+        lambda module: within(module, "smartfed.config"),
+        lambda target: within_any(target, PACKAGES) and target != "smartfed" and not within_any(target, CONFIG_MAY_IMPORT),
+    ),
+    "benchmarking imports no engine, baselines, experiments or CLI": (
+        lambda module: within(module, "smartfed.benchmarking"),
+        lambda target: within_any(target, ("smartfed.federated", "smartfed.baselines", "smartfed.experiments",
+                                           "smartfed.cli", "smartfed.tasks")),
     ),
     "tasks (data only) import no engine, baselines, experiments or CLI": (
         lambda module: within(module, "smartfed.tasks"),
@@ -160,6 +177,18 @@ def test_no_module_loads_smartfed_by_string(imports):
         pytest.fail("only smartfed/cli.py may load smartfed modules by name (importlib.import_module / "
                     "__import__); elsewhere an import statement keeps the arrow visible:\n" + "\n".join(offending),
                     pytrace=False)
+
+
+@pytest.mark.parametrize("module", ["smartfed.config", "smartfed.choices", "smartfed.errors", "smartfed.adapter_config",
+                                    "smartfed.experiments.flower_settings", "smartfed.experiments.pool_spec",
+                                    "smartfed.experiments.sweep_schema"])
+def test_configuration_modules_import_no_torch(module):
+    """Checked by importing, in a fresh interpreter: what the config imports at run time, whatever
+    the source says."""
+    code = (f"import sys; import {module}; "
+            "heavy = [m for m in ('torch', 'transformers', 'flwr', 'peft', 'safetensors') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
 def test_scanner_sees_every_import_form():

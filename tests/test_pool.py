@@ -235,3 +235,59 @@ def test_rejects_duplicate_names(make_lora_adapter):
     assert [a.name for a in LoRAPool.from_pretrained([first, second], names=["x", "y"]).adapters] == ["x", "y"]
     with pytest.raises(ValueError, match="names: expected 2 names"):
         LoRAPool.from_pretrained([first, second], names=["x"])
+
+
+@pytest.mark.parametrize("changes, problem", [
+    ({"rank_pattern": {"(": 4}}, r"rank_pattern '\(' is not a valid regular expression"),
+    ({"alpha_pattern": {"q_proj": float("inf")}}, r"alpha_pattern\['q_proj'\] must be a finite number"),
+    ({"alpha_pattern": {"[": 2.0}}, r"alpha_pattern '\[' is not a valid regular expression"),
+    ({"rank_pattern": {"q_proj": 2.5}}, r"rank_pattern\['q_proj'\] must be an integer, got 2.5"),
+    ({"rank_pattern": ["q_proj"]}, r"rank_pattern must be a JSON object"),
+    ({"target_modules": 5}, r"target_modules must be null, a regular expression or a list of module names, got 5"),
+    ({"target_modules": "(q_proj"}, r"target_modules '\(q_proj' is not a valid regular expression"),
+    ({"target_modules": ["q_proj", 3]}, r"target_modules must be null, a regular expression or a list"),
+    ({"exclude_modules": "*"}, r"exclude_modules '\*' is not a valid regular expression"),
+    ({"lora_alpha": 1e300}, r"lora_alpha must be a finite number in \(0, 1e\+06\], got 1e\+300"),
+    ({"lora_alpha": 10**400}, r"lora_alpha must be at most 1e\+06, got an integer of 1329 bits"),
+    ({"lora_alpha": "16"}, r"lora_alpha must be a number, got '16'"),
+    ({"r": 0}, r"r must be a finite number in \(0, 4096\], got 0"),
+    ({"r": True}, r"r must be an integer, got True"),
+    ({"lora_dropout": 2}, r"lora_dropout must be a number in \[0, 1\], got 2"),
+    ({"use_rslora": "yes"}, r"use_rslora must be true or false, got 'yes'"),
+    ({"fan_in_fan_out": 1}, r"fan_in_fan_out must be true or false"),
+    ({"init_lora_weights": 3}, r"init_lora_weights must be true, false or a string, got 3"),
+    ({"layers_to_transform": "0"}, r"layers_to_transform must be null, an integer or a list of integers"),
+    ({"base_model_name_or_path": ["x"]}, r"base_model_name_or_path must be a string or null"),
+])
+def test_every_config_field_peft_accepts_is_checked(make_lora_adapter, changes, problem):
+    folder = make_lora_adapter("a", r=4, steps=0)
+    rewrite_config(folder, **changes)
+    with pytest.raises(AdapterError, match=error_for(folder / CONFIG, problem)) as caught:
+        LoRAPool.from_pretrained(folder)
+    assert "\n" not in str(caught.value)
+
+
+def test_alphas_within_their_bound_give_finite_scales(make_lora_adapter):
+    folder = make_lora_adapter("a", r=4, steps=0)
+    rewrite_config(folder, lora_alpha=900_000.0, rank_pattern={"q_proj": 4}, alpha_pattern={})
+    pool = LoRAPool.from_pretrained(folder)
+    assert max(pool.adapters[0].module_scales.values()) == 225_000.0
+    rewrite_config(folder, lora_alpha=4.0, use_rslora=True, alpha_pattern={"v_proj": 999_999.0})
+    pool = LoRAPool.from_pretrained(folder)
+    assert max(pool.adapters[0].module_scales.values()) == pytest.approx(499_999.5)
+
+
+def test_adapter_errors_are_smartfed_errors_and_one_line_from_the_cli(make_lora_adapter, tmp_path, capsys):
+    from pathlib import Path
+
+    from smartfed.cli import main
+    from smartfed.errors import SmartFedError
+
+    assert issubclass(AdapterError, SmartFedError) and issubclass(AdapterError, ValueError)
+    folder = make_lora_adapter("a", r=4, steps=0)
+    rewrite_config(folder, lora_alpha=1e300)
+    tiny = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+    status = main(["train", "--config", str(tiny), "--output", str(tmp_path / "run"), "--no-progress",
+                   "--set", f"pool.paths=[{folder}]"])
+    err = capsys.readouterr().err
+    assert status == 2 and len(err.splitlines()) == 1 and "lora_alpha must be a finite number" in err

@@ -219,7 +219,7 @@ def test_sweep_ablations_get_a_label_and_per_task_values():
 def test_expert_usage_counts_selections_by_source_adapter(built):
     from smartfed import MoREConfig, inject_more, more_layers
     from smartfed.experiments.expert_usage import expert_usage_by_adapter
-    from smartfed.tasks.models import load_frozen_model
+    from smartfed.models import load_frozen_model
 
     spec, manifest = built
     pool = LoRAPool.from_pretrained([r["path"] for r in manifest["adapters"]])
@@ -236,3 +236,138 @@ def test_expert_usage_counts_selections_by_source_adapter(built):
     forced = expert_usage_by_adapter(model, input_ids)
     assert forced["selections"] == pytest.approx({"arithmetic": 0.0, "next_letter": 0.0, "number_words": 1.0})
     assert set(forced["by_projection"]) == {"q_proj", "v_proj"}
+
+
+class StepCounter:
+    """Stands in for tqdm: records each bar's total and how far it was advanced."""
+
+    bars = []
+
+    def __init__(self, iterable=None, total=None, **kwargs):
+        self.iterable, self.total, self.done = iterable, total, 0
+        StepCounter.bars.append(self)
+
+    def __iter__(self):
+        return iter(self.iterable)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, count=1):
+        self.done += count
+
+
+def test_only_builds_the_named_adapters_and_the_eta_counts_steps(built, tmp_path, monkeypatch):
+    import tqdm.auto
+
+    spec = pool_spec(built[0]["model_dir"], tmp_path / "pool", arithmetic_steps=6)
+    monkeypatch.setattr(tqdm.auto, "tqdm", StepCounter)
+    StepCounter.bars.clear()
+    first = pool_builder.build_pool(pool_builder.select_adapters(spec, ["number_words"]), progress=False)
+    assert [(r["name"], r["rebuilt"]) for r in first["adapters"]] == [("number_words", True)]
+    StepCounter.bars.clear()
+    second = pool_builder.build_pool(pool_builder.select_adapters(spec, None), progress=False)
+    assert [(r["name"], r["rebuilt"]) for r in second["adapters"]] == [
+        ("arithmetic", True), ("number_words", False), ("next_letter", True)]
+    overall = StepCounter.bars[0]
+    assert overall.total == overall.done == 6 + 4
+    forced = pool_builder.build_pool(pool_builder.select_adapters(spec, ["next_letter"]), force=True, progress=False)
+    assert [(r["name"], r["rebuilt"]) for r in forced["adapters"]] == [
+        ("arithmetic", False), ("number_words", False), ("next_letter", True)]
+    with pytest.raises(ConfigError, match=r"--only: no adapter named 'numbr_words'; did you mean 'number_words'\?"):
+        pool_builder.select_adapters(spec, ["numbr_words"])
+
+
+def copy_model(source, target):
+    import shutil
+
+    shutil.copytree(source, target)
+    return target
+
+
+def test_the_model_fingerprint_follows_weights_and_tokens_not_library_versions(built, tmp_path):
+    import safetensors.torch
+
+    from smartfed.experiments.model_identity import legacy_model_fingerprint, model_fingerprint
+
+    model_dir = copy_model(built[0]["model_dir"], tmp_path / "model")
+    fingerprint, legacy = model_fingerprint(model_dir), legacy_model_fingerprint(model_dir)
+    assert fingerprint.startswith("v2-")
+    config = json.loads((model_dir / "config.json").read_text())
+    config["transformers_version"] = "9.99.0"
+    config["torch_dtype"] = config.pop("dtype", "float32")
+    config["layer_types"] = ["full_attention"] * config["num_hidden_layers"]
+    theta = config.pop("rope_parameters", {}).get("rope_theta", 10000.0)
+    config["rope_theta"] = theta
+    (model_dir / "config.json").write_text(json.dumps(config, indent=4))
+    weights = model_dir / "model.safetensors"
+    tensors = safetensors.torch.load_file(weights)
+    safetensors.torch.save_file(tensors, weights, metadata={"format": "pt", "written_by": "a newer release"})
+    assert model_fingerprint(model_dir) == fingerprint
+    assert legacy_model_fingerprint(model_dir) != legacy
+    name = next(iter(tensors))
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[0] += 1.0
+    safetensors.torch.save_file(tensors, weights)
+    assert model_fingerprint(model_dir) != fingerprint
+    other = copy_model(built[0]["model_dir"], tmp_path / "tokens")
+    tokenizer = json.loads((other / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    first, second = list(vocab)[:2]
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    (other / "tokenizer.json").write_text(json.dumps(tokenizer))
+    assert model_fingerprint(other) != fingerprint
+
+
+def test_adapters_recorded_under_the_legacy_model_fingerprint_stay_cached(built, tmp_path):
+    from smartfed.experiments.model_identity import legacy_model_fingerprint
+    from smartfed.tasks import load_task
+    from smartfed.models import load_tokenizer
+
+    spec = pool_spec(built[0]["model_dir"], tmp_path / "pool", arithmetic_steps=4)
+    manifest = pool_builder.build_pool(spec, progress=False)
+    legacy = legacy_model_fingerprint(spec["model_dir"])
+    tokenizer = load_tokenizer(spec["model_dir"])
+    for adapter, record in zip(spec["adapters"], manifest["adapters"]):
+        task = load_task(adapter["task"], tokenizer, **adapter["options"])
+        path = pool_builder.Path(record["path"]) / pool_builder.PROVENANCE_FILE
+        provenance = json.loads(path.read_text())
+        provenance.update(inputs_hash=pool_builder._inputs_hash(legacy, task, adapter, spec), model_fingerprint=legacy)
+        path.write_text(json.dumps(provenance))
+    again = pool_builder.build_pool(spec, progress=False)
+    assert not any(record["rebuilt"] for record in again["adapters"])
+
+
+def test_the_pool_cache_never_touches_a_users_files(tmp_path, monkeypatch):
+    """--set pool.cache_dir=/abs/U: a crashed build and a finished one leave U/.pool-backup/ and
+    U/.pool-notes.txt byte-identical (cleanup removes only folders holding this project's marker);
+    the cache folder is resolved (".." and symlinks) before anything is checked."""
+    from smartfed.config import config_from_dict
+    from smartfed.experiments import assets
+
+    users = tmp_path / "U"
+    (users / ".pool-backup").mkdir(parents=True)
+    (users / ".pool-backup" / "adapter.safetensors").write_bytes(b"\x00user weights")
+    (users / ".pool-notes.txt").write_text("my notes")
+    (users / f"{assets.POOL_STAGING_PREFIX}mine").mkdir()
+    (tmp_path / "link").symlink_to(users)
+    before = {path: path.read_bytes() for path in users.rglob("*") if path.is_file()}
+    cache_dir = tmp_path / "missing" / ".." / "link"
+    config = config_from_dict({"pool": {"cache_dir": str(cache_dir), "train_steps": 2, "batch_size": 8}})
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("interrupted")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(assets, "_train_source_adapter", crash)
+        with pytest.raises(RuntimeError):
+            assets.build_tiny_pool(config, progress=False)
+    paths = assets.build_tiny_pool(config, progress=False)
+    assert all(path.is_relative_to(users) for path in paths)
+    assert {path: path.read_bytes() for path in before} == before
+    assert (users / f"{assets.POOL_STAGING_PREFIX}mine").is_dir()
+    assert sorted(entry.name for entry in users.iterdir()) == sorted(
+        [".pool-backup", ".pool-notes.txt", f"{assets.POOL_STAGING_PREFIX}mine", paths[0].parent.name])

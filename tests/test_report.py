@@ -6,17 +6,19 @@ import pytest
 
 from smartfed.cli import main
 from smartfed.experiments import report
+from smartfed.federated.run_dir import EXPERT_USAGE_FILE, METRICS_FILE
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def write_run(root, name, *, method, seed, accuracies, bytes_per_round, router="expert_space", quotas=None,
-              task="bbc_news"):
+              task="bbc_news", federation=None, baselines=None):
     folder = root / name
     folder.mkdir(parents=True)
-    config = {"method": method, "seed": seed, "more": {"router": router}, "federation": {"local_steps": 2}}
+    config = {"method": method, "seed": seed, "more": {"router": router},
+              "federation": {"local_steps": 2, **(federation or {})}}
     (folder / "config.json").write_text(json.dumps(config))
-    (folder / "text_task.json").write_text(json.dumps({"name": task}))
+    (folder / "text_task.json").write_text(json.dumps({"name": task, **({"baselines": baselines} if baselines else {})}))
     lines = []
     for index, accuracy in enumerate(accuracies, start=1):
         record = {"round": index, "status": "completed", "accuracy": accuracy, "loss": 1.0 - accuracy,
@@ -26,7 +28,7 @@ def write_run(root, name, *, method, seed, accuracies, bytes_per_round, router="
             record["quotas"] = {module: k + index % 2 for module, k in quotas.items()}
         lines.append(json.dumps(record))
     lines.insert(1, json.dumps({"round": 2, "status": "failed", "bytes_up": 5}))
-    (folder / report.METRICS_FILE).write_text("\n".join(lines) + "\n")
+    (folder / METRICS_FILE).write_text("\n".join(lines) + "\n")
     return folder
 
 
@@ -53,7 +55,7 @@ def test_target_check_against_fedit(runs_root):
 
 
 def test_failed_rounds_are_skipped(runs_root):
-    run = report.load_run(runs_root / "fedit_s0" / report.METRICS_FILE)
+    run = report.load_run(runs_root / "fedit_s0" / METRICS_FILE)
     assert run.rounds == [1, 2, 3, 4, 5, 6] and run.cumulative_bytes[-1] == 12000
     assert (run.task, run.method, run.seed) == ("bbc_news", "fedit", 0)
 
@@ -92,22 +94,22 @@ def test_a_label_names_an_ablation_in_every_table(runs_root, tmp_path):
 def test_expert_usage_plot_when_recorded(tmp_path):
     folder = write_run(tmp_path / "runs", "smartfed", method="smartfed", seed=0, accuracies=[0.5, 0.6],
                        bytes_per_round=10)
-    lines = [json.loads(line) for line in (folder / report.METRICS_FILE).read_text().splitlines()]
+    lines = [json.loads(line) for line in (folder / METRICS_FILE).read_text().splitlines()]
     for line in lines:
         line["expert_usage"] = {"arithmetic": 3, "next_letter": 1}
-    (folder / report.METRICS_FILE).write_text("\n".join(json.dumps(line) for line in lines))
+    (folder / METRICS_FILE).write_text("\n".join(json.dumps(line) for line in lines))
     report.write_report([folder], tmp_path / "out")
     assert (tmp_path / "out" / "expert_usage_bbc_news_smartfed_expert_space_seed0_smartfed.png").is_file()
 
 
 def test_errors_name_the_problem(tmp_path, capsys):
-    with pytest.raises(FileNotFoundError, match="no metrics.jsonl under"):
+    with pytest.raises(report.ReportError, match="no metrics.jsonl under"):
         report.find_runs([tmp_path])
     bad = tmp_path / "bad"
     bad.mkdir()
-    (bad / report.METRICS_FILE).write_text('{"round": 1, "accuracy": 0.5}\nnot json\n')
+    (bad / METRICS_FILE).write_text('{"round": 1, "accuracy": 0.5}\nnot json\n')
     with pytest.raises(ValueError, match="metrics.jsonl:2 is not JSON"):
-        report.load_run(bad / report.METRICS_FILE)
+        report.load_run(bad / METRICS_FILE)
     assert main(["report", str(tmp_path / "missing"), "--output", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("smartfed report: ") and "does not exist" in err and len(err.splitlines()) == 1
@@ -116,7 +118,52 @@ def test_errors_name_the_problem(tmp_path, capsys):
 def test_expert_usage_table_from_usage_file(runs_root, tmp_path):
     usage = {"round": 6, "prompts": 44, "selections": {"arithmetic": 0.5, "next_letter": 0.5},
              "gate_mass": {"arithmetic": 0.75, "next_letter": 0.25}}
-    (runs_root / "smartfed_s0" / report.USAGE_FILE).write_text(json.dumps(usage))
+    (runs_root / "smartfed_s0" / EXPERT_USAGE_FILE).write_text(json.dumps(usage))
     text = report.write_report([runs_root], tmp_path / "out").read_text()
     assert ("| bbc_news | smartfed_expert_space | 0 | 6 | 44 | arithmetic 0.50, next_letter 0.50 | "
             "arithmetic 0.75, next_letter 0.25 |") in text
+
+
+def test_runs_of_different_configurations_are_never_averaged(tmp_path, capsys):
+    write_run(tmp_path, "a", method="fedit", seed=0, accuracies=[0.5, 0.6], bytes_per_round=10)
+    write_run(tmp_path, "b", method="fedit", seed=0, accuracies=[0.5, 0.6, 0.7], bytes_per_round=10,
+              federation={"num_clients": 8})
+    write_run(tmp_path, "c", method="fedit", seed=1, accuracies=[0.4, 0.6, 0.9], bytes_per_round=10,
+              federation={"num_clients": 8})
+    runs = report.separate_configurations(report.find_runs([tmp_path]))
+    assert sorted((run.path.name, run.method) for run in runs) == [
+        ("a", "fedit [federation.num_clients=4]"), ("b", "fedit [federation.num_clients=8]"),
+        ("c", "fedit [federation.num_clients=8]")]
+    assert main(["report", str(tmp_path), "--output", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert out == (f"smartfed report: wrote {tmp_path / 'out' / 'report.md'}, {tmp_path / 'out' / 'summary.json'} "
+                   f"and 3 plots into {tmp_path / 'out'}\n")
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "| bbc_news | fedit [federation.num_clients=8] | 2 | 0.800 ± 0.141 |" in text
+    assert "| bbc_news | fedit [federation.num_clients=4] | 1 | 0.600 ± 0.000 |" in text
+
+
+def test_seeds_of_one_configuration_stay_together(runs_root):
+    runs = report.separate_configurations(report.find_runs([runs_root]))
+    assert sorted({run.method for run in runs}) == ["fedit", "smartfed_expert_space"]
+
+
+def test_baselines_stand_beside_each_run_and_the_loss_is_explained(tmp_path):
+    write_run(tmp_path, "recorded", method="fedit", seed=0, accuracies=[0.5, 0.6], bytes_per_round=10,
+              baselines={"base_accuracy": 0.45, "majority_accuracy": 0.25, "eval_examples": 200})
+    write_run(tmp_path, "other_task", method="fedit", seed=0, accuracies=[0.3, 0.4], bytes_per_round=10,
+              task="skills_target")
+    table = tmp_path / "zero_shot.json"
+    table.write_text(json.dumps({"skills_target {}": {"accuracy": 0.227, "majority_class_share": 0.136}}))
+    text = report.write_report([tmp_path], tmp_path / "out", baselines=table).read_text()
+    assert report.LOSS_NOTE in text and report.BASELINES_NOTE in text
+    assert "| recorded | bbc_news | fedit | 0 | 2 | 0.600 | 0.450 | 0.250 |" in text
+    assert "| other_task | skills_target | fedit | 0 | 2 | 0.400 | 0.227 | 0.136 |" in text
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert {run["task"]: run["baselines"]["base_accuracy"] for run in summary["runs"]} == {
+        "bbc_news": 0.45, "skills_target": 0.227}
+
+
+def test_reports_without_baselines_keep_their_columns(runs_root, tmp_path):
+    text = report.write_report([runs_root], tmp_path / "out").read_text()
+    assert "base model acc" not in text and report.LOSS_NOTE in text

@@ -7,10 +7,12 @@ import json
 import pytest
 
 from smartfed.cli import main
-from smartfed.config import ConfigError, SweepConfig, validate
+from smartfed.config import ConfigError, validate
+from smartfed.experiments.sweep_schema import SweepConfig
 from smartfed.experiments import report
 from smartfed.experiments.selection import grid_point, point_name, select_by_validation
 from smartfed.experiments.sweep import plan_runs, sweep_runs
+from smartfed.federated.run_dir import METRICS_FILE
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -132,7 +134,7 @@ def write_run(root, name, seed, *, test, val=None, method="fedit", label=None, l
         if val is not None:
             record["val_accuracy"] = val[index]
         records.append(json.dumps(record))
-    (folder / report.METRICS_FILE).write_text("\n".join(records) + "\n")
+    (folder / METRICS_FILE).write_text("\n".join(records) + "\n")
     return folder
 
 

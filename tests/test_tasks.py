@@ -139,7 +139,7 @@ def test_source_skills_and_distractor(tokenizer):
 
 
 def test_a_missing_gguf_package_names_the_install_command_that_compiles_nothing():
-    from smartfed.tasks import models
+    from smartfed import models
 
     with pytest.raises(FileNotFoundError) as error:
         models.packaged_gguf_path(package="smartfed_absent_package")

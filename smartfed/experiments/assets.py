@@ -11,21 +11,20 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from smartfed.config import SYNTHETIC_TASK
-from smartfed.federated.checkpoint import remove_stale_staging
 from smartfed.federated.data import answer_logits, answer_loss, batch_indices
+from smartfed.staging import finish_staging, make_staging, remove_stale_staging
 from smartfed.federated.seeding import STREAM_BASE_MODEL, STREAM_LAYOUT, STREAM_POOL, derived_seed
 from smartfed.tasks.synthetic import generate_examples, make_layout
 
 POOL_COMPLETE = "pool.json"
-# Staging folders carry the writer's pid so a later build can tell a crashed one from a live one.
-POOL_STAGING_PREFIX = ".pool-"
+# Staging folders are recognised by their marker (smartfed.staging), not by this name.
+POOL_STAGING_PREFIX = ".pool-staging-"
 
 
 def build_base_model(model_config, seed):
@@ -50,7 +49,7 @@ def task_layout(config):
     ``label_token_ids`` is all the trainer reads) tokenized by ``model.pretrained``'s tokenizer."""
     if config.task.name != SYNTHETIC_TASK:
         from smartfed.tasks import load_task
-        from smartfed.tasks.models import load_tokenizer
+        from smartfed.models import load_tokenizer
 
         return load_task(config.task.name, load_tokenizer(config.model.pretrained), **config.task.options)
     vocab_size = base_vocab_size(config.model)
@@ -121,19 +120,21 @@ def build_tiny_pool(config, *, progress=True):
     trained on the synthetic source tasks (cached)."""
     if config.pool.paths:
         return [Path(p) for p in config.pool.paths]
-    root = Path(config.pool.cache_dir) if config.pool.cache_dir else default_cache_dir()
+    # Resolved before anything is checked or written: ".." and symlinks name the folder they reach.
+    root = (Path(config.pool.cache_dir) if config.pool.cache_dir else default_cache_dir()).resolve()
     target = root / _pool_key(config)
     names = [f"source_{index}" for index in range(config.pool.source_tasks)]
     if not (target / POOL_COMPLETE).is_file():
         root.mkdir(parents=True, exist_ok=True)
-        remove_stale_staging(root, POOL_STAGING_PREFIX)
-        staging = Path(tempfile.mkdtemp(prefix=f"{POOL_STAGING_PREFIX}{os.getpid()}-", dir=root))
+        remove_stale_staging(root)
+        staging = make_staging(root, POOL_STAGING_PREFIX)
         try:
             layout = task_layout(config)
             final_losses = {}
             for index, name in enumerate(tqdm(names, desc="training pool adapters", disable=not progress)):
                 final_losses[name] = _train_source_adapter(config, layout, index, staging / name)
             (staging / POOL_COMPLETE).write_text(json.dumps({"adapters": names, "final_loss": final_losses}))
+            finish_staging(staging)
             try:
                 os.replace(staging, target)
             except OSError:

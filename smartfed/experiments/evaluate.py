@@ -14,10 +14,11 @@ import json
 import time
 from pathlib import Path
 
+from smartfed.federated.run_dir import EVALUATION_FILE
+
 # What may differ from the run's config: the data it is scored on and how, never what the state
 # was trained on (pool.cache_dir only moves the cached tiny pool, which its fingerprint checks).
 EVALUATION_CHANGES = ("task", "federation.eval_batch_size", "pool.cache_dir", "label")
-EVALUATION_FILE = "evaluation.json"
 
 
 def configure_parser(parser):
@@ -39,15 +40,17 @@ def _evaluation_key(key):
     return any(key == allowed or key.startswith(allowed + ".") for allowed in EVALUATION_CHANGES)
 
 
-def read_run_config(run_dir, overrides):
+def read_run_config(run_dir, overrides, *, split="test"):
     """(the config the model is rebuilt from: the run's, with the pool cache of ``overrides``; the
-    config to evaluate with); a ConfigError for a missing run folder or a ``--set`` outside
-    ``EVALUATION_CHANGES``."""
+    config to evaluate with; the run's ``config.json`` mapping); a ConfigError for a missing run
+    folder, a ``--set`` outside ``EVALUATION_CHANGES`` or a ``split`` the run does not have.
+    Reads only ``config.json``: every mistake here is reported before torch is imported."""
     from smartfed.config import (
-        CONFIG_FILE, ConfigError, blame_override, config_from_dict, config_to_dict, override_key, with_overrides,
+        ConfigError, apply_overrides, blame_override, config_from_dict, config_to_dict, override_key, with_overrides,
     )
+    from smartfed.federated.run_dir import CONFIG_FILE
 
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir).resolve()
     if not run_dir.is_dir():
         raise ConfigError(f"{run_dir} is not a folder", key="RUN_DIR")
     path = run_dir / CONFIG_FILE
@@ -55,13 +58,19 @@ def read_run_config(run_dir, overrides):
         raise ConfigError(f"{run_dir} is not a run folder ({CONFIG_FILE} is missing)", key="RUN_DIR")
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as error:
+    except (ValueError, RecursionError) as error:
         raise ConfigError(f"not valid JSON ({error})", source=path) from None
     for assignment in overrides:
         key = override_key(assignment)
         if not _evaluation_key(key):
             raise ConfigError(f"the final state was trained with this setting; evaluate may change only "
                               f"{', '.join(EVALUATION_CHANGES)}", key=key, source=f"--set {assignment}")
+    task = apply_overrides(saved, overrides).get("task") if isinstance(saved, dict) else None
+    task = task if isinstance(task, dict) else {}
+    # Before the config is validated: validating model.tiny imports transformers.
+    if split == "validation" and task.get("validation_fraction", 0) == 0:
+        raise ConfigError(f"task {task.get('name', 'synthetic')!r} has no validation split to score (the run's "
+                          "task.validation_fraction is 0)", key="--split")
     run_config = config_from_dict(saved, source=path)
     config = config_from_dict(config_to_dict(run_config), overrides)
     # Which training examples were held out is part of what the state was trained on.
@@ -71,20 +80,21 @@ def read_run_config(run_dir, overrides):
                                   "chose the training examples held out); evaluate cannot change it",
                                   key="task.validation_fraction"), overrides)
     # The tiny pool's cache key covers the task section, so the model never takes the new task.
-    return with_overrides(run_config, pool={"cache_dir": config.pool.cache_dir}), config
+    return with_overrides(run_config, pool={"cache_dir": config.pool.cache_dir}), config, saved
 
 
 def _final_round_checkpoint(run_dir, config):
     """(tensors file, Checkpoint) of ``run_dir`` when it holds the run's last round; else a
     ConfigError."""
     from smartfed.config import ConfigError
-    from smartfed.federated.checkpoint import TENSORS_FILE, find_checkpoint, verify_checkpoint
+    from smartfed.federated.checkpoint import TENSORS_FILE
+    from smartfed.federated.run_dir import RunDir
 
-    directory = find_checkpoint(run_dir)
-    if directory is None:
+    found = RunDir(run_dir).read_checkpoint()
+    if found is None:
         raise ConfigError(f"{run_dir} holds no final state (neither final_state.safetensors nor a checkpoint)",
                           key="RUN_DIR")
-    checkpoint = verify_checkpoint(directory)
+    directory, checkpoint = found
     if checkpoint.round != config.federation.rounds:
         raise ConfigError(f"{run_dir} holds no final state: it stopped at round {checkpoint.round} of "
                           f"{config.federation.rounds} (continue it with smartfed train --resume)", key="RUN_DIR")
@@ -130,16 +140,17 @@ def read_final_state(run_dir, config):
     return record
 
 
-def check_config(final, model_config):
+def check_config(final, model_config, saved=None):
     """A ConfigError unless ``final`` was trained with the method and configuration of the run's
-    config.json."""
-    from smartfed.config import ConfigError, config_fingerprint
+    config.json (``saved``, its mapping, lets a fingerprint recorded before the schema version
+    verify; smartfed.config.fingerprint)."""
+    from smartfed.config import ConfigError, config_fingerprint, fingerprint_matches
 
     if final["method"] != model_config.method:
         raise ConfigError(f"holds a {final['method']!r} state, but the run's config.json says method "
                           f"{model_config.method!r}", source=final["file"])
     expected = config_fingerprint(model_config)
-    if final["config_fingerprint"] != expected:
+    if not fingerprint_matches(final["config_fingerprint"], model_config, saved):
         raise ConfigError(f"was trained with config fingerprint {final['config_fingerprint']}, but the run's "
                           f"config.json gives {expected} (method, router form, pool or training settings differ)",
                           source=final["file"])
@@ -157,25 +168,22 @@ def check_pool(final, pool_fingerprint):
 def evaluate_run(run_dir, overrides=(), *, split="test", device="cpu", progress=False):
     """Score the final state of ``run_dir`` on its task config changed by ``overrides``; returns
     the JSON record (see the ``evaluate`` entry of smartfed.cli)."""
-    from smartfed.config import ConfigError, config_to_dict
+    from smartfed.config import config_to_dict
     from smartfed.experiments.assets import task_layout
     from smartfed.experiments.runs import build_trainer, federated_data
     from smartfed.experiments.train import check_inputs, prepare_model
 
     started = time.perf_counter()
-    model_config, config = read_run_config(run_dir, overrides)
+    model_config, config, saved = read_run_config(run_dir, overrides, split=split)
     check_inputs(config)
     prepare_model(config)
     final = read_final_state(run_dir, model_config)
-    check_config(final, model_config)
+    check_config(final, model_config, saved)
     layout = task_layout(config)
     trainer, _ = build_trainer(model_config, device=device, progress=progress, layout=layout)
     check_pool(final, trainer.pool_fingerprint)
     data = federated_data(config, layout)
     examples = data.evaluation if split == "test" else data.validation
-    if examples is None:
-        raise ConfigError(f"task {config.task.name!r} has no validation split to score (the run's "
-                          "task.validation_fraction is 0)", key="--split")
     scores = trainer.evaluate(final["state"], final["quotas"], examples, batch_size=config.federation.eval_batch_size)
     return {
         "run_dir": str(run_dir), "split": split, "overrides": list(overrides), "config": config_to_dict(config),
@@ -188,12 +196,19 @@ def evaluate_run(run_dir, overrides=(), *, split="test", device="cpu", progress=
 def run(args) -> int:
     from smartfed.experiments.train import set_threads
 
+    # Everything the run folder and --set can get wrong is checked before torch loads.
+    read_run_config(args.run_dir, args.overrides, split=args.split)
     set_threads(args.threads)
     record = evaluate_run(args.run_dir, args.overrides, split=args.split, device=args.device,
                           progress=not args.no_progress)
-    output = Path(args.output) if args.output else Path(args.run_dir) / EVALUATION_FILE
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(record, indent=1))
+    if args.output:
+        output = Path(args.output).resolve()
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(record, indent=1))
+    else:
+        from smartfed.federated.run_dir import RunDir
+
+        output = RunDir(args.run_dir).write_json(EVALUATION_FILE, record)
     print(f"{record['run_dir']}: round {record['round']} {record['split']} accuracy {record['accuracy']:.4f} "
           f"loss {record['loss']:.4f} on {record['examples']} examples ({record['seconds']:.1f} s) -> {output}")
     return 0

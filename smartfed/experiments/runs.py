@@ -1,25 +1,28 @@
 """A federated run assembled from its config: the composition root of the engine.
 
 The engine (``smartfed.federated``) is handed everything it runs: the method (by name from
-``smartfed.experiments.methods``), the model that method built on the frozen base and the pool,
-the task's examples split across clients. This module builds them from a run config, for the
-in-process engine (``run_in_process``: ``smartfed train``, the sweep) and for the Flower apps
-(``smartfed.experiments.flower_apps``), which then drive the same ``SmartFedStrategy``.
+``smartfed.experiments.method_registry``), the model that method built on the frozen base and the pool,
+the task's examples split across clients, and the run folder (a ``RunDir``) that records it. This
+module builds them from a run config, for the in-process engine (``run_in_process``: ``smartfed
+train``, the sweep) and for the Flower apps (``smartfed.experiments.flower_apps``), which then
+drive the same ``SmartFedStrategy`` with the same ``driver.drive``.
 """
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
+import torch
 
-from smartfed.config import CONFIG_FILE, SYNTHETIC_TASK, config_fingerprint, config_to_dict
+from smartfed.config import SYNTHETIC_TASK, config_fingerprint, config_to_dict
 from smartfed.experiments.assets import build_base_model, build_tiny_pool, task_layout
-from smartfed.experiments.methods import build_method
+from smartfed.experiments.method_registry import build_method
 from smartfed.federated.client import FederatedClient
 from smartfed.federated.data import Examples, FederatedData, split_clients
+from smartfed.federated.driver import drive
+from smartfed.federated.faults import FaultInjectingGrid
 from smartfed.federated.grid import InProcessGrid
-from smartfed.federated.run_dir import fsync_write
+from smartfed.federated.run_dir import RunDir
 from smartfed.federated.seeding import STREAM_EVAL_DATA, STREAM_TRAIN_DATA, STREAM_VALIDATION, derived_seed
 from smartfed.federated.strategy import SmartFedStrategy
 from smartfed.federated.trainer import ClientTrainer
@@ -78,14 +81,17 @@ def hold_out(examples, size, *, seed):
 
 @dataclass
 class Run:
-    """Everything one process needs for a run: the trainer and task layout, the clients' data
-    and the server strategy (which holds the state and history)."""
+    """Everything one process needs for a run: the trainer and task layout, the clients' data,
+    the server strategy (which holds the state and history) and the run folder that records it."""
 
     config: object
     trainer: ClientTrainer
     layout: object
     data: FederatedData
     strategy: SmartFedStrategy
+    run_dir: RunDir
+    progress: bool = False
+    client_evaluation: bool = False
 
     @property
     def state(self):
@@ -97,39 +103,60 @@ class Run:
 
     @property
     def output_dir(self):
-        return self.strategy.output_dir
+        return self.run_dir.folder
+
+    def start(self, grid, *, node_wait_s=120.0, stop_after_round=None, listed=()):
+        """Drive the strategy over ``grid`` (``smartfed.federated.driver.drive``)."""
+        return drive(self.strategy, grid, self.run_dir, node_wait_s=node_wait_s, stop_after_round=stop_after_round,
+                     progress=self.progress, listed=listed, client_evaluation=self.client_evaluation)
 
     def start_in_process(self, *, stop_after_round=None):
         """Drive the strategy over this process's clients (``in_process_grid``)."""
-        return self.strategy.start(in_process_grid(self), stop_after_round=stop_after_round)
+        with in_process_grid(self) as grid:
+            return self.start(grid, stop_after_round=stop_after_round)
 
 
 def open_run(config, output_dir, *, resume=False, progress=True, trainer=None, device="cpu",
              timeout=3600.0, aggregate=None, client_evaluation=False) -> Run:
-    """The run of ``config`` in ``output_dir``, fresh (refuses a folder with a checkpoint) or
-    with ``resume`` continued from its checkpoint; a fresh one records ``config.json``. The
-    other arguments are the strategy's (``SmartFedStrategy``)."""
+    """The run of ``config`` in ``output_dir`` (a folder, or a ``RunDir``), fresh (the folder
+    guard; refuses a folder with a checkpoint; records ``config.json``) or with ``resume``
+    continued from its checkpoint after the resume rules. The other arguments are the
+    strategy's (``SmartFedStrategy``) and the driver's."""
+    run_dir = output_dir if isinstance(output_dir, RunDir) else RunDir(output_dir)
+    config_dict = config_to_dict(config)
+    if not resume:
+        run_dir.check_writable(config_dict, resume=False)
     if trainer is None:
         trainer, layout = build_trainer(config, device=device, progress=progress)
     else:
         layout = task_layout(config)
     data = federated_data(config, layout)
-    config_dict = config_to_dict(config)
+    fingerprint = config_fingerprint(config)
     strategy = SmartFedStrategy(
-        config, trainer, data.evaluation, output_dir, fingerprint=config_fingerprint(config), partitions=data.clients,
-        setup_json=json.dumps(config_dict), resume=resume, timeout=timeout, aggregate=aggregate,
-        client_evaluation=client_evaluation, progress=progress, validation=data.validation,
+        config, trainer, data.evaluation, fingerprint=fingerprint, partitions=data.clients,
+        setup_json=json.dumps(config_dict), timeout=timeout, aggregate=aggregate, validation=data.validation,
     )
-    if not resume:
-        fsync_write(Path(output_dir) / CONFIG_FILE, json.dumps(config_dict, indent=1))
-    return Run(config=config, trainer=trainer, layout=layout, data=data, strategy=strategy)
+    if resume:
+        checkpoint = run_dir.resume_checkpoint(config=config, pool_fingerprint=trainer.pool_fingerprint,
+                                               torch_threads=torch.get_num_threads())
+        strategy.restore(checkpoint)
+        run_dir.rebuild_metrics(strategy.history, strategy.state.round)
+    else:
+        run_dir.start_fresh(config_dict)
+    return Run(config=config, trainer=trainer, layout=layout, data=data, strategy=strategy, run_dir=run_dir,
+               progress=progress, client_evaluation=client_evaluation)
 
 
-def in_process_grid(run: Run) -> InProcessGrid:
-    """The run's clients in this process, with the config's injected faults."""
+def in_process_grid(run: Run):
+    """The run's clients in this process; with the config's ``faults``, wrapped by the fault
+    harness (``FaultInjectingGrid``)."""
     client = FederatedClient(run.trainer, run.data, run.config)
     fed = run.config.federation
-    return InProcessGrid(client, fed.num_clients, faults=run.config.faults, client_timeout_s=fed.client_timeout_s)
+    grid = InProcessGrid(client, fed.num_clients, client_timeout_s=fed.client_timeout_s)
+    if not run.config.faults:
+        return grid
+    return FaultInjectingGrid(grid, run.config.faults, client_timeout_s=fed.client_timeout_s,
+                              wire_dtype=run.config.communication.wire_dtype, seed=run.config.seed)
 
 
 def run_in_process(config, output_dir, *, resume=False, stop_after_round=None, progress=True, trainer=None,

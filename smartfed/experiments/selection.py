@@ -17,6 +17,8 @@ import math
 import statistics
 from dataclasses import dataclass
 
+from smartfed.errors import SmartFedError
+
 LAST_ROUNDS = 3
 SELECTION_FILE = "selection.json"
 SELECTION_TABLE = "selection.md"
@@ -29,18 +31,23 @@ CONFIGURATION_RULE = ("per task and method, among its sweep entries (e.g. SmartF
                       "the entry named first in alphabetical order")
 
 
+class ReportError(SmartFedError, ValueError):
+    """Runs that cannot be reported or chosen among as given (a missing folder, a metrics file
+    that is not one, runs that cannot be compared)."""
+
+
 def point_name(family, lr) -> str:
     """The run name of rate ``lr`` of the ``lr_grid`` entry ``family``: the rate as Python's
     shortest text that reads back as the same float (0.003, 0.01, 1e-05, 1.0), so that two rates
     never share a name and 3e-3 and 0.003 get the same one."""
-    from smartfed.config import LR_GRID_MARK  # pydantic stays out of `smartfed --help`
+    from smartfed.experiments.sweep_schema import LR_GRID_MARK  # pydantic stays out of `smartfed --help`
 
     return f"{family}{LR_GRID_MARK}{float(lr)!r}"
 
 
 def grid_point(name):
     """(entry, rate) of a run named by :func:`point_name`, or None for any other run."""
-    from smartfed.config import LR_GRID_MARK
+    from smartfed.experiments.sweep_schema import LR_GRID_MARK
 
     family, mark, rate = name.partition(LR_GRID_MARK)
     return (family, float(rate)) if mark else None
@@ -107,7 +114,7 @@ def validation_score(run):
     """Mean ``val_accuracy`` over the last LAST_ROUNDS rounds of ``run`` that were scored on validation."""
     scores = [record["val_accuracy"] for record in run.records if "val_accuracy" in record]
     if not scores:
-        raise ValueError(f"{run.path} has no val_accuracy in its metrics: choosing a learning rate on validation "
+        raise ReportError(f"{run.path} has no val_accuracy in its metrics: choosing a learning rate on validation "
                          f"needs a sweep run with task.validation_fraction > 0")
     last = scores[-LAST_ROUNDS:]
     return math.fsum(last) / len(last)
@@ -119,17 +126,17 @@ def _selection_seeds(task, family, by_rate):
     seeds = {lr: [run.seed for run in members] for lr, members in by_rate.items()}
     for lr, listed in seeds.items():
         if len(set(listed)) < len(listed):
-            raise ValueError(f"{task}: {point_name(family, lr)} has seeds {sorted(listed)}, one of them twice; "
+            raise ReportError(f"{task}: {point_name(family, lr)} has seeds {sorted(listed)}, one of them twice; "
                              f"report each sweep folder on its own")
     common = set.intersection(*(set(listed) for listed in seeds.values()))
     if not common:
         ran = "; ".join(f"lr {lr!r}: seeds {sorted(listed)}" for lr, listed in sorted(seeds.items()))
-        raise ValueError(f"{task}: the rates of {family} share no seed ({ran}); rates are compared on the "
+        raise ReportError(f"{task}: the rates of {family} share no seed ({ran}); rates are compared on the "
                          f"seeds they all ran, so finish the sweep first")
     last_rounds = {lr: sorted({run.rounds[-1] for run in members}) for lr, members in by_rate.items()}
     if len({round_ for rounds in last_rounds.values() for round_ in rounds}) > 1:
         ended = "; ".join(f"lr {lr!r}: {rounds}" for lr, rounds in sorted(last_rounds.items()))
-        raise ValueError(f"{task}: the runs of {family} end at different rounds ({ended}); rates are compared "
+        raise ReportError(f"{task}: the runs of {family} end at different rounds ({ended}); rates are compared "
                          f"after the same rounds, so finish the sweep first")
     return tuple(sorted(common))
 
@@ -147,14 +154,14 @@ def select_by_validation(runs):
     selections = []
     for (task, family), by_rate in sorted(grid_runs.items()):
         if (task, family) in plain:
-            raise ValueError(f"{task}: runs of {family} both with and without an lr_grid; report them separately")
+            raise ReportError(f"{task}: runs of {family} both with and without an lr_grid; report them separately")
         seeds = _selection_seeds(task, family, by_rate)
         candidates = [Candidate(lr=lr, runs=sorted(members, key=lambda run: run.seed), selection_seeds=seeds)
                       for lr, members in sorted(by_rate.items())]
         chosen = max(candidates, key=lambda candidate: (candidate.mean, -candidate.lr))
         methods = {run.base_method for candidate in candidates for run in candidate.runs}
         if len(methods) > 1:
-            raise ValueError(f"{task}: the runs of {family} train different methods {sorted(methods)}")
+            raise ReportError(f"{task}: the runs of {family} train different methods {sorted(methods)}")
         selections.append(Selection(task=task, family=family, method=methods.pop(), candidates=candidates,
                                     chosen=chosen))
     return selections
@@ -175,7 +182,7 @@ def choose_configuration(selections, method):
         seeds = tuple(sorted(set.intersection(*(set(entry.selection_seeds) for entry in entries))))
         if not seeds:
             ran = "; ".join(f"{entry.family}: seeds {list(entry.selection_seeds)}" for entry in entries)
-            raise ValueError(f"{task}: the {method} entries share no selection seed ({ran}); finish the sweep first")
+            raise ReportError(f"{task}: the {method} entries share no selection seed ({ran}); finish the sweep first")
         entries = sorted(entries, key=lambda entry: entry.family)
         scores = {entry.family: entry.chosen.score_on(seeds) for entry in entries}
         chosen = max(entries, key=lambda entry: scores[entry.family])

@@ -1,7 +1,8 @@
 """``smartfed sweep``: federated runs of text tasks (smartfed.tasks), one or a whole grid of them.
 
 A run config names its text task in ``task.name`` / ``task.options``; this driver writes the
-task's splits and client label counts beside the run's metrics (``text_task.json``) and makes
+task's splits, client label counts and the base model's and majority class's accuracy
+(smartfed.experiments.task_baselines) beside the run's metrics (``text_task.json``) and makes
 the default SmolLM2 folder on first use. A config with a top-level ``sweep`` section
 (configs/paper_small.yaml, schema ``smartfed.config.SweepConfig``) runs every (seed, task,
 method) of it, one run folder each (``DIR/<task>/<method>/seed<k>``), seeds outermost so that a
@@ -11,7 +12,6 @@ run is validated, and every run folder checked, before the first run starts; fin
 skipped, interrupted ones continue from their checkpoint.
 """
 
-import json
 import sys
 from pathlib import Path
 
@@ -23,8 +23,6 @@ from smartfed.experiments.train import (
     prepare_model,
     set_threads,
 )
-
-TASK_FILE = "text_task.json"
 
 
 def configure_parser(parser):
@@ -43,8 +41,10 @@ def run_text_experiment(config, output_dir, *, progress=True, device="cpu", resu
     """Run the federated experiment of ``config`` (a RunConfig or its mapping; a text task) into
     ``output_dir`` and record the task's splits and client label counts beside its metrics; with
     ``resume``, continue the run there (``resume_changes``: what check_resume allowed to change)."""
-    from smartfed.config import RunConfig, config_from_dict, record_resume
+    from smartfed.config import RunConfig, config_from_dict
     from smartfed.experiments.runs import open_run
+    from smartfed.experiments.task_baselines import task_baselines
+    from smartfed.federated.run_dir import TEXT_TASK_FILE, RunDir
 
     if not isinstance(config, RunConfig):
         config = config_from_dict(config)
@@ -52,7 +52,8 @@ def run_text_experiment(config, output_dir, *, progress=True, device="cpu", resu
     check_inputs(config)
     prepare_model(config)
     run = open_run(config, output_dir, resume=resume, progress=progress, device=device)
-    record_resume(output_dir, config, resume_changes or {}, at_round=resumed_round)
+    run_dir = RunDir(output_dir)
+    run_dir.record_resume(config, resume_changes or {}, at_round=resumed_round)
     task = run.layout
     summary = {
         **task.summary(), "options": config.task.options, "description": task.description,
@@ -61,8 +62,9 @@ def run_text_experiment(config, output_dir, *, progress=True, device="cpu", resu
             [int((examples.labels == label).sum()) for label in range(task.num_labels)]
             for examples in run.data.clients
         ],
+        "baselines": task_baselines(config, task, run.data.evaluation),
     }
-    (Path(output_dir) / TASK_FILE).write_text(json.dumps(summary, indent=1))
+    run_dir.write_json(TEXT_TASK_FILE, summary)
     run.start_in_process()
     return run
 
@@ -85,7 +87,8 @@ def sweep_runs(data, *, source=None):
     makes it an ablation of that method: its runs get the entry's name as their ``label``. An
     entry with ``lr_grid`` becomes one run per rate, named (folder and ``label``)
     ``<entry>@lr=<rate>`` (smartfed.experiments.selection.point_name), setting ``federation.lr``."""
-    from smartfed.config import SweepConfig, validate
+    from smartfed.config import validate
+    from smartfed.experiments.sweep_schema import SweepConfig
     from smartfed.experiments.selection import point_name
 
     sweep = validate(SweepConfig, data, source=source)
@@ -191,18 +194,20 @@ def plan_runs(data, output_root, *, overrides=(), seeds=None, tasks=None, method
 
 
 def run(args) -> int:
-    from smartfed.config import read_yaml, record_resume
+    from smartfed.config import read_yaml
+    from smartfed.federated.run_dir import RunDir
     from smartfed.federated.strategy import RoundFailed
 
     data = read_yaml(args.config)
-    plan = plan_runs(data, args.output, overrides=args.overrides, seeds=args.seeds, tasks=args.tasks,
+    output_root = Path(args.output).resolve()
+    plan = plan_runs(data, output_root, overrides=args.overrides, seeds=args.seeds, tasks=args.tasks,
                      methods=args.methods, source=args.config)
     set_threads(args.threads)
     progress = not args.no_progress
     for relative, config, done, changes in plan:
-        folder = Path(args.output) / relative
+        folder = output_root / relative
         if done == config.federation.rounds:
-            record_resume(folder, config, changes, at_round=done)
+            RunDir(folder).record_resume(config, changes, at_round=done)
             print(f"== {folder}: finished", flush=True)
             continue
         print(f"== {folder}{'' if done is None else f' (continued after round {done})'}", flush=True)

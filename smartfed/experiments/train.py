@@ -3,10 +3,11 @@
 Everything that can be checked cheaply is checked before the model, the pool or the data are
 built: the config itself (smartfed.config), the run folder against ``--resume``, the task name,
 the model folder and the pool's adapter folders. Like every subcommand module, it imports torch
-(through smartfed.config) only when it runs, so that ``--help`` stays fast.
+only when it runs, and only after the config passed every check that does not need it.
 """
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -54,7 +55,7 @@ def check_inputs(config):
     ``config`` exist; the default SmolLM2 folder counts (``prepare_model`` makes it)."""
     from smartfed.config import SYNTHETIC_TASK, ConfigError
     from smartfed.tasks import TASK_BUILDERS
-    from smartfed.tasks.models import DEFAULT_MODEL_DIR, DEMO_INSTALL
+    from smartfed.models import DEFAULT_MODEL_DIR, DEMO_INSTALL
 
     if config.task.name != SYNTHETIC_TASK and config.task.name not in TASK_BUILDERS:
         raise ConfigError(f"must be {SYNTHETIC_TASK!r} or a text task of smartfed.tasks {sorted(TASK_BUILDERS)}, "
@@ -76,7 +77,7 @@ def check_inputs(config):
 
 def prepare_model(config):
     """Materialize the default SmolLM2 folder when the config points at it and it is missing."""
-    from smartfed.tasks.models import DEFAULT_MODEL_DIR, materialize_gguf
+    from smartfed.models import DEFAULT_MODEL_DIR, materialize_gguf
 
     model = config.model
     if model.pretrained and Path(model.pretrained) == DEFAULT_MODEL_DIR and not (DEFAULT_MODEL_DIR / "config.json").is_file():
@@ -85,21 +86,19 @@ def prepare_model(config):
 
 def completed_round(output_dir):
     """The last round checkpointed in ``output_dir``, or None when it holds no checkpoint."""
-    from smartfed.federated.checkpoint import find_checkpoint
+    from smartfed.federated.run_dir import RunDir
 
-    directory = find_checkpoint(output_dir)
-    if directory is None:
-        return None
-    return json.loads((directory / "state.json").read_text(encoding="utf-8"))["round"]
+    return RunDir(output_dir).completed_round()
 
 
 def check_output(output_dir, config, *, resume):
     """Check the run folder against ``resume`` from its files alone; returns the resumable
-    changes to record (see smartfed.config.check_resume)."""
-    from smartfed.config import CONFIG_FILE, ConfigError, check_resume, config_to_dict
-    from smartfed.federated.run_dir import prepare_run_dir
+    changes to record (see smartfed.federated.run_dir.RunDir.check_resume)."""
+    from smartfed.config import ConfigError, config_to_dict
+    from smartfed.federated.run_dir import RunDir
 
-    prepare_run_dir(output_dir, config_to_dict(config), resume=resume)
+    run_dir = RunDir(output_dir)
+    run_dir.check_writable(config_to_dict(config), resume=resume)
     done = completed_round(output_dir)
     if not resume:
         if done is not None:
@@ -108,19 +107,21 @@ def check_output(output_dir, config, *, resume):
         return {}
     if done is None:
         raise ConfigError(f"no checkpoint under {output_dir} to continue from", key="--resume")
-    changes = check_resume(output_dir, config)
+    changes = run_dir.check_resume(config)
     if config.federation.rounds < done:
         raise ConfigError(f"is {config.federation.rounds} but the run being resumed has completed {done} rounds; "
                           "rounds may grow when a run continues, not shrink", key="federation.rounds",
-                          source=Path(output_dir) / CONFIG_FILE)
+                          source=run_dir.config_path)
     return changes
 
 
 def run(args) -> int:
-    from smartfed.config import ConfigError, load_config, record_resume
+    from smartfed.config import ConfigError, load_config
 
     config = load_config(args.config, args.overrides)
-    changes = check_output(args.output, config, resume=args.resume)
+    # Resolved before any check: "missing/../userZ" and symlinks name the folder they reach.
+    output = Path(args.output).resolve()
+    changes = check_output(output, config, resume=args.resume)
     try:
         check_inputs(config)
     except ConfigError as error:
@@ -129,10 +130,11 @@ def run(args) -> int:
     prepare_model(config)
 
     from smartfed.experiments.runs import open_run
+    from smartfed.federated.run_dir import RunDir
     from smartfed.federated.strategy import RoundFailed
 
-    run = open_run(config, args.output, resume=args.resume, progress=not args.no_progress, device=args.device)
-    record_resume(args.output, config, changes, at_round=run.state.round if args.resume else None)
+    run = open_run(config, output, resume=args.resume, progress=not args.no_progress, device=args.device)
+    RunDir(output).record_resume(config, changes, at_round=run.state.round if args.resume else None)
     try:
         run.start_in_process(stop_after_round=args.stop_after_round)
     except RoundFailed as error:
@@ -141,8 +143,18 @@ def run(args) -> int:
     last = run.history[-1] if run.history else None
     if last is not None:
         print(
-            f"{config.method}: round {last['round']}/{config.federation.rounds} loss {last['loss']:.4f} "
-            f"accuracy {last['accuracy']:.4f} bytes up {last['total_bytes_up']} down {last['total_bytes_down']} "
-            f"-> {args.output}"
+            f"{config.method}: round {last['round']}/{config.federation.rounds} loss {last['loss']:.4f}"
+            f"{_loss_scale(run)} accuracy {last['accuracy']:.4f} bytes up {last['total_bytes_up']} "
+            f"down {last['total_bytes_down']} -> {args.output}"
         )
     return 0
+
+
+def _loss_scale(run) -> str:
+    """What the loss is measured against: cross-entropy over the whole vocabulary, whose uniform
+    guess is log V, while accuracy counts the argmax over the label tokens only."""
+    model = getattr(getattr(run, "trainer", None), "model", None)
+    vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+    if not isinstance(vocab_size, int) or vocab_size < 2:
+        return ""
+    return f" (cross-entropy over all {vocab_size} tokens; log V = {math.log(vocab_size):.2f})"

@@ -10,14 +10,24 @@ Integrity: ``state.json`` records the size and sha256 of ``tensors.safetensors``
 and, under ``state_sha256``, the sha256 of its own canonical JSON (sorted keys, no spaces)
 without that field. Loading checks both before it parses a tensor.
 
-Durability: a new checkpoint is written into a staging sibling ``.checkpoint-<pid>-*`` (every
-file fsynced), read back and verified, and only then swapped in: the current checkpoint becomes
+Durability: a new checkpoint is written into a staging sibling ``.checkpoint-<pid>-*``, marked as
+this project's by smartfed.staging (every file fsynced), read back and verified, and only then swapped in: the current checkpoint becomes
 ``checkpoint.previous`` (the one before it is discarded) and the staging folder becomes
 ``checkpoint``, the run folder fsynced after the renames. So at every instant the run folder holds
 at least one verified checkpoint, and normally two. Loading takes ``checkpoint`` and falls back to
 ``checkpoint.previous``, with a warning naming the file and the problem, when the latest is
 missing or damaged; when both are damaged it raises :class:`CheckpointError` naming both. A
-staging folder left by a crash is removed by the next save or load.
+staging folder left by a crash (recognised by its marker, never by its name) is removed by the
+next save or load.
+
+Hostile files: after the hashes (which anyone who can write the folder can recompute), every field
+of ``state.json`` is checked for its type and range before it is used, and the torch RNG tensor for
+its dtype and size, so a forged file is refused with one :class:`CheckpointError` line, never a
+``KeyError`` or ``TypeError`` later.
+
+Version 1 (written before hashes were recorded; the committed runs under ``benchmarks/results``)
+cannot be verified: ``load_checkpoint`` (what a resume uses) refuses it, and ``read_checkpoint``
+(what a reader of a finished run uses) reads it with a warning, its fields checked as above.
 """
 
 import hashlib
@@ -25,7 +35,6 @@ import json
 import os
 import random
 import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +44,9 @@ import safetensors
 import safetensors.torch
 import torch
 
+from smartfed.errors import SmartFedError
 from smartfed.federated.run_dir import fsync_dir, fsync_write
+from smartfed.staging import finish_staging, make_staging, remove_stale_staging
 
 CHECKPOINT_DIR = "checkpoint"
 PREVIOUS_DIR = "checkpoint.previous"
@@ -44,13 +55,17 @@ TENSORS_FILE = "tensors.safetensors"
 STATE_FILE = "state.json"
 CHECKPOINT_FORMAT = "smartfed-checkpoint"
 CHECKPOINT_VERSION = 2
+# Version 1 has neither format, version, file hashes nor a self-hash; these are its fields.
+VERSION_1_FIELDS = frozenset({"round", "quotas", "history", "config_fingerprint", "extra", "optimizer", "rng"})
+UINT32 = 2**32
+MT_STATE_WORDS = 624  # Mersenne Twister state words (numpy); python's state adds the position
 SELF_HASH = "state_sha256"
 OPTIMIZER_POLICY = "fresh AdamW per client per round (no state between rounds)"
 RNG_TENSOR = "rng/torch"
 STATE_PREFIX = "state/"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(SmartFedError, ValueError):
     """A checkpoint that fails verification, or a run folder with no intact checkpoint."""
 
 
@@ -92,67 +107,117 @@ def _canonical_sha256(meta: dict) -> str:
     return _sha256(json.dumps(meta, sort_keys=True, separators=(",", ":")).encode("utf-8"))
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale_staging(output_dir, prefix=STAGING_PREFIX) -> list:
-    """Remove the staging folders (``<prefix><pid>-...``) a crashed save left in ``output_dir``;
-    returns their paths.
-
-    A staging folder carries the pid of the process writing it; one of another process that is
-    still alive is left alone, so that reading a run (``smartfed report``) while it trains never
-    pulls a checkpoint from under its save. This process's own saves run one at a time, so its
-    leftovers are stale too."""
-    removed = []
-    for path in sorted(Path(output_dir).glob(prefix + "*")):
-        pid = path.name[len(prefix):].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
-            continue
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-        removed.append(path)
-    return removed
-
-
 def _discard(directory: Path) -> None:
     # Renamed out of the way first: a crash half-way through rmtree then leaves a staging folder
     # (cleaned by the next save) rather than a half-deleted checkpoint.
-    doomed = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-discard-", dir=directory.parent))
+    doomed = make_staging(directory.parent, f"{STAGING_PREFIX}{os.getpid()}-discard-")
     os.replace(directory, doomed / directory.name)
     shutil.rmtree(doomed)
 
 
-def _read_verified(directory: Path) -> Checkpoint:
-    """The checkpoint in ``directory`` after every hash checks; else CheckpointError naming the
-    file and what is wrong with it."""
-    state_path, tensors_path = directory / STATE_FILE, directory / TENSORS_FILE
+def _is_int(value, low=None, high=None) -> bool:
+    return (isinstance(value, int) and not isinstance(value, bool) and (low is None or value >= low)
+            and (high is None or value < high))
+
+
+def _is_words(value, count) -> bool:
+    return isinstance(value, list) and len(value) == count and all(_is_int(word, 0, UINT32) for word in value)
+
+
+def _problem(meta: dict):
+    """What is wrong with the fields of a ``state.json`` (its hashes already checked), or None."""
+    if not _is_int(meta.get("round"), 0):
+        return f"'round' must be an int >= 0, got {meta.get('round')!r:.40}"
+    quotas = meta.get("quotas")
+    if quotas is not None and not (isinstance(quotas, dict) and all(_is_int(k, 0) for k in quotas.values())):
+        return "'quotas' must be null or a mapping of module -> int >= 0"
+    history = meta.get("history")
+    if not (isinstance(history, list) and all(isinstance(r, dict) and _is_int(r.get("round"), 0) for r in history)):
+        return "'history' must be a list of round records, each with an int 'round'"
+    for key in ("config_fingerprint", "optimizer"):
+        if not isinstance(meta.get(key), str):
+            return f"{key!r} must be a string, got {type(meta.get(key)).__name__}"
+    if not isinstance(meta.get("extra"), dict):
+        return f"'extra' must be a mapping, got {type(meta.get('extra')).__name__}"
+    rng = meta.get("rng")
+    python = rng.get("python") if isinstance(rng, dict) else None
+    if not (isinstance(python, list) and len(python) == 3 and _is_int(python[0])
+            and _is_words(python[1], MT_STATE_WORDS + 1) and (python[2] is None or isinstance(python[2], float))):
+        return "'rng.python' must be python's random state [version, 625 words, gauss or null]"
+    numpy_state = rng.get("numpy")
+    if not (isinstance(numpy_state, list) and len(numpy_state) == 5 and numpy_state[0] == "MT19937"
+            and _is_words(numpy_state[1], MT_STATE_WORDS) and _is_int(numpy_state[2], 0, MT_STATE_WORDS + 1)
+            and numpy_state[3] in (0, 1) and isinstance(numpy_state[4], (int, float))):
+        return "'rng.numpy' must be numpy's MT19937 state [name, 624 words, position, has_gauss, gauss]"
+    return None
+
+
+def _checkpoint_of(meta: dict, data: bytes, state_path: Path, tensors_path: Path) -> Checkpoint:
+    """The Checkpoint of a parsed ``state.json`` and the bytes of its tensors file, every field
+    checked (``CheckpointError`` naming the file otherwise)."""
+    problem = _problem(meta)
+    if problem is not None:
+        raise CheckpointError(f"{state_path}: {problem}")
+    try:
+        tensors = safetensors.torch.load(data)
+    except safetensors.SafetensorError as error:
+        raise CheckpointError(f"{tensors_path}: not a readable safetensors file ({error})") from None
+    if RNG_TENSOR not in tensors or any(n != RNG_TENSOR and not n.startswith(STATE_PREFIX) for n in tensors):
+        raise CheckpointError(f"{tensors_path}: expected {RNG_TENSOR!r} and {STATE_PREFIX}* tensors, found "
+                              f"{sorted(tensors)[:6]}")
+    generator = tensors.pop(RNG_TENSOR)
+    expected = torch.get_rng_state()
+    if generator.dtype != expected.dtype or tuple(generator.shape) != tuple(expected.shape):
+        raise CheckpointError(f"{tensors_path}: {RNG_TENSOR!r} must be a {expected.dtype} tensor of shape "
+                              f"{tuple(expected.shape)}, got {generator.dtype} {tuple(generator.shape)}")
+    return Checkpoint(
+        round=meta["round"], global_state={name[len(STATE_PREFIX):]: t for name, t in tensors.items()},
+        quotas=meta["quotas"], history=meta["history"], config_fingerprint=meta["config_fingerprint"],
+        extra=meta["extra"], rng=dict(meta["rng"], torch=generator),
+    )
+
+
+def _read_meta(state_path: Path):
     try:
         text = state_path.read_bytes()
     except FileNotFoundError:
         raise CheckpointError(f"{state_path}: missing") from None
     try:
-        meta = json.loads(text.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        return json.loads(text.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise CheckpointError(f"{state_path}: not valid JSON, truncated or damaged ({error})") from None
+
+
+def _is_version_1(meta) -> bool:
+    return isinstance(meta, dict) and set(meta) == VERSION_1_FIELDS
+
+
+def _read_verified(directory: Path, *, version_1=False) -> Checkpoint:
+    """The checkpoint in ``directory`` after every hash and field checks; else CheckpointError
+    naming the file and what is wrong with it. ``version_1``: read a version-1 checkpoint (no
+    hashes to check) with a warning instead of refusing it."""
+    state_path, tensors_path = directory / STATE_FILE, directory / TENSORS_FILE
+    meta = _read_meta(state_path)
+    if version_1 and _is_version_1(meta):
+        try:
+            data = tensors_path.read_bytes()
+        except FileNotFoundError:
+            raise CheckpointError(f"{tensors_path}: missing") from None
+        warnings.warn(f"{state_path}: a version-1 checkpoint, written before checkpoints recorded their hashes: "
+                      "read without verification")
+        return _checkpoint_of(meta, data, state_path, tensors_path)
     found = (meta.get("format"), meta.get("version")) if isinstance(meta, dict) else type(meta).__name__
     if found != (CHECKPOINT_FORMAT, CHECKPOINT_VERSION):
+        hint = " (a version-1 checkpoint: it can be read, not resumed)" if _is_version_1(meta) else ""
         raise CheckpointError(f"{state_path}: expected a {CHECKPOINT_FORMAT!r} state of version {CHECKPOINT_VERSION} "
-                              f"(format, version), found {found!r}")
+                              f"(format, version), found {found!r}{hint}")
     recorded = meta.pop(SELF_HASH, None)
     actual = _canonical_sha256(meta)
     if recorded != actual:
         raise CheckpointError(f"{state_path}: damaged, its content hashes to sha256 {actual[:16]} but it records "
                               f"{SELF_HASH} {str(recorded)[:16]}")
-    expected = meta.get("files", {}).get(TENSORS_FILE)
+    files = meta.get("files")
+    expected = files.get(TENSORS_FILE) if isinstance(files, dict) else None
     if not isinstance(expected, dict):
         raise CheckpointError(f"{state_path}: records no sha256 for {TENSORS_FILE}")
     try:
@@ -161,24 +226,12 @@ def _read_verified(directory: Path) -> Checkpoint:
         raise CheckpointError(f"{tensors_path}: missing") from None
     if len(data) != expected.get("bytes"):
         raise CheckpointError(f"{tensors_path}: truncated or damaged, {len(data)} bytes where {state_path.name} "
-                              f"records {expected.get('bytes')}")
+                              f"records {expected.get('bytes')!r:.40}")
     digest = _sha256(data)
     if digest != expected.get("sha256"):
         raise CheckpointError(f"{tensors_path}: damaged, sha256 {digest[:16]} where {state_path.name} records "
                               f"{str(expected.get('sha256'))[:16]}")
-    try:
-        tensors = safetensors.torch.load(data)
-    except safetensors.SafetensorError as error:
-        raise CheckpointError(f"{tensors_path}: not a readable safetensors file ({error})") from None
-    if RNG_TENSOR not in tensors or any(n != RNG_TENSOR and not n.startswith(STATE_PREFIX) for n in tensors):
-        raise CheckpointError(f"{tensors_path}: expected {RNG_TENSOR!r} and {STATE_PREFIX}* tensors, found "
-                              f"{sorted(tensors)[:6]}")
-    rng = dict(meta["rng"], torch=tensors.pop(RNG_TENSOR))
-    return Checkpoint(
-        round=meta["round"], global_state={name[len(STATE_PREFIX):]: t for name, t in tensors.items()},
-        quotas=meta["quotas"], history=meta["history"], config_fingerprint=meta["config_fingerprint"],
-        extra=meta["extra"], rng=rng,
-    )
+    return _checkpoint_of(meta, data, state_path, tensors_path)
 
 
 def verify_checkpoint(directory) -> Checkpoint:
@@ -187,16 +240,17 @@ def verify_checkpoint(directory) -> Checkpoint:
     return _read_verified(Path(directory))
 
 
-def _newest_intact(output_dir):
+def _newest_intact(output_dir, *, version_1=False):
     """(folder, Checkpoint) of the newest checkpoint in ``output_dir`` that verifies, or None
-    when there is none at all; warns for a damaged one it passes over."""
+    when there is none at all; warns for a damaged one it passes over. ``version_1``: as for
+    ``_read_verified``."""
     output_dir = Path(output_dir)
     problems = []
     for directory in (output_dir / CHECKPOINT_DIR, output_dir / PREVIOUS_DIR):
         if not directory.is_dir():
             continue
         try:
-            checkpoint = _read_verified(directory)
+            checkpoint = _read_verified(directory, version_1=version_1)
         except CheckpointError as error:
             problems.append(str(error))
             continue
@@ -217,7 +271,7 @@ def save_checkpoint(output_dir, checkpoint: Checkpoint) -> Path:
     output_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(output_dir)
     target, previous = output_dir / CHECKPOINT_DIR, output_dir / PREVIOUS_DIR
-    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=output_dir))
+    staging = make_staging(output_dir, f"{STAGING_PREFIX}{os.getpid()}-")
     try:
         rng = checkpoint.rng or capture_rng_states()
         tensors = {f"{STATE_PREFIX}{k}": v.detach().cpu().contiguous() for k, v in checkpoint.global_state.items()}
@@ -253,6 +307,7 @@ def save_checkpoint(output_dir, checkpoint: Checkpoint) -> Path:
             if previous.exists():
                 _discard(previous)
             os.replace(target, previous)
+    finish_staging(staging)
     os.replace(staging, target)
     fsync_dir(output_dir)
     return target
@@ -275,3 +330,10 @@ def load_checkpoint(output_dir) -> Checkpoint:
     if found is None:
         raise FileNotFoundError(f"no checkpoint under {Path(output_dir) / CHECKPOINT_DIR} to resume from")
     return found[1]
+
+
+def read_checkpoint(output_dir):
+    """(folder, Checkpoint) of the newest intact checkpoint of a finished run, for readers (never
+    for a resume): as :func:`load_checkpoint`, and a version-1 checkpoint is read with a warning;
+    None when the folder holds none. Nothing in the folder is changed."""
+    return _newest_intact(output_dir, version_1=True)

@@ -10,7 +10,14 @@ exception into an error reply, which the strategy drops with its reason.
   fingerprint of its pool, which must be the server's.
 - train: ``ClientTrainer.train`` on this client's partition.
 - evaluate: loss and accuracy of the received state and quotas on this client's partition.
+
+A train message may carry an ``INJECTED`` record, put there by the fault harness
+(``smartfed.federated.faults``): a wall-clock limit that replaces ``federation.client_timeout_s``
+(``time-limit-s``), or a wait before training (``delay-s``, taken in short slices so that the
+in-process grid can cancel an abandoned step).
 """
+
+import time
 
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
@@ -20,24 +27,35 @@ from smartfed.federated.messages import (
     content_to_instructions,
     result_to_content,
 )
+from smartfed.federated.protocol import (
+    CONFIG_JSON,
+    INJECTED,
+    INJECTED_DELAY_S,
+    INJECTED_TIME_LIMIT_S,
+    NODE,
+    NUM_PARTITIONS,
+    PARTITION_ID,
+    POOL,
+    POOL_FINGERPRINT,
+    RUN_CONFIG,
+    setup_config_json,
+    setup_content,
+)
 from smartfed.federated.secagg import is_secure, secure_train
 
-RUN_CONFIG = "run-config"
-CONFIG_JSON = "json"
-NODE = "node"
-POOL = "pool"
-PARTITION_ID = "partition-id"
-NUM_PARTITIONS = "num-partitions"
-POOL_FINGERPRINT = "pool-fingerprint"
+__all__ = [
+    "CONFIG_JSON", "INJECTED", "INJECTED_DELAY_S", "INJECTED_TIME_LIMIT_S", "NODE", "NUM_PARTITIONS", "PARTITION_ID",
+    "POOL", "POOL_FINGERPRINT", "RUN_CONFIG", "FederatedClient", "pause", "setup_config_json", "setup_content",
+]
+PAUSE_SLICE_S = 0.05
 
 
-def setup_content(config_json: str) -> RecordDict:
-    """The setup query's content: the run configuration as JSON."""
-    return RecordDict({RUN_CONFIG: ConfigRecord({CONFIG_JSON: config_json})})
+def pause(seconds) -> None:
+    """Sleep ``seconds`` in slices, so that an exception raised into this thread lands promptly."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        time.sleep(min(left, PAUSE_SLICE_S))
 
-
-def setup_config_json(content: RecordDict) -> str:
-    return content.config_records[RUN_CONFIG][CONFIG_JSON]
 
 
 class FederatedClient:
@@ -56,14 +74,13 @@ class FederatedClient:
         """The same clients on their own copy of the model (``ClientTrainer.replica``)."""
         return FederatedClient(self.trainer.replica(), self.data, self.config, contexts=self.contexts)
 
-    def handle(self, msg: Message, partition_id, *, time_limit_s=None) -> Message:
-        """The reply of client ``partition_id`` to ``msg``, by its message type; a train
-        message's ``time_limit_s`` (None: ``federation.client_timeout_s``)."""
+    def handle(self, msg: Message, partition_id) -> Message:
+        """The reply of client ``partition_id`` to ``msg``, by its message type."""
         kind = msg.metadata.message_type
         if kind == MessageType.QUERY:
             return self.setup(msg, partition_id)
         if kind == MessageType.TRAIN:
-            return self.train(msg, partition_id, time_limit_s=time_limit_s)
+            return self.train(msg, partition_id)
         if kind == MessageType.EVALUATE:
             return self.evaluate(msg, partition_id)
         raise ValueError(f"a SmartFed client answers query, train and evaluate messages, not {kind!r}")
@@ -75,11 +92,16 @@ class FederatedClient:
         })
         return Message(reply, reply_to=msg)
 
-    def train(self, msg: Message, partition_id, *, time_limit_s=None, context=None) -> Message:
+    def train(self, msg: Message, partition_id, *, context=None) -> Message:
         """The reply to a train message, or to a stage of SecAgg+ (``context``: the node's
         Flower context, which keeps the protocol's state; in-process, ``contexts``)."""
         examples = self.data.clients[partition_id]
-        limit = self.config.federation.client_timeout_s if time_limit_s is None else time_limit_s
+        limit = self.config.federation.client_timeout_s
+        injected = msg.content.config_records.get(INJECTED)
+        if injected is not None:
+            del msg.content[INJECTED]
+            limit = injected.get(INJECTED_TIME_LIMIT_S, limit)
+            pause(injected.get(INJECTED_DELAY_S, 0.0))
         if is_secure(msg):
             if context is None:
                 context = self.contexts.setdefault(partition_id, Context(

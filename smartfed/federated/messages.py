@@ -13,10 +13,19 @@ fp32 tensors travel as numpy arrays (Flower's own format); bf16 has no numpy dty
 little-endian bytes travel with ``stype = RAW_STYPE`` and dtype ``"bfloat16"``. Either way the
 receiver gets float32 tensors. Bytes up and down are Flower's ``count_bytes`` of the records a
 message carries (``wire_size``), whatever the transport.
+
+A client's reply is decoded strictly (``decode_state``): only the run's wire dtype is accepted,
+from the ``.npy`` header the bytes really carry (not only the dtype the record claims), and the
+data must be exactly as long as the shape says; anything else (float64, float16, int8, bool,
+complex, uint64, a header claiming more than the bytes hold) is refused with the reason, never
+cast, and nothing is allocated from a claimed shape.
 """
 
+import io
+import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
@@ -82,8 +91,67 @@ def state_to_record(state, wire_dtype) -> ArrayRecord:
     return ArrayRecord(arrays)
 
 
+WIRE_NUMPY_DTYPE = np.dtype("<f4")
+NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def _declared_shape(name, array):
+    shape = tuple(array.shape)
+    if not all(isinstance(size, int) and not isinstance(size, bool) and size >= 0 for size in shape):
+        raise ValueError(f"tensor {name!r}: shape {shape!r:.60} is not a tuple of sizes")
+    return shape
+
+
+def _decode_fp32(name, array) -> torch.Tensor:
+    shape = _declared_shape(name, array)
+    if array.stype != NUMPY_STYPE or array.dtype != "float32":
+        raise ValueError(f"tensor {name!r}: the run's wire dtype is fp32 (stype {NUMPY_STYPE!r}, dtype 'float32'), "
+                         f"got stype {array.stype!r:.40} with dtype {array.dtype!r:.40}")
+    data = io.BytesIO(array.data)
+    try:
+        version = np.lib.format.read_magic(data)
+        if version not in NPY_HEADER_READERS:
+            raise ValueError(f".npy format version {version} (1.0 or 2.0 expected)")
+        header = NPY_HEADER_READERS[version](data)
+    except (ValueError, SyntaxError, OverflowError) as error:
+        raise ValueError(f"tensor {name!r}: not a .npy array ({error})") from None
+    real_shape, fortran_order, dtype = header
+    if dtype != WIRE_NUMPY_DTYPE or fortran_order or tuple(real_shape) != shape:
+        raise ValueError(f"tensor {name!r}: its bytes hold a {dtype} array of shape {tuple(real_shape)!r:.60}"
+                         f"{' in Fortran order' if fortran_order else ''}, not the little-endian float32 array of "
+                         f"shape {shape!r:.60} the record declares")
+    payload = memoryview(array.data)[data.tell():]
+    expected = math.prod(shape) * WIRE_NUMPY_DTYPE.itemsize
+    if len(payload) != expected:
+        raise ValueError(f"tensor {name!r}: {len(payload)} bytes of data for shape {shape!r:.60} ({expected} expected)")
+    return torch.from_numpy(np.frombuffer(payload, dtype=WIRE_NUMPY_DTYPE).reshape(shape).copy())
+
+
+def _decode_bf16(name, array) -> torch.Tensor:
+    shape = _declared_shape(name, array)
+    if array.stype != RAW_STYPE or array.dtype != "bfloat16":
+        raise ValueError(f"tensor {name!r}: the run's wire dtype is bf16 (stype {RAW_STYPE!r}, dtype 'bfloat16'), "
+                         f"got stype {array.stype!r:.40} with dtype {array.dtype!r:.40}")
+    expected = math.prod(shape) * 2
+    if len(array.data) != expected:
+        raise ValueError(f"tensor {name!r}: {len(array.data)} bytes of data for shape {shape!r:.60} "
+                         f"({expected} expected)")
+    raw = torch.frombuffer(bytearray(array.data), dtype=torch.bfloat16) if expected else torch.empty(0, dtype=torch.bfloat16)
+    return raw.reshape(shape).to(torch.float32)
+
+
+def decode_state(record: ArrayRecord, wire_dtype) -> dict:
+    """A record from an untrusted sender as name -> float32 tensor, accepting only ``wire_dtype``
+    ("fp32" or "bf16"; see the module docstring). Raises ValueError naming the tensor."""
+    if wire_dtype not in WIRE_DTYPES:
+        raise ValueError(f"wire_dtype must be one of {sorted(WIRE_DTYPES)}, got {wire_dtype!r}")
+    decode = _decode_fp32 if wire_dtype == "fp32" else _decode_bf16
+    return {name: decode(name, array) for name, array in record.items()}
+
+
 def record_to_state(record: ArrayRecord) -> dict:
-    """Inverse of ``state_to_record``: name -> float32 tensor."""
+    """Inverse of ``state_to_record``: name -> float32 tensor. For records the server made itself
+    (its own arrays, a Flower strategy's aggregate); a client's reply goes through ``decode_state``."""
     state = {}
     for name, array in record.items():
         if array.stype == NUMPY_STYPE:
@@ -187,7 +255,8 @@ def result_to_content(result: ClientResult, wire_dtype) -> RecordDict:
     })
 
 
-def content_to_result(content: RecordDict) -> ClientResult:
+def content_to_result(content: RecordDict, wire_dtype="fp32") -> ClientResult:
+    """A client's train reply, its tensors decoded strictly in ``wire_dtype`` (``decode_state``)."""
     for name in (STATE, METRICS, INFO):
         if name not in content:
             raise ValueError(f"a train reply needs the record {name!r}; it has {sorted(content)}")
@@ -198,6 +267,6 @@ def content_to_result(content: RecordDict) -> ClientResult:
     num_examples = numbers.pop(NUM_EXAMPLES)
     importance, metrics = result_parts({**numbers, **info})
     return ClientResult(
-        state=record_to_state(content.array_records[STATE]), num_examples=num_examples,
+        state=decode_state(content.array_records[STATE], wire_dtype), num_examples=num_examples,
         importance=importance, metrics=metrics,
     )

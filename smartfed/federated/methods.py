@@ -3,7 +3,7 @@ base and the pool, which tensors travel, how to aggregate them, what the adapter
 
 SmartFed (MoRE routers over the pool's rank-wise experts, EEQA quotas) lives here; the baselines
 (smartfed.baselines) implement the same interface, and the experiment layer
-(``smartfed.experiments.methods``) picks one by name and hands it to the engine, so every method
+(``smartfed.experiments.method_registry``) picks one by name and hands it to the engine, so every method
 runs through the same strategy, messages and accounting.
 """
 
@@ -63,16 +63,10 @@ class SmartFedMethod(FederatedMethod):
     uses_quotas = True
 
     def build(self, base_model, pool):
-        from smartfed import MoREConfig, inject_more
+        from smartfed import inject_more
 
-        more = self.config.more
-        options = MoREConfig(
-            top_k=more.top_k, router=more.router, gate=more.gate, router_init=more.router_init,
-            router_bias=more.router_bias, gamma=more.gamma, backend=more.backend,
-            seed=derived_seed(self.config.seed, STREAM_ROUTER_INIT) % (2**31), router_dim=more.router_dim,
-            projection_seed=more.projection_seed,
-        )
-        return inject_more(base_model, pool, options)
+        seed = derived_seed(self.config.seed, STREAM_ROUTER_INIT) % (2**31)
+        return inject_more(base_model, pool, self.config.more.more_config(seed=seed))
 
     def trainable_state(self, model):
         from smartfed import router_state_dict

@@ -21,7 +21,8 @@ import math
 
 import numpy as np
 import torch
-from flwr.supercore.differential_privacy import compute_clip_model_update, compute_stdv
+
+from smartfed.federated.flower_compat import compute_clip_model_update, compute_stdv
 
 ORDERS = tuple([1.0 + x / 10.0 for x in range(1, 100)] + list(range(11, 257)))
 

@@ -3,10 +3,37 @@
 Server -> client: ``ClientInstructions`` (global trainable state, the client's quotas, the local
 training settings, the client's derived seed). Client -> server: ``ClientResult`` (trained state,
 number of examples, importance statistics, metrics).
+
+Before the first round, the setup query (``setup_content``) carries the run configuration as JSON
+and its reply the node's partition (``NODE`` record) and pool fingerprint (``POOL`` record). A
+train message of the fault harness may carry an ``INJECTED`` record (``smartfed.federated.client``).
+The names are torch-free, for the Flower ClientApp's light process (``smartfed.experiments``).
 """
 
 from dataclasses import dataclass, field
 from typing import Optional
+
+from flwr.app import ConfigRecord, RecordDict
+
+RUN_CONFIG = "run-config"
+CONFIG_JSON = "json"
+NODE = "node"
+POOL = "pool"
+PARTITION_ID = "partition-id"
+NUM_PARTITIONS = "num-partitions"
+POOL_FINGERPRINT = "pool-fingerprint"
+INJECTED = "injected-fault"
+INJECTED_TIME_LIMIT_S = "time-limit-s"
+INJECTED_DELAY_S = "delay-s"
+
+
+def setup_content(config_json: str) -> RecordDict:
+    """The setup query's content: the run configuration as JSON."""
+    return RecordDict({RUN_CONFIG: ConfigRecord({CONFIG_JSON: config_json})})
+
+
+def setup_config_json(content: RecordDict) -> str:
+    return content.config_records[RUN_CONFIG][CONFIG_JSON]
 
 
 @dataclass

@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
-from smartfed.federated.server import screen_results
+from smartfed.federated.server import WIRE_INT_LIMIT, screen_results, shown
 
 # The metrics the server reads from every train reply, with the check each value must pass.
 NUMBER = "a finite number"
@@ -34,15 +34,20 @@ REQUIRED_METRICS = {
 }
 
 
+def _is_int(value):
+    # An int is compared, never converted: float(10**400) raises, and the wire carries 64 bits.
+    return isinstance(value, int) and not isinstance(value, bool) and -WIRE_INT_LIMIT <= value < WIRE_INT_LIMIT
+
+
 def _is_number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return _is_int(value) or (isinstance(value, float) and math.isfinite(value))
 
 
 def _passes(value, kind):
     if kind == TEXT:
         return isinstance(value, str)
     if kind == COUNT:
-        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        return _is_int(value) and value >= 0
     return _is_number(value) and (kind == NUMBER or value >= 0)
 
 
@@ -53,7 +58,7 @@ def check_metrics(metrics) -> Optional[str]:
         return f"metrics missing {missing}"
     for key, kind in REQUIRED_METRICS.items():
         if not _passes(metrics[key], kind):
-            return f"metric {key!r} must be {kind}, got {type(metrics[key]).__name__} {metrics[key]!r:.40}"
+            return f"metric {key!r} must be {kind}, got {type(metrics[key]).__name__} {shown(metrics[key])}"
     return None
 
 
@@ -63,7 +68,7 @@ def check_scores(scores) -> Optional[str]:
         if key not in scores:
             return f"metrics missing {key!r}"
         if not _passes(scores[key], NON_NEGATIVE) or (key == "accuracy" and scores[key] > 1):
-            return f"metric {key!r} must be a finite number in range, got {scores[key]!r:.40}"
+            return f"metric {key!r} must be a finite number in range, got {shown(scores[key])}"
     return None
 
 
@@ -76,7 +81,7 @@ def check_importance(importance, *, estimator, modules, max_count) -> Optional[s
     if modules is None:
         return "importance statistics in a run without EEQA quotas"
     if importance["estimator"] != estimator:
-        return f"importance estimator {importance['estimator']!r:.40}, the run uses {estimator!r}"
+        return f"importance estimator {shown(importance['estimator'])}, the run uses {estimator!r}"
     sums, counts = importance["sums"], importance["counts"]
     if set(sums) != set(modules) or set(counts) != set(modules):
         unexpected = sorted((set(sums) | set(counts)) - set(modules))
@@ -85,9 +90,9 @@ def check_importance(importance, *, estimator, modules, max_count) -> Optional[s
     for module in sorted(modules):
         total, count = sums[module], counts[module]
         if not _passes(total, NON_NEGATIVE):
-            return f"importance sum of {module} must be {NON_NEGATIVE}, got {total!r}"
+            return f"importance sum of {module} must be {NON_NEGATIVE}, got {shown(total)}"
         if not (_passes(count, COUNT) and 1 <= count <= max_count):
-            return f"importance count of {module} must be an int in [1, {max_count}], got {count!r}"
+            return f"importance count of {module} must be an int in [1, {max_count}], got {shown(count)}"
     return None
 
 

@@ -20,17 +20,22 @@ What it cannot: one client's update, so no norm bound, no robust aggregator, and
 spoils the whole sum: the attempt is dropped and the round retried with a fresh sample.
 """
 
-import flwr.compat.common.recorddict_compat as compat
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.common import Code, FitIns, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
-from flwr.server.compat.legacy_context import LegacyContext
 from flwr.server.workflow import SecAggPlusWorkflow
-from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
-from flwr.server.workflow.constant import Key as WorkflowKey
+
+from smartfed.federated.flower_compat import (
+    MAIN_CONFIGS_RECORD,
+    MAIN_PARAMS_RECORD,
+    RECORD_KEY_CONFIGS,
+    LegacyContext,
+    WorkflowKey,
+    fitres_to_recorddict,
+    recorddict_to_fitins,
+)
 
 from smartfed.federated.messages import WireSize, result_parts, result_values
 from smartfed.federated.protocol import ClientInstructions, ClientResult
@@ -75,12 +80,12 @@ def secure_train(msg: Message, context: Context, *, names, train) -> Message:
     entropy); the caller's generator state is restored afterwards."""
 
     def update_reply(message, _context):
-        instructions = fitins_to_instructions(compat.recorddict_to_fitins(message.content, keep_input=True), names)
+        instructions = fitins_to_instructions(recorddict_to_fitins(message.content, keep_input=True), names)
         result = train(instructions)
         update = [(result.state[name] - instructions.state[name]).numpy() for name in names]
         fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(update), int(result.num_examples),
                         result_values(result))
-        return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=message)
+        return Message(fitres_to_recorddict(fitres, keep_input=True), reply_to=message)
 
     instructions = msg.content.config_records.get(FITINS_CONFIG, {})
     if "seed" not in instructions:

@@ -15,8 +15,12 @@ import numpy as np
 import torch
 
 from smartfed.eeqa import ImportanceStats, allocate_quotas, client_quotas, ema_importance, uniform_quotas
+from smartfed.federated.checkpoint import CheckpointError
 from smartfed.federated.seeding import STREAM_CLIENT, STREAM_SAMPLING, derived_seed
 from smartfed.federated.protocol import ClientInstructions
+
+# Flower's records carry ints of 64 bits: a larger claim cannot have crossed a real wire.
+WIRE_INT_LIMIT = 2**63
 
 
 @dataclass
@@ -40,7 +44,13 @@ class ServerState:
         }
 
     @classmethod
-    def from_checkpoint(cls, checkpoint):
+    def from_checkpoint(cls, checkpoint, *, reference):
+        """The state a ``Checkpoint`` recorded, checked against ``reference`` (the model's
+        trainable tensors: names, shapes, float32) and for the types of its bookkeeping; a
+        CheckpointError names what does not fit."""
+        problem = _state_problem(checkpoint, reference)
+        if problem is not None:
+            raise CheckpointError(f"the checkpoint of round {checkpoint.round} does not fit this run: {problem}")
         extra = checkpoint.extra
         return cls(
             seed=extra["seed"], global_state=dict(checkpoint.global_state), quotas=checkpoint.quotas,
@@ -48,6 +58,53 @@ class ServerState:
             round=checkpoint.round, importance_ema=extra["importance_ema"],
             quota_history=extra["quota_history"],
         )
+
+
+def _is_count(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def shown(value) -> str:
+    """The repr of ``value`` for a message, at most 40 characters, without converting a huge int
+    to text (Python refuses ints of more than 4300 digits)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"<an int of {value.bit_length()} bits>"
+    return f"{value!r:.40}"
+
+
+def _state_problem(checkpoint, reference) -> Optional[str]:
+    """Why a checkpoint's state cannot continue the run whose trainable tensors are ``reference``."""
+    state = checkpoint.global_state
+    if sorted(state) != sorted(reference):
+        missing, extra = sorted(set(reference) - set(state)), sorted(set(state) - set(reference))
+        return f"tensor names differ (missing {missing[:3]}, unexpected {extra[:3]})"
+    for name, tensor in reference.items():
+        if state[name].dtype != torch.float32 or tuple(state[name].shape) != tuple(tensor.shape):
+            return (f"{name} is {state[name].dtype} {tuple(state[name].shape)}, the model's is torch.float32 "
+                    f"{tuple(tensor.shape)}")
+    extra = checkpoint.extra
+    missing = sorted({"seed", "max_per_matrix", "total_budget", "importance_ema", "quota_history"} - set(extra))
+    if missing:
+        return f"'extra' lacks {missing}"
+    if not _is_count(extra["seed"]):
+        return f"'extra.seed' must be an int >= 0, got {extra['seed']!r:.40}"
+    limits = extra["max_per_matrix"]
+    if not (isinstance(limits, dict) and all(_is_count(n) for n in limits.values())):
+        return "'extra.max_per_matrix' must map modules to ints >= 0"
+    if extra["total_budget"] is not None and not _is_count(extra["total_budget"]):
+        return f"'extra.total_budget' must be null or an int >= 0, got {extra['total_budget']!r:.40}"
+    ema = extra["importance_ema"]
+    if ema is not None and not (isinstance(ema, dict) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in ema.values())):
+        return "'extra.importance_ema' must be null or map modules to finite numbers"
+    history = extra["quota_history"]
+    if not (isinstance(history, list) and all(isinstance(e, list) and len(e) == 2 and _is_count(e[0])
+                                              and isinstance(e[1], dict) for e in history)):
+        return "'extra.quota_history' must be a list of [round, quotas]"
+    quotas = checkpoint.quotas
+    if quotas is not None and (set(quotas) != set(limits) or any(k > limits[m] for m, k in quotas.items())):
+        return "'quotas' must give each module of 'extra.max_per_matrix' at most its number of experts"
+    return None
 
 
 def server_state_for(config, initial_state, max_per_matrix, *, uses_quotas):
@@ -163,8 +220,8 @@ def screen_results(state: ServerState, results):
     for client_id in sorted(results):
         result = results[client_id]
         reason = check_update(result.state, state.global_state)
-        if reason is None and not (isinstance(result.num_examples, int) and result.num_examples > 0):
-            reason = f"num_examples must be an int > 0, got {result.num_examples!r}"
+        if reason is None and not (_is_count(result.num_examples) and 0 < result.num_examples < WIRE_INT_LIMIT):
+            reason = f"num_examples must be an int in [1, 2**63), got {shown(result.num_examples)}"
         if reason is None:
             valid[client_id] = result
         else:

@@ -13,7 +13,6 @@ import time
 import torch
 
 from smartfed.federated.accounting import PeakMemory
-from smartfed.federated.data import answer_accuracy_count, answer_logits, answer_loss, batch_indices
 from smartfed.federated.protocol import ClientResult
 
 
@@ -23,7 +22,10 @@ class ClientTimeout(RuntimeError):
 
 class ClientTrainer:
     """``method`` and the ``model`` it built (on ``device``); ``label_token_ids`` are the answer
-    tokens of the task; ``pool_fingerprint`` names the pool whose experts the state indexes."""
+    tokens of the task (one id per label, a tuple of ids per label for several-token answers,
+    empty for instruction tuning); ``pool_fingerprint`` names the pool whose experts the state
+    indexes. The examples it is handed (``smartfed.federated.data``) say how a batch is drawn,
+    what its loss is and how the model is scored."""
 
     def __init__(self, method, model, *, label_token_ids, pool_fingerprint, device="cpu"):
         self.method = method
@@ -74,11 +76,12 @@ class ClientTrainer:
         with PeakMemory(self.device) as memory, torch.random.fork_rng(devices=[]):
             torch.manual_seed(instructions.seed)
             with tracker if tracker is not None else contextlib.nullcontext():
-                for step in range(instructions.local_steps):
-                    index = batch_indices(len(examples), instructions.batch_size, generator)
-                    input_ids = examples.input_ids[index].to(self.device)
-                    labels = examples.labels[index].to(self.device)
-                    loss = answer_loss(answer_logits(self.model, input_ids), labels, self.label_token_ids)
+                batches = examples.training_batches(instructions.batch_size, instructions.local_steps, generator)
+                for step, index in enumerate(batches):
+                    loss, fed = examples.training_loss(
+                        self.model, index, label_token_ids=self.label_token_ids, device=self.device
+                    )
+                    memory.sample()
                     objective = loss
                     if anchors is not None:
                         drift = sum(((p - a) ** 2).sum() for (_, p), a in zip(named, anchors))
@@ -86,8 +89,9 @@ class ClientTrainer:
                     optimizer.zero_grad(set_to_none=True)
                     objective.backward()
                     optimizer.step()
+                    memory.sample()
                     losses.append(float(loss.detach()))
-                    tokens += input_ids.numel()
+                    tokens += fed
                     elapsed = time.perf_counter() - started
                     if time_limit_s is not None and elapsed > time_limit_s:
                         raise ClientTimeout(
@@ -114,18 +118,15 @@ class ClientTrainer:
         )
 
     @torch.no_grad()
-    def evaluate(self, state, quotas, examples, *, batch_size=64):
-        """Loss (cross-entropy at the answer) and accuracy (argmax over label tokens) of the
-        model with ``state`` and ``quotas`` on ``examples``."""
+    def evaluate(self, state, quotas, examples, *, batch_size=64, round_index=None):
+        """Scores of the model with ``state`` and ``quotas`` on ``examples``: a dict with
+        ``loss``, ``accuracy`` and ``num_examples``, plus what the examples' shape adds
+        (instruction: ``perplexity``, and at the rounds its generation settings name
+        ``exact_match`` / ``f1`` / ``rouge_l``). ``round_index``: the round being scored (None: a
+        standalone evaluation)."""
         if len(examples) == 0:
             raise ValueError("examples must hold at least one example to evaluate on")
         self._load(state, quotas)
         self.model.eval()
-        loss_sum, correct = 0.0, 0
-        for start in range(0, len(examples), batch_size):
-            input_ids = examples.input_ids[start:start + batch_size].to(self.device)
-            labels = examples.labels[start:start + batch_size].to(self.device)
-            logits = answer_logits(self.model, input_ids)
-            loss_sum += float(answer_loss(logits, labels, self.label_token_ids)) * len(labels)
-            correct += answer_accuracy_count(logits, labels, self.label_token_ids)
-        return {"loss": loss_sum / len(examples), "accuracy": correct / len(examples), "num_examples": len(examples)}
+        return examples.evaluate(self.model, label_token_ids=self.label_token_ids, batch_size=batch_size,
+                                 device=self.device, round_index=round_index)

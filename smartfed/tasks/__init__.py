@@ -14,28 +14,34 @@ within the label set). ``load_task(name, tokenizer, **options)`` builds one by n
   the skill-composition suite (smartfed.tasks.skills)
 
 ``smartfed.tasks.synthetic`` is the tiny token-level task of configs/tiny.yaml (no tokenizer);
-it is built from a vocabulary layout, not by ``load_task``.
+it is built from a vocabulary layout, not by ``load_task``. ``smartfed.tasks.files`` reads a
+task from the user's own files (classification or instruction, docs/data.md), configured by the
+torch-free ``smartfed.tasks.schema``; ``smartfed.tasks.headlines`` writes the worked example's
+files (BBC headlines) into a folder the user names.
+
+The names below load on first use, so that importing ``smartfed.tasks.schema`` (which the run
+config does) loads no torch.
 """
 
-from smartfed.tasks import bbc_news, skills
-from smartfed.tasks.text_task import TextTask, encode_fixed_length, label_token_ids
-
-TASK_BUILDERS = {
-    "bbc_news": bbc_news.target_task,
-    "bbc_news_source": bbc_news.source_task,
-    "skills_target": skills.target_task,
-    "skills_arithmetic": skills.arithmetic_task,
-    "skills_number_words": skills.number_words_task,
-    "skills_next_letter": skills.next_letter_task,
-    "skills_previous_letter": skills.previous_letter_task,
+_EXPORTS = {
+    "TASK_BUILDERS": "smartfed.tasks.registry",
+    "load_task": "smartfed.tasks.registry",
+    "TextTask": "smartfed.tasks.text_task",
+    "encode_fixed_length": "smartfed.tasks.text_task",
+    "label_token_ids": "smartfed.tasks.text_task",
 }
 
 
-def load_task(name, tokenizer, **options) -> TextTask:
-    """The task ``name`` (one of ``TASK_BUILDERS``) tokenized with ``tokenizer``."""
-    if name not in TASK_BUILDERS:
-        raise ValueError(f"task name must be one of {sorted(TASK_BUILDERS)}, got {name!r}")
-    return TASK_BUILDERS[name](tokenizer, **options)
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'smartfed.tasks' has no attribute {name!r}")
+    if _EXPORTS[name] == "smartfed.tasks.registry":
+        from smartfed.tasks import registry as module
+    else:
+        from smartfed.tasks import text_task as module
+    value = getattr(module, name)
+    globals()[name] = value
+    return value
 
 
-__all__ = ["TASK_BUILDERS", "TextTask", "encode_fixed_length", "label_token_ids", "load_task"]
+__all__ = sorted(_EXPORTS)

