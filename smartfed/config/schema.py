@@ -7,16 +7,18 @@ number). ``RunConfig.deferred_checks`` holds the one check that imports a librar
 against transformers' LlamaConfig); smartfed.config.validation.validate runs it last.
 """
 
+import math
 from typing import Annotated, Any, Literal, Optional
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PlainValidator, field_validator, model_validator
 
 from smartfed.choices import MAX_TOP_K
 from smartfed.config.data import DataSection
-from smartfed.config.errors import ConfigError
+from smartfed.config.errors import ConfigError, describe
 from smartfed.config.limits import (
-    MAX_ADAPTERS, MAX_BATCH, MAX_CLIENTS, MAX_EXAMPLES, MAX_LABELS, MAX_LORA_ALPHA, MAX_QUOTA_BUDGET, MAX_RANK,
-    MAX_RETRIES, MAX_ROUNDS, MAX_SEED, MAX_SEQ_LEN, MAX_SOURCE_TASKS, MAX_STEPS, MAX_TASK_TOKENS, MAX_TIMEOUT_S,
+    MAX_ADAPTERS, MAX_ATTACK_PARAM, MAX_BATCH, MAX_CLIENTS, MAX_EXAMPLES, MAX_LABELS, MAX_LORA_ALPHA,
+    MAX_QUOTA_BUDGET, MAX_RANK, MAX_RETRIES, MAX_ROUNDS, MAX_SEED, MAX_SEQ_LEN, MAX_SOURCE_TASKS, MAX_STEPS,
+    MAX_TASK_TOKENS, MAX_TIMEOUT_S,
 )
 from smartfed.config.llama import DEFAULT_TINY, check_llama_arguments, check_tiny_sizes
 from smartfed.config.more import MoRESection
@@ -24,9 +26,39 @@ from smartfed.config.number_types import (
     Fraction, IntKey, NonEmptyStr, NonNegative, Positive, Section, count, number,
 )
 from smartfed.config.vocabularies import (
-    AGGREGATORS, ESTIMATORS, EXAMPLE_COUNTS, FAULT_KINDS, IMPORTANCE_AGGREGATIONS, METHODS, NORM_BOUND_MODES,
-    PARTITIONS, SYNTHETIC_TASK, WIRE_DTYPES,
+    AGGREGATORS, ATTACK_PARAMS, ESTIMATORS, EXAMPLE_COUNTS, FAULT_KINDS, IMPORTANCE_AGGREGATIONS, METHODS,
+    NORM_BOUND_MODES, PARTITIONS, SYNTHETIC_TASK, WIRE_DTYPES,
 )
+
+
+def _fault_kind(value):
+    """A fault kind, or an attack with its parameter ("<name>:<number>", finite, > 0, at most
+    ``MAX_ATTACK_PARAM``)."""
+    if value in FAULT_KINDS:
+        return value
+    name, colon, param = value.partition(":") if isinstance(value, str) else ("", "", "")
+    needs = ATTACK_PARAMS.get(name, "unknown")
+    if needs == "unknown" or (needs is None and colon) or (needs and not param):
+        forms = {True: "{}:<number>", False: "{}[:<number>]", None: "{}"}
+        attacks = ", ".join(forms[required].format(attack) for attack, required in ATTACK_PARAMS.items())
+        raise ConfigError(f"must be one of {', '.join(map(repr, FAULT_KINDS))} or an attack {attacks}, "
+                          f"got {describe(value)}")
+    if param:
+        try:
+            number = float(param)
+        except ValueError:
+            number = math.nan
+        if not (math.isfinite(number) and 0 < number <= MAX_ATTACK_PARAM):
+            raise ConfigError(f"the parameter of attack {name!r} must be a finite number in "
+                              f"(0, {MAX_ATTACK_PARAM}], got {param!r}")
+    return value
+
+
+FaultKind = Annotated[str, PlainValidator(_fault_kind)]
+
+
+def _is_attack(kind) -> bool:
+    return kind.partition(":")[0] in ATTACK_PARAMS
 
 
 class ModelSection(Section):
@@ -174,12 +206,16 @@ class NormBoundSection(Section):
 class RobustnessSection(Section):
     """Server-side defences against faulty or hostile clients (smartfed.federated.robust).
 
-    ``aggregator``: Flower's FedTrimmedAvg (cutting ``trim_fraction`` at each end), FedMedian,
-    Krum / MultiKrum (assuming ``krum_malicious`` hostile clients; multi-Krum averages
-    ``multi_krum_select`` of them) instead of FedAvg. ``example_counts``: "partition" weights
-    every client by the size of the partition the server assigned it, "claimed" by its own claim
-    (no defence: for ablations); where each client holds its own data, "partition" is the count
-    its node declared at setup, capped at ``max_claimed_examples``. ``importance``: how the
+    ``aggregator``: "fedavg"; "filtered_mean" (updates pointing away from the coordinate-wise
+    median are dropped, the rest clipped to their median norm and averaged with partition weights
+    capped at their median); "filtered_mean_root" (the same around the server's own update on
+    the ``root_examples`` training examples it holds back: FLTrust-style); or Flower's
+    FedTrimmedAvg (cutting ``trim_fraction`` at each end), FedMedian, Krum / MultiKrum (assuming
+    ``krum_malicious`` hostile clients; multi-Krum averages ``multi_krum_select`` of them).
+    ``example_counts``: "partition" weights every client by the size of the partition the server
+    assigned it, "claimed" by its own claim (no defence: for ablations); where each client holds
+    its own data, "partition" is the count its node declared at setup, capped at
+    ``max_claimed_examples``. ``importance``: how the
     clients' EEQA importance means combine, after each is clipped to ``importance_clip`` times the
     round's median per module ("mean": the token-weighted mean of the raw statistics, no clipping)."""
 
@@ -195,6 +231,19 @@ class RobustnessSection(Section):
     # Where each client holds its own data (task.data without train) the server cannot count a
     # client's examples: it weights each by the count its node declared at setup, capped here.
     max_claimed_examples: count(1, MAX_EXAMPLES) = 1000
+    # Training examples held out (after task.validation_fraction) as the server's root set.
+    root_examples: count(0, MAX_EXAMPLES) = 0
+
+    @model_validator(mode="after")
+    def _a_root_set_for_the_root_centre_only(self):
+        if self.aggregator == "filtered_mean_root" and self.root_examples == 0:
+            raise ConfigError("must be > 0 with aggregator 'filtered_mean_root' (the server's root set)",
+                              key="root_examples")
+        if self.aggregator != "filtered_mean_root" and self.root_examples > 0:
+            raise ConfigError(f"must be 0 unless aggregator is 'filtered_mean_root' (only it uses the server's "
+                              f"root set, which the clients would lose), got {self.root_examples}",
+                              key="root_examples")
+        return self
 
 
 class DifferentialPrivacySection(Section):
@@ -253,7 +302,7 @@ class RunConfig(Section):
     robustness: RobustnessSection = Field(default_factory=RobustnessSection)
     privacy: PrivacySection = Field(default_factory=PrivacySection)
     # {round: {client_id: kind}}: injected client faults, for tests of the fault handling.
-    faults: dict[IntKey, dict[IntKey, Literal[FAULT_KINDS]]] = Field(default_factory=dict)
+    faults: dict[IntKey, dict[IntKey, FaultKind]] = Field(default_factory=dict)
 
     def deferred_checks(self) -> None:
         """The checks that import a library, run after every other check passed."""
@@ -278,6 +327,11 @@ class RunConfig(Section):
                 raise ConfigError(f"must be 'none' with privacy.secagg.enabled (the server never sees one update "
                                   f"to bound), got {self.robustness.norm_bound.mode!r}",
                                   key="robustness.norm_bound.mode")
+            attacks = sorted({kind for kinds in self.faults.values() for kind in kinds.values() if _is_attack(kind)})
+            if attacks:
+                raise ConfigError(f"cannot hold Byzantine attacks with privacy.secagg.enabled (an attack rewrites "
+                                  f"a client's update, which SecAgg+ masks on the client), got {attacks}",
+                                  key="faults")
         return self
 
     @model_validator(mode="after")
@@ -300,9 +354,10 @@ class RunConfig(Section):
             raise ConfigError("'natural' splits a file task by task.data.partition_column; a built-in task is "
                               "split 'dirichlet' or 'iid'", key="federation.partition")
         needed = self.federation.min_examples_per_client * self.federation.num_clients
-        held_out = self.task.validation_size(self.task.train_examples)
+        held_out = self.task.validation_size(self.task.train_examples) + self.robustness.root_examples
         if needed > self.task.train_examples - held_out:
-            left = f" less the {held_out} of task.validation_fraction" if held_out else ""
+            left = (f" less the {held_out} of task.validation_fraction and robustness.root_examples"
+                    if held_out else "")
             raise ConfigError(f"times federation.num_clients is {needed}, more than task.train_examples "
                               f"({self.task.train_examples}){left}", key="federation.min_examples_per_client")
         return self

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from smartfed.config import SYNTHETIC_TASK, config_fingerprint, config_to_dict
+from smartfed.config import SYNTHETIC_TASK, ConfigError, config_fingerprint, config_to_dict
 from smartfed.experiments.assets import build_base_model, build_tiny_pool, task_layout
 from smartfed.experiments.file_data import file_federated_data, held_out_data, node_data_section, own_data
 from smartfed.experiments.method_registry import build_method
@@ -24,7 +24,9 @@ from smartfed.federated.driver import drive
 from smartfed.federated.faults import FaultInjectingGrid
 from smartfed.federated.grid import InProcessGrid
 from smartfed.federated.run_dir import RunDir
-from smartfed.federated.seeding import STREAM_EVAL_DATA, STREAM_TRAIN_DATA, STREAM_VALIDATION, derived_seed
+from smartfed.federated.seeding import (
+    STREAM_EVAL_DATA, STREAM_ROOT_SET, STREAM_TRAIN_DATA, STREAM_VALIDATION, derived_seed,
+)
 from smartfed.federated.strategy import SmartFedStrategy
 from smartfed.federated.trainer import ClientTrainer
 from smartfed.tasks.synthetic import TARGET_TASK, generate_examples
@@ -50,10 +52,15 @@ def build_trainer(config, *, device="cpu", progress=False, layout=None):
 def federated_data(config, layout) -> FederatedData:
     """The target task's training examples split across ``config.federation.num_clients``
     clients and its held-out evaluation examples; deterministic by ``config.seed``. With
-    ``task.validation_fraction`` the validation split is held out of the training examples first.
-    A file task (``task.data``) is split by flwr-datasets' partitioners; where its clients hold
-    their own data, the server has only its own held-out examples (``file_data.held_out_data``)."""
+    ``task.validation_fraction`` the validation split is held out of the training examples first,
+    then with ``robustness.root_examples`` the server's root set, the same way; neither touches the
+    evaluation split. A file task (``task.data``) is split by flwr-datasets' partitioners; where its
+    clients hold their own data, the server has only its own held-out examples
+    (``file_data.held_out_data``). A file task has no root set."""
     if config.task.data is not None:
+        if config.robustness.root_examples:
+            raise ConfigError("must be 0 with task.data (the root set is held out of a built-in task's training "
+                              f"examples), got {config.robustness.root_examples}", key="robustness.root_examples")
         if config.task.clients_hold_their_data:
             return held_out_data(layout)
         return file_federated_data(layout, config.federation, seed=config.seed,
@@ -74,7 +81,15 @@ def federated_data(config, layout) -> FederatedData:
     size = config.task.validation_size(len(train))
     if size:
         train, validation = hold_out(train, size, seed=derived_seed(config.seed, STREAM_VALIDATION))
-    return split_clients(train, evaluation, config.federation, seed=config.seed, validation=validation)
+    root = None
+    if config.robustness.root_examples:
+        if config.robustness.root_examples >= len(train):
+            raise ConfigError(f"leaves none of the {len(train)} training examples to the clients, got "
+                              f"{config.robustness.root_examples}", key="robustness.root_examples")
+        train, root = hold_out(train, config.robustness.root_examples, seed=derived_seed(config.seed, STREAM_ROOT_SET))
+    data = split_clients(train, evaluation, config.federation, seed=config.seed, validation=validation)
+    data.root = root
+    return data
 
 
 def build_client(config, *, device="cpu", client_id=0, node_config=None) -> FederatedClient:
@@ -158,6 +173,7 @@ def open_run(config, output_dir, *, resume=False, progress=True, trainer=None, d
     strategy = SmartFedStrategy(
         config, trainer, data.evaluation, fingerprint=fingerprint, partitions=data.clients,
         setup_json=json.dumps(config_dict), timeout=timeout, aggregate=aggregate, validation=data.validation,
+        root=data.root,
     )
     if resume:
         checkpoint = run_dir.resume_checkpoint(config=config, pool_fingerprint=trainer.pool_fingerprint,

@@ -322,6 +322,7 @@ class FederatedData:
     evaluation: object  # held-out examples of the target task for the global model; None: the server holds none
     partitions: list  # indices into the training examples, per client; None: the clients hold their data
     validation: object = None  # held out of the training examples before the split; None: none
+    root: object = None  # the server's root set, held out after the validation split; None: none
     held_out: dict = None  # client id -> its own held-out examples; None: a client scores its training examples
 
     def client_evaluation(self, client_id):
