@@ -205,13 +205,16 @@ def test_config_errors_of_the_data_keys_are_one_line(models, tmp_path, capsys, d
     assert_one_line_and_nothing_written(status, err, tmp_path / "run", expected)
 
 
-def test_a_file_task_needs_a_model_folder_and_no_other_task(tmp_path, capsys):
+def test_a_file_task_needs_a_model_folder_no_other_task_and_no_root_set(tmp_path, capsys):
     data = {"shape": "instruction", "train": "x.jsonl"}
     for extra, expected in ((None, "model.pretrained: task.data is tokenized by the model's tokenizer"),
-                            ({"name": "bbc_news"}, "task.data: reads the task from files, but task.name")):
+                            ({"name": "bbc_news"}, "task.data: reads the task from files, but task.name"),
+                            ({}, "robustness.root_examples: must be 0 with task.data")):
         config = {"task": {"data": data, **(extra or {})}}
         if extra is not None:
             config["model"] = {"tiny": None, "pretrained": str(tmp_path)}
+        if extra == {}:
+            config["robustness"] = {"aggregator": "filtered_mean_root", "root_examples": 10}
         path = tmp_path / "run.yaml"
         path.write_text(yaml.safe_dump(config))
         status, _, err = smartfed(capsys, "train", "--config", path, "--output", tmp_path / "run")

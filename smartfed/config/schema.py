@@ -374,4 +374,7 @@ class RunConfig(Section):
         if self.task.clients_hold_their_data and self.task.validation_fraction:
             raise ConfigError("holds validation examples out of one training file; with task.data.train null each "
                               "client holds its own data, which the server never sees", key="task.validation_fraction")
+        if self.robustness.root_examples:
+            raise ConfigError(f"must be 0 with task.data (the root set is held out of a built-in task's training "
+                              f"examples), got {self.robustness.root_examples}", key="robustness.root_examples")
         return self

@@ -56,11 +56,8 @@ def federated_data(config, layout) -> FederatedData:
     then with ``robustness.root_examples`` the server's root set, the same way; neither touches the
     evaluation split. A file task (``task.data``) is split by flwr-datasets' partitioners; where its
     clients hold their own data, the server has only its own held-out examples
-    (``file_data.held_out_data``). A file task has no root set."""
+    (``file_data.held_out_data``). A file task has no root set (the config refuses one)."""
     if config.task.data is not None:
-        if config.robustness.root_examples:
-            raise ConfigError("must be 0 with task.data (the root set is held out of a built-in task's training "
-                              f"examples), got {config.robustness.root_examples}", key="robustness.root_examples")
         if config.task.clients_hold_their_data:
             return held_out_data(layout)
         return file_federated_data(layout, config.federation, seed=config.seed,
