@@ -56,6 +56,20 @@ SUBCOMMANDS = {
                    "CUDA device, or --gpu-check with TRITON_INTERPRET=1; 3 with --require-targets, a target not "
                    "met",
     ),
+    "bench-step": Subcommand(
+        forward_to="smartfed.experiments.local_step_bench",
+        summary="time one client's local step of SmartFed and of FedIT on the same instruction batch",
+        details="Forward, backward and AdamW through SmolLM2-135M-shaped layers (random weights, no download) on one "
+                "left-padded instruction batch, at the same active rank: SmartFed's MoRE routers over a pool of "
+                "random peft adapters (expert_space and linear routers) against FedIT's LoRA. Steps of the methods "
+                "are interleaved; the median step, its parts, the ratio to FedIT and the measured peak memory of a "
+                "step (sampled C allocator bytes in use) are reported with the machine's load. Options: --layers, "
+                "--batch-size, --active-rank, --rounds, --threads, --profile, --output PREFIX.",
+        example="smartfed bench-step --threads 2 --rounds 5\n  smartfed bench-step --layers 4 --output /tmp/step",
+        writes="PREFIX.json (the record) and PREFIX.md (its table); PREFIX defaults to "
+               "benchmarks/results/local_step-cpu-<date>",
+        exit_codes="0 done; 2 bad arguments",
+    ),
     "inspect": Subcommand(
         module="smartfed_kernels.static_check",
         summary="compile every Triton kernel config for sm_80 / sm_90 (no GPU needed) and report its resources",
@@ -75,10 +89,24 @@ SUBCOMMANDS = {
                 "pool folders. --resume continues DIR from its last checkpoint and ends bit-identical to an "
                 "uninterrupted run (same device and --threads); it compares the config with DIR/config.json "
                 "first and refuses any change but federation.rounds (may grow), federation.max_retries, "
-                "federation.client_timeout_s, faults, pool.cache_dir and label.",
+                "federation.client_timeout_s, faults, pool.cache_dir and label. Your own data: task.data reads "
+                "JSONL, CSV, Parquet or a save_to_disk folder (keys: docs/data.md) in one of two shapes, "
+                "classification (text_column, label_column, labels, label_words, prompt_template) or instruction "
+                "(prompt_column and response_column, or messages_column; template auto|chat|plain; generation), "
+                "both with train, eval, max_length, truncation and partition_column; it needs model.pretrained. "
+                "The file named by task.data.train is split over the simulated clients by federation.partition "
+                "(iid, dirichlet, or natural: one client per value of partition_column).",
         example="smartfed train --config configs/tiny.yaml --output runs/tiny\n"
-                "  smartfed train --config configs/tiny.yaml --output runs/tiny --resume --set federation.rounds=6",
-        writes=f"DIR/{RUN_FILES}",
+                "  smartfed train --config configs/tiny.yaml --output runs/tiny --resume --set federation.rounds=6\n"
+                "  smartfed train --config examples/headlines/headlines.yaml --output ~/smartfed-headlines/run\n"
+                "  task.data of each shape, in YAML:\n"
+                "    task: {data: {shape: classification, train: /srv/reviews.csv, text_column: review,\n"
+                "      label_column: sentiment, labels: [negative, positive],\n"
+                "      prompt_template: \"Review: {text}\\nSentiment:\"}}\n"
+                "    task: {data: {shape: instruction, train: /srv/qa.jsonl, eval: /srv/qa_eval.jsonl,\n"
+                "      max_length: 160, generation: {every_rounds: 5, max_new_tokens: 24}}}",
+        writes=f"DIR/{RUN_FILES}; with task.data also text_task.json (the task's sizes, truncation counts and "
+               "its split over the clients)",
         exit_codes="0 done; 2 bad config, arguments or run folder (one line on stderr); 3 a round failed "
                    "(too few valid clients after retries; the last checkpoint is intact, --resume continues)",
     ),
@@ -112,6 +140,21 @@ SUBCOMMANDS = {
         writes="OUTPUT/<adapter>/ (adapter_config.json, adapter_model.safetensors, provenance.json) and "
                "OUTPUT/manifest.json; OUTPUT is output_dir of the config or --output",
         exit_codes="0 done; 2 bad config, arguments or model folder (one line on stderr)",
+    ),
+    "partition": Subcommand(
+        module="smartfed.experiments.partition_command",
+        summary="show how a run config splits its training examples over the clients",
+        details="Builds what smartfed train builds before the model: the task's examples (for task.data: read and "
+                "tokenized, cached by content hash), the validation hold-out and the partition "
+                "(federation.partition: iid, dirichlet by label with federation.alpha, or natural by "
+                "task.data.partition_column; flwr-datasets' partitioners for file tasks). Prints each client's "
+                "size, label histogram and token lengths; no model is built.",
+        example="smartfed partition --config examples/headlines/headlines.yaml --plot partition.png\n"
+                "  smartfed partition --config configs/tiny.yaml --set federation.partition=iid --json split.json",
+        writes="a table on stdout; --plot PNG the stacked bar chart; --json FILE the summary",
+        exit_codes="0 done; 2 bad config, data files (missing file or column, empty dataset, a label outside the "
+                   "set, non-UTF-8 text, an empty response, a client left with too few examples) or arguments "
+                   "(one line on stderr)",
     ),
     "report": Subcommand(
         module="smartfed.experiments.report",
@@ -188,8 +231,13 @@ SUBCOMMANDS = {
         details="Keys made once under --dir (default ~/.smartfed/federation), a SuperLink on 127.0.0.1 with TLS and "
                 "SuperNode authentication, each node's key registered, one SuperNode per client. Without --run it "
                 "prints the flwr command for a run and stays up until Ctrl-C; --run CONFIG runs that config once on "
-                "exactly the registered SuperNodes and stops.",
-        example="smartfed federation --nodes 2\n  smartfed federation --run configs/tiny.yaml --threads 1",
+                "exactly the registered SuperNodes and stops. --node-data I=PATH gives SuperNode I its own data "
+                "file (its node config's data-path) for a run whose task.data.train is null: each node reads only "
+                "its own file, the server never opens one.",
+        example="smartfed federation --nodes 2\n  smartfed federation --run configs/tiny.yaml --threads 1\n"
+                "  smartfed federation --nodes 3 --run examples/headlines/headlines.yaml --set task.data.train=null "
+                "--node-data 0=~/smartfed-headlines/client_0.jsonl 1=~/smartfed-headlines/client_1.jsonl "
+                "2=~/smartfed-headlines/client_2.jsonl",
         writes="DIR/keys/ (once), DIR/session-<time>/ (database, logs), DIR/runs/<run>/ (the run folder)",
         exit_codes="0 done (or stopped by a process exiting: 1); 2 bad arguments or keys; 3 the run did not "
                    "complete; 130 Ctrl-C (every process stopped)",

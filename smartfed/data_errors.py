@@ -1,8 +1,10 @@
 """The one error class of bad data input, shared by the data readers (smartfed.tasks) and the
 engine's partitioning (smartfed.federated.partition), which may not import each other."""
 
+from smartfed.errors import SmartFedError
 
-class DatasetError(ValueError):
+
+class DatasetError(SmartFedError, ValueError):
     """A data file, column, row, setting or partition is unusable; ``str()`` is one line naming
     it (the CLI prints it and exits 2)."""
 

@@ -156,7 +156,9 @@ def test_per_expert_importance_does_not_grow_with_the_quota():
     assert measured[False, 1] < measured[False, 4] < measured[False, N]
 
 
-def test_tracker_leaves_outputs_and_gradients_unchanged():
+@pytest.mark.parametrize("estimator", ["cosine", "magnitude", "gradient"])
+@pytest.mark.parametrize("per_expert", [False, True])
+def test_tracker_leaves_outputs_and_gradients_unchanged(estimator, per_expert):
     generator = torch.Generator().manual_seed(5)
     model = nn.Sequential(more_layer(generator, 1.0), nn.Tanh(), more_layer(generator, 1.0))
     x = torch.randn(4, 3, D, generator=generator)
@@ -164,7 +166,7 @@ def test_tracker_leaves_outputs_and_gradients_unchanged():
     plain.square().sum().backward()
     plain_grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
     model.zero_grad()
-    with ImportanceTracker(model, estimator="gradient"):
+    with ImportanceTracker(model, estimator=estimator, per_expert=per_expert):
         tracked = model(x)
         tracked.square().sum().backward()
     torch.testing.assert_close(tracked, plain, rtol=1e-5, atol=1e-6)
@@ -374,3 +376,103 @@ def test_end_to_end_on_a_tiny_llama_with_a_peft_pool(make_tiny_llama, make_lora_
         after = model(input_ids=random_token_ids).logits
     assert {name: layer.top_k for name, layer in layers.items()} == quotas
     assert not torch.allclose(before, after)
+
+
+class MaskedStack(nn.Module):
+    """Two MoRE layers called as a transformers model is: ``attention_mask`` [B, S] by keyword
+    or position; the second layer sees only the last ``keep`` positions (as ``logits_to_keep``)."""
+
+    def __init__(self, generator, keep):
+        super().__init__()
+        self.first = more_layer(generator, 1.0)
+        self.last = more_layer(generator, 0.5)
+        self.keep = keep
+
+    def forward(self, x, attention_mask=None):
+        hidden = torch.tanh(self.first(x))
+        return self.last(hidden[:, -self.keep:])
+
+
+def per_token_values(model, x, estimator, target=None):
+    """{layer: per-token estimator values [B * S']} by plain observers (no tracker, no mask)."""
+    from smartfed.eeqa import magnitude_importance
+
+    values, handles = {}, []
+    for name, layer in more_layers(model).items():
+        def observe(module, inputs, y0, delta, name=name):
+            if estimator == "gradient":
+                delta.register_hook(lambda grad, d=delta.detach(): values.__setitem__(
+                    name, gradient_importance(grad, d).double()))
+            else:
+                measure = cosine_importance if estimator == "cosine" else magnitude_importance
+                values[name] = measure(y0, delta).double()
+        handles.append(layer.add_observer(observe))
+    out = model(x)
+    (out * target).sum().backward()
+    for handle in handles:
+        handle.remove()
+    model.zero_grad()
+    return values
+
+
+@pytest.mark.parametrize("estimator", ["cosine", "magnitude", "gradient"])
+@pytest.mark.parametrize("positional", [False, True])
+def test_tracker_counts_only_the_tokens_of_the_attention_mask(estimator, positional):
+    generator = torch.Generator().manual_seed(16)
+    model = MaskedStack(generator, keep=3)
+    x = torch.randn(3, 7, D, generator=generator)
+    target = torch.randn(3, 3, D, generator=generator)
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1, 1]])
+    values = per_token_values(model, x, estimator, target)
+    with ImportanceTracker(model, estimator=estimator) as tracker:
+        out = model(x, mask) if positional else model(x, attention_mask=mask)
+        (out * target).sum().backward()
+    stats = tracker.stats()
+    keep = {"first": mask.flatten().bool(), "last": mask[:, -3:].flatten().bool()}
+    assert stats.counts == {"first": 13, "last": 8}
+    for name, kept in keep.items():
+        assert stats.sums[name] == pytest.approx(float(values[name][kept].sum()), rel=1e-5)
+        assert stats.sums[name] < float(values[name].sum())  # the padded tokens did count before
+    # The mask lasts one model call: a layer called on its own afterwards counts every token.
+    with tracker, torch.no_grad():
+        model.first(x)
+    assert tracker.stats().counts["first"] == (13 if estimator == "gradient" else 13 + 21)
+
+
+def test_tracker_counts_every_token_without_a_mask_and_rejects_a_misaligned_one():
+    generator = torch.Generator().manual_seed(17)
+    model = MaskedStack(generator, keep=2)
+    x = torch.randn(2, 5, D, generator=generator)
+    with ImportanceTracker(model) as tracker, torch.no_grad():
+        model(x)
+        model(x, attention_mask=torch.ones(2, 5, 5))  # a 4-D-style prepared mask is not a token mask
+    assert tracker.stats().counts == {"first": 20, "last": 8}
+    with ImportanceTracker(model) as tracker, torch.no_grad():
+        with pytest.raises(ValueError, match=r"attention_mask of shape \(2, 4\) does not line up with the "
+                                             r"tokens \(2, 5\) a MoRE layer sees"):
+            model(x, attention_mask=torch.ones(2, 4, dtype=torch.long))
+        model.first(x)  # the failed call left no mask behind
+    assert tracker.stats().counts["first"] == 10
+
+
+def test_tracker_skips_left_padding_of_a_tiny_llama(make_tiny_llama, make_lora_adapter):
+    from smartfed import LoRAPool, MoREConfig, inject_more
+    from smartfed.federated.data import InstructionExamples
+
+    pool = LoRAPool.from_pretrained([make_lora_adapter("qv", target_modules=("q_proj", "v_proj"), seed=3)])
+    model = inject_more(make_tiny_llama(), pool, MoREConfig(top_k=2))
+    generator = torch.Generator().manual_seed(18)
+    lengths = [9, 4, 6]
+    examples = InstructionExamples.build(
+        [torch.randint(3, 100, (n,), generator=generator).tolist() for n in lengths], [2, 2, 3], pad_token_id=0)
+    model.train()
+    with ImportanceTracker(model) as tracker:
+        loss, fed = examples.training_loss(model, torch.arange(3), label_token_ids=(), device="cpu")
+        loss.backward()
+    assert fed == 3 * 9
+    assert set(tracker.stats().counts.values()) == {sum(lengths)}
+    # Trimming the padding away (one example at a time) gives the same statistics.
+    with ImportanceTracker(model) as alone:
+        for row in range(3):
+            examples.training_loss(model, torch.tensor([row]), label_token_ids=(), device="cpu")[0].backward()
+    assert tracker.importance() == pytest.approx(alone.importance(), rel=1e-4)

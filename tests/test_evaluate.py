@@ -63,7 +63,8 @@ def test_the_final_state_scores_what_the_run_scored_last(finished_run, tmp_path,
     assert record["state_sha256"] == hashlib.sha256(state_file.read_bytes()).hexdigest()
     assert record["config"] == json.loads((finished_run / "config.json").read_text())
     assert record["seconds"] > 0
-    assert out.startswith(f"{finished_run}: round 2 test accuracy {last['accuracy']:.4f} loss ")
+    assert out.startswith(f"{finished_run}: round 2 test loss {record['loss']:.4f} accuracy {last['accuracy']:.4f} "
+                          "on 128 examples")
 
 
 def test_every_item_is_recorded_and_the_items_make_up_the_accuracy(run_copy, tmp_path, capsys):

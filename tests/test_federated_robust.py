@@ -9,6 +9,7 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
+from smartfed.config import AGGREGATORS as CONFIG_AGGREGATORS
 from smartfed.config import load_config, with_overrides
 from smartfed.eeqa import ImportanceStats
 from smartfed.experiments.runs import in_process_grid, open_run, run_in_process
@@ -16,7 +17,7 @@ from smartfed.federated import client as client_records
 from smartfed.federated.checkpoint import load_checkpoint
 from smartfed.federated.grid import NODE_ID_BASE
 from smartfed.federated.protocol import ClientResult
-from smartfed.federated.robust import bound_updates, build_aggregator, combine_importance, update_norm
+from smartfed.federated.robust import AGGREGATORS, bound_updates, build_aggregator, combine_importance, update_norm
 from smartfed.federated.screening import check_importance, check_metrics, screen_replies
 from smartfed.federated.server import fedavg, initial_server_state
 
@@ -113,18 +114,36 @@ def test_norm_bound_clips_or_rejects_outliers_around_the_lower_median():
     assert summary["norm_bound"] == pytest.approx(3.0) and [f["client"] for f in flags] == [3]
 
 
-@pytest.mark.parametrize("name", ["trimmed_mean", "median", "krum", "multi_krum"])
-def test_configured_aggregators_are_flowers_and_resist_one_outlier(name):
-    robustness = with_overrides(load_config("configs/tiny.yaml"), robustness={"aggregator": name}).robustness
+@pytest.mark.parametrize("name", sorted(AGGREGATORS))
+def test_every_registered_aggregator_resists_one_outlier(name):
+    robustness = with_overrides(load_config("configs/tiny.yaml"), robustness={
+        "aggregator": name, "root_examples": 8 if name == "filtered_mean_root" else 0}).robustness
     generator = torch.Generator().manual_seed(0)
-    honest_states = [{"w": torch.randn(3, generator=generator) * 0.1 + 1.0} for _ in range(5)]
-    states = honest_states + [{"w": torch.full((3,), 1e6)}]
-    aggregated = build_aggregator(robustness, fedavg)(states, [10] * 6)
-    assert aggregated["w"].abs().max() < 2.0
+    server = initial_server_state({"w": torch.zeros(3)}, seed=0)
+    states = {c: {"w": torch.randn(3, generator=generator) * 0.1 + 1.0} for c in range(5)}
+    states[5] = {"w": torch.full((3,), 1e6)}
+    root_update = (lambda server_state, round_index: {"w": torch.ones(3)}) if name == "filtered_mean_root" else None
+    aggregator = build_aggregator(robustness, fedavg, root_update=root_update)
+    checked = aggregator.check(states, server, 1)
+    assert sorted(checked.kept) == list(range(6)) and checked.dropped == []  # the outlier points the honest way
+    assert sorted(checked.record["centre_cosines"]) == [str(c) for c in range(6)]
+    aggregated, _ = aggregator(checked.kept, dict.fromkeys(states, 10), server.global_state)
+    if name == "fedavg":
+        assert aggregated["w"].min() > 1e5  # FedAvg alone has no defence: the norm bound runs before it
+    else:
+        assert aggregated["w"].abs().max() < 2.0
     if name == "median":
-        expected = np.median(np.stack([s["w"].numpy() for s in states]), axis=0)
+        expected = np.median(np.stack([s["w"].numpy() for s in states.values()]), axis=0)
         assert torch.equal(aggregated["w"], torch.from_numpy(expected))
-    assert build_aggregator(with_overrides(load_config("configs/tiny.yaml")).robustness, fedavg) is fedavg
+
+
+def test_an_unknown_aggregator_name_is_refused():
+    robustness = load_config("configs/tiny.yaml").robustness
+    assert set(AGGREGATORS) == set(CONFIG_AGGREGATORS)
+    with pytest.raises(ValueError, match="robustness.aggregator must be one of .*got 'multi-krum'"):
+        build_aggregator(robustness.model_copy(update={"aggregator": "multi-krum"}), fedavg)
+    with pytest.raises(ValueError, match="'filtered_mean_root' needs the server's root set"):
+        build_aggregator(robustness.model_copy(update={"aggregator": "filtered_mean_root"}), fedavg)
 
 
 def test_importance_is_combined_robustly():

@@ -1,4 +1,4 @@
-"""Tasks from the user's own files (smartfed.tasks.schema, files, formatting, file_task) and their
+"""Tasks from the user's own files (smartfed.config.data, files, formatting, file_task) and their
 client partitions: every format, both shapes, the cache, every bad input as one DatasetError line."""
 
 import subprocess
@@ -13,7 +13,7 @@ from tiny_data import build_tokenizer, classification_rows, instruction_rows, wr
 from smartfed.data_errors import DatasetError
 from smartfed.tasks import file_task
 from smartfed.tasks.file_task import load_file_task
-from smartfed.tasks.schema import DataSection
+from smartfed.config.data import DataSection
 
 FORMATS = ["rows.jsonl", "rows.csv", "rows.parquet", "rows_folder"]
 LABELS = ["sports", "business", "politics"]
@@ -161,7 +161,7 @@ def _bad(tmp_path, case, plain_tokenizer, chat_tokenizer):
     """(config, tokenizer, expected text in the message) of one bad input."""
     rows = instruction_rows(8)
     if case == "missing file":
-        return instruction_config(tmp_path / "absent.jsonl"), plain_tokenizer, "data.train: "
+        return instruction_config(tmp_path / "absent.jsonl"), plain_tokenizer, "task.data.train: "
     if case == "missing column":
         return instruction_config(write_rows(tmp_path / "x.jsonl", rows), response_column="answer"), \
             plain_tokenizer, "no column 'answer'"
@@ -181,11 +181,11 @@ def _bad(tmp_path, case, plain_tokenizer, chat_tokenizer):
             "row 4: column 'response' is empty"
     if case == "chat template missing":
         return instruction_config(write_rows(tmp_path / "x.jsonl", rows), template="chat"), plain_tokenizer, \
-            "data.template: 'chat', but the tokenizer has no chat template"
+            "task.data.template: 'chat', but the tokenizer has no chat template"
     if case == "too long without truncation":
         rows[5]["prompt"] = "the cat sat on the mat " * 4
         return instruction_config(write_rows(tmp_path / "x.jsonl", rows), max_length=12, truncation=False), \
-            plain_tokenizer, "more than data.max_length=12 (set data.truncation: true"
+            plain_tokenizer, "more than task.data.max_length=12 (set task.data.truncation: true"
     if case == "chat without an answer":
         chats = [{"messages": [{"role": "user", "content": "five"}, {"role": "user", "content": "blue"}]}] * 4
         return instruction_config(write_rows(tmp_path / "x.jsonl", chats), messages_column="messages"), \
@@ -229,7 +229,7 @@ def test_schema_is_strict_bounded_and_loads_no_torch():
         data_config(shape="instruction", train="a.jsonl", messages_column="m", template="plain")
     with pytest.raises(ValidationError):
         data_config(shape="regression", train="a.jsonl")
-    code = "import sys, smartfed.tasks.schema; assert 'torch' not in sys.modules and 'datasets' not in sys.modules"
+    code = "import sys, smartfed.config.data; assert 'torch' not in sys.modules and 'datasets' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code], env={"PYTHONPATH": ":".join(sys.path)}).returncode == 0
 
 
@@ -266,7 +266,7 @@ def test_dirichlet_by_label_skews_small_alpha():
     (dict(method="dirichlet", alpha=0.01, min_per_client=3, num_clients=10), "left a client with fewer than 3"),
     (dict(method="natural", groups=["a"] * 9 + ["b"], num_clients=3), "has 2 distinct values ['a', 'b'], but "
                                                                        "federation.num_clients is 3"),
-    (dict(method="natural", num_clients=2), "needs data.partition_column"),
+    (dict(method="natural", num_clients=2), "needs task.data.partition_column"),
     (dict(method="iid", num_clients=11), "cannot give each of 11 clients one"),
     (dict(method="shards", num_clients=2), "must be 'iid', 'dirichlet' or 'natural'"),
 ])
@@ -308,6 +308,16 @@ def test_headline_files_are_disjoint_real_text_partitioned_by_client(tmp_path, c
 def test_headline_files_go_only_to_a_new_folder_outside_the_repository(tmp_path):
     from smartfed.tasks.headlines import write_headline_files
 
+    files = write_headline_files(tmp_path / "again", per_client=2, eval_examples=2)
+    written = {name: (path.read_bytes(), path.stat().st_mtime_ns) for name, path in files.items()}
+    # The same settings again (a second run of the worked example's command): nothing is written.
+    assert write_headline_files(tmp_path / "again", per_client=2, eval_examples=2) == files
+    assert {name: (path.read_bytes(), path.stat().st_mtime_ns) for name, path in files.items()} == written
+    with pytest.raises(DatasetError, match="nor one these files were written to with the same settings"):
+        write_headline_files(tmp_path / "again", per_client=3, eval_examples=2)
+    files["client_0.jsonl"].write_text("changed")
+    with pytest.raises(DatasetError, match="exists and is not an empty folder"):
+        write_headline_files(tmp_path / "again", per_client=2, eval_examples=2)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "mine.txt").write_text("keep")
     with pytest.raises(DatasetError, match="exists and is not an empty folder"):

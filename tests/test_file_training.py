@@ -16,7 +16,7 @@ from smartfed.federated.accounting import PeakMemory
 from smartfed.federated.data import ClassificationSequences, InstructionExamples, length_bucketed_batches
 from smartfed.federated.evaluation import answer_scores, exact_match, greedy_generate, normalize_answer, token_f1
 from smartfed.tasks.file_task import load_file_task
-from smartfed.tasks.schema import DataSection
+from smartfed.config.data import DataSection
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -311,10 +311,17 @@ def test_any_causal_lm_folder_trains_and_answers_padded_as_alone(tmp_path, famil
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
-def test_local_step_bench_times_smartfed_and_fedit_on_one_batch():
+def test_local_step_bench_times_smartfed_and_fedit_on_one_batch(monkeypatch):
+    import os
+
+    from smartfed.experiments import local_step_bench as bench
     from smartfed.experiments.local_step_bench import format_table, local_step_bench
     from tiny_models import TINY_LLAMA
 
+    started = []  # the load is 1.0 until the bench builds its batch, 2.0 from then on
+    build_batch = bench.instruction_batch
+    monkeypatch.setattr(bench, "instruction_batch", lambda *args: started.append(1) or build_batch(*args))
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.0 + bool(started), 0.0, 0.0))
     record = local_step_bench(shape=TINY_LLAMA, batch_size=3, prompt_tokens=(3, 6), response_tokens=(1, 3),
                               active_rank=2, adapters=2, pool_rank=2, rounds=1, profile=True, profile_top=3)
     names = [row["method"] for row in record["rows"]]
@@ -324,6 +331,7 @@ def test_local_step_bench_times_smartfed_and_fedit_on_one_batch():
         assert row["step_s"] == pytest.approx(row["forward_s"] + row["backward_s"] + row["optimizer_s"], rel=0.5)
     assert record["rows"][0]["step_ratio_vs_fedit"] == 1.0 and len(record["profile"]["fedit"]) == 3
     assert record["batch"]["examples"] == 3 and format_table(record).count("\n") == 4
+    assert record["load_average"] == 1.0 and record["load_average_end"] == 2.0
 
 
 def test_length_buckets_keep_every_example_when_batches_do_not_divide_it():

@@ -39,6 +39,8 @@ _LEGACY_LATER_DEFAULTS = {"task.validation_fraction": 0, "more.router_dim": 32, 
 
 
 def _plain(value):
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
     return json.loads(json.dumps(value))
 
 
@@ -51,7 +53,7 @@ def _non_default(config: BaseModel, default: BaseModel, prefix=""):
     for name in type(config).model_fields:
         value, default_value = getattr(config, name), getattr(default, name)
         key = join_key(prefix, name)
-        if isinstance(value, BaseModel):
+        if isinstance(value, BaseModel) and type(default_value) is type(value):
             yield from _non_default(value, default_value, key)
         elif _plain(value) != _plain(default_value):
             yield key, _plain(value)

@@ -30,6 +30,12 @@ MAX_ROUTER_DIM = 65_536
 MAX_QUOTA_BUDGET = 10_000_000
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
 MAX_LORA_ALPHA = 1e6
+MAX_ATTACK_PARAM = 1_000_000  # the number of an attack fault, "sign_flip:<c>"
+
+# task.data: rows read from a file, labels of a classification file, tokens of one example.
+MAX_DATA_ROWS = 10_000_000
+MAX_DATA_LABELS = 1_000
+MAX_EXAMPLE_TOKENS = 32_768
 
 # model.tiny: the random Llama's sizes, and its parameter count (float32: 4 bytes each).
 MAX_TINY_SIZES = {

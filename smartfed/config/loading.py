@@ -12,7 +12,7 @@ from typing import Any
 
 from smartfed.config.errors import ConfigError
 from smartfed.config.schema import RunConfig
-from smartfed.config.validation import is_schema, unknown_key_message, unwrap, validate
+from smartfed.config.validation import is_schema, union_members, unknown_key_message, unwrap, validate
 from smartfed.config.yaml_input import parse_yaml, read_yaml
 
 
@@ -21,6 +21,10 @@ def _check_path(schema, parts, assignment):
     node = schema
     for depth, part in enumerate(parts):
         key = ".".join(parts[:depth + 1])
+        members = union_members(node)
+        if members:
+            # A discriminated union (task.data): a key of any of its shapes; the value decides which.
+            node = next((m for m in members.values() if part in m.model_fields), next(iter(members.values())))
         if not is_schema(node):
             if typing.get_origin(node) is dict or node is Any:
                 return

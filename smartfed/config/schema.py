@@ -7,15 +7,18 @@ number). ``RunConfig.deferred_checks`` holds the one check that imports a librar
 against transformers' LlamaConfig); smartfed.config.validation.validate runs it last.
 """
 
+import math
 from typing import Annotated, Any, Literal, Optional
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PlainValidator, field_validator, model_validator
 
 from smartfed.choices import MAX_TOP_K
-from smartfed.config.errors import ConfigError
+from smartfed.config.data import DataSection
+from smartfed.config.errors import ConfigError, describe
 from smartfed.config.limits import (
-    MAX_ADAPTERS, MAX_BATCH, MAX_CLIENTS, MAX_EXAMPLES, MAX_LABELS, MAX_LORA_ALPHA, MAX_QUOTA_BUDGET, MAX_RANK,
-    MAX_RETRIES, MAX_ROUNDS, MAX_SEED, MAX_SEQ_LEN, MAX_SOURCE_TASKS, MAX_STEPS, MAX_TASK_TOKENS, MAX_TIMEOUT_S,
+    MAX_ADAPTERS, MAX_ATTACK_PARAM, MAX_BATCH, MAX_CLIENTS, MAX_EXAMPLES, MAX_LABELS, MAX_LORA_ALPHA,
+    MAX_QUOTA_BUDGET, MAX_RANK, MAX_RETRIES, MAX_ROUNDS, MAX_SEED, MAX_SEQ_LEN, MAX_SOURCE_TASKS, MAX_STEPS,
+    MAX_TASK_TOKENS, MAX_TIMEOUT_S,
 )
 from smartfed.config.llama import DEFAULT_TINY, check_llama_arguments, check_tiny_sizes
 from smartfed.config.more import MoRESection
@@ -23,9 +26,39 @@ from smartfed.config.number_types import (
     Fraction, IntKey, NonEmptyStr, NonNegative, Positive, Section, count, number,
 )
 from smartfed.config.vocabularies import (
-    AGGREGATORS, ESTIMATORS, EXAMPLE_COUNTS, FAULT_KINDS, IMPORTANCE_AGGREGATIONS, METHODS, NORM_BOUND_MODES,
-    PARTITIONS, SYNTHETIC_TASK, WIRE_DTYPES,
+    AGGREGATORS, ATTACK_PARAMS, ESTIMATORS, EXAMPLE_COUNTS, FAULT_KINDS, IMPORTANCE_AGGREGATIONS, METHODS,
+    NORM_BOUND_MODES, PARTITIONS, SYNTHETIC_TASK, WIRE_DTYPES,
 )
+
+
+def _fault_kind(value):
+    """A fault kind, or an attack with its parameter ("<name>:<number>", finite, > 0, at most
+    ``MAX_ATTACK_PARAM``)."""
+    if value in FAULT_KINDS:
+        return value
+    name, colon, param = value.partition(":") if isinstance(value, str) else ("", "", "")
+    needs = ATTACK_PARAMS.get(name, "unknown")
+    if needs == "unknown" or (needs is None and colon) or (needs and not param):
+        forms = {True: "{}:<number>", False: "{}[:<number>]", None: "{}"}
+        attacks = ", ".join(forms[required].format(attack) for attack, required in ATTACK_PARAMS.items())
+        raise ConfigError(f"must be one of {', '.join(map(repr, FAULT_KINDS))} or an attack {attacks}, "
+                          f"got {describe(value)}")
+    if param:
+        try:
+            number = float(param)
+        except ValueError:
+            number = math.nan
+        if not (math.isfinite(number) and 0 < number <= MAX_ATTACK_PARAM):
+            raise ConfigError(f"the parameter of attack {name!r} must be a finite number in "
+                              f"(0, {MAX_ATTACK_PARAM}], got {param!r}")
+    return value
+
+
+FaultKind = Annotated[str, PlainValidator(_fault_kind)]
+
+
+def _is_attack(kind) -> bool:
+    return kind.partition(":")[0] in ATTACK_PARAMS
 
 
 class ModelSection(Section):
@@ -57,7 +90,8 @@ class TaskSection(Section):
     sequences of ``seq_len`` content tokens whose label is shown by ``signals_per_example``
     signal tokens (the fields below). Any other ``name`` is a text task of smartfed.tasks
     (``bbc_news``, ``skills_target``) built with ``options`` as its keyword arguments and the
-    tokenizer of ``model.pretrained``; the synthetic fields are then unused.
+    tokenizer of ``model.pretrained``; the synthetic fields are then unused. ``data`` instead
+    reads the task from the user's own files (``smartfed.config.data``, docs/data.md).
     ``validation_fraction`` of the training examples (any task) are held out, before the client
     partition, as a validation split for choosing settings; the test split is never touched."""
 
@@ -70,6 +104,13 @@ class TaskSection(Section):
     train_examples: count(1, MAX_EXAMPLES) = 512
     eval_examples: count(1, MAX_EXAMPLES) = 128
     validation_fraction: number(ge=0, lt=0.5) = 0.0
+    data: Optional[DataSection] = None
+
+    @property
+    def clients_hold_their_data(self) -> bool:
+        """Each client reads its own data (a SuperNode's ``data-path``): ``data`` names no
+        training file."""
+        return self.data is not None and self.data.train is None
 
     def validation_size(self, train_examples) -> int:
         """How many of ``train_examples`` training examples the validation split holds."""
@@ -82,8 +123,11 @@ class TaskSection(Section):
         if self.signals_per_example > self.seq_len:
             raise ConfigError(f"must be <= task.seq_len ({self.seq_len}), got {self.signals_per_example}",
                               key="signals_per_example")
+        if self.data is not None and (self.name != SYNTHETIC_TASK or self.options):
+            raise ConfigError(f"reads the task from files, but task.name ({self.name!r}) or task.options name "
+                              "another task: leave them out", key="data")
         tokens = (self.train_examples + self.eval_examples) * self.seq_len
-        if self.name == SYNTHETIC_TASK and tokens > MAX_TASK_TOKENS:
+        if self.name == SYNTHETIC_TASK and self.data is None and tokens > MAX_TASK_TOKENS:
             raise ConfigError(f"(train_examples + eval_examples) x seq_len is {tokens} tokens, more than "
                               f"{MAX_TASK_TOKENS}", key="seq_len")
         return self
@@ -162,13 +206,18 @@ class NormBoundSection(Section):
 class RobustnessSection(Section):
     """Server-side defences against faulty or hostile clients (smartfed.federated.robust).
 
-    ``aggregator``: Flower's FedTrimmedAvg (cutting ``trim_fraction`` at each end), FedMedian,
-    Krum / MultiKrum (assuming ``krum_malicious`` hostile clients; multi-Krum averages
-    ``multi_krum_select`` of them) instead of FedAvg. ``example_counts``: "partition" weights
-    every client by the size of the partition the server assigned it, "claimed" by its own claim
-    (no defence: for ablations). ``importance``: how the clients' EEQA importance means combine,
-    after each is clipped to ``importance_clip`` times the round's median per module ("mean":
-    the token-weighted mean of the raw statistics, no clipping)."""
+    ``aggregator``: "fedavg"; "filtered_mean" (updates pointing away from the coordinate-wise
+    median are dropped, the rest clipped to their median norm and averaged with partition weights
+    capped at their median); "filtered_mean_root" (the same around the server's own update on
+    the ``root_examples`` training examples it holds back: FLTrust-style); or Flower's
+    FedTrimmedAvg (cutting ``trim_fraction`` at each end), FedMedian, Krum / MultiKrum (assuming
+    ``krum_malicious`` hostile clients; multi-Krum averages ``multi_krum_select`` of them).
+    ``example_counts``: "partition" weights every client by the size of the partition the server
+    assigned it, "claimed" by its own claim (no defence: for ablations); where each client holds
+    its own data, "partition" is the count its node declared at setup, capped at
+    ``max_claimed_examples``. ``importance``: how the
+    clients' EEQA importance means combine, after each is clipped to ``importance_clip`` times the
+    round's median per module ("mean": the token-weighted mean of the raw statistics, no clipping)."""
 
     aggregator: Literal[AGGREGATORS] = "fedavg"
     # Flower cuts int(trim_fraction * clients) at each end: 0.25 still cuts one of four clients.
@@ -179,6 +228,22 @@ class RobustnessSection(Section):
     example_counts: Literal[EXAMPLE_COUNTS] = "partition"
     importance: Literal[IMPORTANCE_AGGREGATIONS] = "median"
     importance_clip: number(ge=1, le=1e6) = 3.0
+    # Where each client holds its own data (task.data without train) the server cannot count a
+    # client's examples: it weights each by the count its node declared at setup, capped here.
+    max_claimed_examples: count(1, MAX_EXAMPLES) = 1000
+    # Training examples held out (after task.validation_fraction) as the server's root set.
+    root_examples: count(0, MAX_EXAMPLES) = 0
+
+    @model_validator(mode="after")
+    def _a_root_set_for_the_root_centre_only(self):
+        if self.aggregator == "filtered_mean_root" and self.root_examples == 0:
+            raise ConfigError("must be > 0 with aggregator 'filtered_mean_root' (the server's root set)",
+                              key="root_examples")
+        if self.aggregator != "filtered_mean_root" and self.root_examples > 0:
+            raise ConfigError(f"must be 0 unless aggregator is 'filtered_mean_root' (only it uses the server's "
+                              f"root set, which the clients would lose), got {self.root_examples}",
+                              key="root_examples")
+        return self
 
 
 class DifferentialPrivacySection(Section):
@@ -237,7 +302,7 @@ class RunConfig(Section):
     robustness: RobustnessSection = Field(default_factory=RobustnessSection)
     privacy: PrivacySection = Field(default_factory=PrivacySection)
     # {round: {client_id: kind}}: injected client faults, for tests of the fault handling.
-    faults: dict[IntKey, dict[IntKey, Literal[FAULT_KINDS]]] = Field(default_factory=dict)
+    faults: dict[IntKey, dict[IntKey, FaultKind]] = Field(default_factory=dict)
 
     def deferred_checks(self) -> None:
         """The checks that import a library, run after every other check passed."""
@@ -262,6 +327,11 @@ class RunConfig(Section):
                 raise ConfigError(f"must be 'none' with privacy.secagg.enabled (the server never sees one update "
                                   f"to bound), got {self.robustness.norm_bound.mode!r}",
                                   key="robustness.norm_bound.mode")
+            attacks = sorted({kind for kinds in self.faults.values() for kind in kinds.values() if _is_attack(kind)})
+            if attacks:
+                raise ConfigError(f"cannot hold Byzantine attacks with privacy.secagg.enabled (an attack rewrites "
+                                  f"a client's update, which SecAgg+ masks on the client), got {attacks}",
+                                  key="faults")
         return self
 
     @model_validator(mode="after")
@@ -278,10 +348,33 @@ class RunConfig(Section):
         if self.task.name != SYNTHETIC_TASK and self.model.pretrained is None:
             raise ConfigError(f"task.name {self.task.name!r} is a text task: model.pretrained must name a folder "
                               "with a tokenizer", key="model.pretrained")
+        if self.task.data is not None:
+            return self._files_consistent()
+        if self.federation.partition == "natural":
+            raise ConfigError("'natural' splits a file task by task.data.partition_column; a built-in task is "
+                              "split 'dirichlet' or 'iid'", key="federation.partition")
         needed = self.federation.min_examples_per_client * self.federation.num_clients
-        held_out = self.task.validation_size(self.task.train_examples)
+        held_out = self.task.validation_size(self.task.train_examples) + self.robustness.root_examples
         if needed > self.task.train_examples - held_out:
-            left = f" less the {held_out} of task.validation_fraction" if held_out else ""
+            left = (f" less the {held_out} of task.validation_fraction and robustness.root_examples"
+                    if held_out else "")
             raise ConfigError(f"times federation.num_clients is {needed}, more than task.train_examples "
                               f"({self.task.train_examples}){left}", key="federation.min_examples_per_client")
+        return self
+
+    def _files_consistent(self):
+        data = self.task.data
+        if self.model.pretrained is None:
+            raise ConfigError("task.data is tokenized by the model's tokenizer: model.pretrained must name a model "
+                              "folder", key="model.pretrained")
+        natural = self.federation.partition == "natural"
+        if natural and data.partition_column is None:
+            raise ConfigError("'natural' needs task.data.partition_column, the column naming each row's client",
+                              key="federation.partition")
+        if self.task.clients_hold_their_data and self.task.validation_fraction:
+            raise ConfigError("holds validation examples out of one training file; with task.data.train null each "
+                              "client holds its own data, which the server never sees", key="task.validation_fraction")
+        if self.robustness.root_examples:
+            raise ConfigError(f"must be 0 with task.data (the root set is held out of a built-in task's training "
+                              f"examples), got {self.robustness.root_examples}", key="robustness.root_examples")
         return self

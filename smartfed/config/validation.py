@@ -51,19 +51,54 @@ def is_schema(node) -> bool:
     return isinstance(node, type) and issubclass(node, BaseModel)
 
 
-def _model_at(schema, path):
-    """The model class reached by following ``path`` (field names) from ``schema``, or None."""
-    node = schema
-    for part in path:
-        if not is_schema(node):
-            return None
+def _member_tag(member):
+    """The tag of a member of a discriminated union: the value of its one single-valued Literal field."""
+    for field in member.model_fields.values():
+        literal = unwrap(field.annotation)
+        if typing.get_origin(literal) is typing.Literal and len(typing.get_args(literal)) == 1:
+            return typing.get_args(literal)[0]
+    return None
+
+
+def union_members(annotation):
+    """{tag: model} of a discriminated union ``annotation`` ({} for anything else)."""
+    if typing.get_origin(annotation) not in (Union, types.UnionType):
+        return {}
+    members = [unwrap(member) for member in typing.get_args(annotation)]
+    return {_member_tag(member): member for member in members if is_schema(member)}
+
+
+def _tagged_member(annotation, tag):
+    """The model of a discriminated union ``annotation`` whose tag is ``tag``, or None."""
+    return union_members(annotation).get(tag)
+
+
+def _resolve(schema, loc):
+    """(``loc`` without the tags pydantic puts after a discriminated union, the model class
+    reached by the field names of ``loc`` but its last part, or None)."""
+    node, path = schema, []
+    for depth, part in enumerate(loc):
+        member = _tagged_member(node, part) if isinstance(part, str) else None
+        if member is not None:
+            node = member
+            continue
+        path.append(part)
+        if depth == len(loc) - 1:
+            break
+        if isinstance(part, int) or not is_schema(node):
+            node = None if not isinstance(part, int) else node
+            continue
         field = node.model_fields.get(part)
-        if field is None:
-            return None
-        node = unwrap(field.annotation)
+        node = None if field is None else unwrap(field.annotation)
         if typing.get_origin(node) is list:
             node = unwrap(typing.get_args(node)[0])
-    return node if is_schema(node) else None
+    return tuple(path), node if is_schema(node) else None
+
+
+def _tags(parent, name):
+    """The tags of the discriminated union field ``name`` of the model ``parent``."""
+    field = parent.model_fields.get(name) if parent is not None else None
+    return sorted(union_members(unwrap(field.annotation))) if field is not None else []
 
 
 def _field_key(schema, name):
@@ -81,9 +116,9 @@ _SIGNS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "le
 
 
 def _message(error, schema) -> ConfigError:
-    kind, loc, value = error["type"], error["loc"], error.get("input")
+    kind, value = error["type"], error.get("input")
     ctx = error.get("ctx") or {}
-    parent = _model_at(schema, [p for p in loc[:-1] if isinstance(p, str)])
+    loc, parent = _resolve(schema, error["loc"])
     if kind == "value_error" and isinstance(ctx.get("error"), ConfigError):
         inner = ctx["error"]
         return ConfigError(inner.message, key=join_key(*loc, inner.key))
@@ -108,7 +143,14 @@ def _message(error, schema) -> ConfigError:
         bound = next(iter(ctx.values()))
         message = f"must be {_SIGNS[kind]} {bound}, got {describe(value)}"
     elif kind == "too_short":
-        message = "must not be empty"
+        least = ctx.get("min_length", 1)
+        given = len(value) if isinstance(value, (list, str)) else describe(value)
+        message = "must not be empty" if least == 1 else f"must hold at least {least} items, got {given}"
+    elif kind in ("union_tag_invalid", "union_tag_not_found"):
+        loc = (*loc, ctx["discriminator"].strip("'"))
+        tags = ctx.get("expected_tags", "")
+        message = f"must be one of {tags}, got {ctx['tag']!r}" if kind == "union_tag_invalid" \
+            else f"is required: one of the shapes {', '.join(sorted(_tags(parent, loc[-2])))}"
     elif kind == "too_long":
         message = f"must hold at most {ctx.get('max_length')} items"
     elif kind == "string_pattern_mismatch":

@@ -44,14 +44,27 @@ def build_base_model(model_config, seed):
     return model.eval()
 
 
-def task_layout(config):
-    """The target task's layout: the synthetic layout, or a smartfed.tasks text task (whose
-    ``label_token_ids`` is all the trainer reads) tokenized by ``model.pretrained``'s tokenizer."""
-    if config.task.name != SYNTHETIC_TASK:
-        from smartfed.tasks import load_task
+def task_layout(config, data=None):
+    """The target task's layout: the synthetic layout, a smartfed.tasks text task (whose
+    ``label_token_ids`` is all the trainer reads) tokenized by ``model.pretrained``'s tokenizer,
+    or the file task of ``task.data`` (``data``: another data section in its place, a node's own
+    files); where the clients hold their data, only the server's held-out file is read."""
+    if config.task.data is not None or config.task.name != SYNTHETIC_TASK:
         from smartfed.models import load_tokenizer
 
-        return load_task(config.task.name, load_tokenizer(config.model.pretrained), **config.task.options)
+        tokenizer = load_tokenizer(config.model.pretrained)
+        if config.task.data is None:
+            from smartfed.tasks import load_task
+
+            return load_task(config.task.name, tokenizer, **config.task.options)
+        from smartfed.tasks.file_task import load_file_task
+
+        return load_file_task(config.task.data if data is None else data, tokenizer)
+    return synthetic_layout(config)
+
+
+def synthetic_layout(config):
+    """The synthetic tasks' token layout (the target's, and the tiny pool's source tasks)."""
     vocab_size = base_vocab_size(config.model)
     return make_layout(
         vocab_size, config.task.num_labels, config.pool.source_tasks,
@@ -72,8 +85,8 @@ def base_vocab_size(model_config):
 
 def _pool_key(config):
     pool = {k: v for k, v in vars(config.pool).items() if k not in ("cache_dir", "paths")}
-    # The pool never sees the target's training examples, so holding some out does not change it.
-    task = {k: v for k, v in vars(config.task).items() if k != "validation_fraction"}
+    # The pool never sees the target's examples, so holding some out, or the target's files, do not change it.
+    task = {k: v for k, v in vars(config.task).items() if k not in ("validation_fraction", "data")}
     key = {"model": vars(config.model), "seed": config.seed, "task": task, "pool": pool}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -129,7 +142,7 @@ def build_tiny_pool(config, *, progress=True):
         remove_stale_staging(root)
         staging = make_staging(root, POOL_STAGING_PREFIX)
         try:
-            layout = task_layout(config)
+            layout = synthetic_layout(config)
             final_losses = {}
             for index, name in enumerate(tqdm(names, desc="training pool adapters", disable=not progress)):
                 final_losses[name] = _train_source_adapter(config, layout, index, staging / name)

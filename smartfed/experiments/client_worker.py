@@ -15,7 +15,8 @@ The worker listens on a Unix socket in a folder only this user can enter (``runt
 mode 700); every frame is bounded before it is read. One request or reply is a frame: a 4-byte
 length and a JSON header, an 8-byte length and a payload (a Flower ``RecordDict`` in Flower's
 protobuf form). Request header: ``run_id``, ``node_id``, ``partition_id``, ``device``,
-``message_type``, ``group_id``, ``config_json``; reply header: ``{"ok": true, "pid": ...}`` with the
+``message_type``, ``group_id``, ``config_json``, ``node_data`` (the node's own data files, where
+its client holds them); reply header: ``{"ok": true, "pid": ...}`` with the
 reply's content, or ``{"error": reason, "pid": ...}`` (``pid``: the worker's, for its log).
 """
 
@@ -33,6 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from smartfed.experiments.open_audit import audit_opens
 from smartfed.staging import pid_alive
 
 HEADER_LIMIT = 16 * 2**20
@@ -148,16 +150,18 @@ class Worker:
         self.client = None
 
     def _client_for(self, header):
-        key = (header["run_id"], hashlib.sha256(header["config_json"].encode("utf-8")).hexdigest(), header["device"])
+        node_data = header.get("node_data") or {}
+        key = (header["run_id"], hashlib.sha256(header["config_json"].encode("utf-8")).hexdigest(), header["device"],
+               int(header["partition_id"]), json.dumps(node_data, sort_keys=True))
         if key != self.key:
             from smartfed.config import config_from_dict
-            from smartfed.experiments.runs import build_trainer, federated_data
-            from smartfed.federated.client import FederatedClient
+            from smartfed.experiments.runs import build_client
 
             self.client = None  # the previous run's model goes before the next is built
             config = config_from_dict(json.loads(header["config_json"]))
-            trainer, layout = build_trainer(config, device=header["device"])
-            self.client, self.key = FederatedClient(trainer, federated_data(config, layout), config), key
+            self.client = build_client(config, device=header["device"], client_id=int(header["partition_id"]),
+                                       node_config=node_data)
+            self.key = key
         return self.client
 
     def answer(self, header, payload):
@@ -179,6 +183,7 @@ class Worker:
 
 def serve(path, *, watch_pid, idle_s=IDLE_S) -> None:
     """Answer requests on the Unix socket ``path`` until idle for ``idle_s`` or ``watch_pid`` exits."""
+    audit_opens("client-worker")
     path = Path(path)
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o177)

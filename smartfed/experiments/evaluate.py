@@ -176,8 +176,9 @@ def check_pool(final, pool_fingerprint):
 def evaluate_run(run_dir, overrides=(), *, split="test", device="cpu", progress=False):
     """Score the final state of ``run_dir`` on its task config changed by ``overrides``; returns
     the JSON record (see the ``evaluate`` entry of smartfed.cli)."""
-    from smartfed.config import config_to_dict, with_overrides
+    from smartfed.config import ConfigError, config_to_dict, with_overrides
     from smartfed.experiments.assets import task_layout
+    from smartfed.experiments.file_data import INSTRUCTION_SCORES
     from smartfed.experiments.runs import build_trainer, federated_data
     from smartfed.experiments.train import check_inputs, prepare_model
 
@@ -193,12 +194,16 @@ def evaluate_run(run_dir, overrides=(), *, split="test", device="cpu", progress=
     check_pool(final, trainer.pool_fingerprint)
     data = federated_data(config, layout)
     examples = data.evaluation if split == "test" else data.validation
+    if examples is None:
+        raise ConfigError("is null and the run's clients held their own data: the server holds no held-out "
+                          "examples to score (--set task.data.eval=FILE)", key="task.data.eval")
     scores = trainer.evaluate(final["state"], final["quotas"], examples, batch_size=config.federation.eval_batch_size)
     items = evaluation_items(trainer, examples, config, split)
     return {
         "run_dir": str(run_dir), "split": split, "overrides": list(overrides), "config": config_to_dict(config),
         "state_file": final["file"], "state_sha256": final["sha256"], "round": final["round"],
-        "accuracy": scores["accuracy"], "loss": scores["loss"], "examples": scores["num_examples"],
+        "accuracy": scores["accuracy"], "loss": scores["loss"],
+        **{key: scores[key] for key in INSTRUCTION_SCORES if key in scores}, "examples": scores["num_examples"],
         "seconds": time.perf_counter() - started, "items": items,
     }
 
@@ -254,6 +259,8 @@ def run(args) -> int:
     record = evaluate_run(args.run_dir, args.overrides, split=args.split, device=args.device,
                           progress=not args.no_progress)
     output = write_evaluation(args.run_dir, record, args.output)
-    print(f"{record['run_dir']}: round {record['round']} {record['split']} accuracy {record['accuracy']:.4f} "
-          f"loss {record['loss']:.4f} on {record['examples']} examples ({record['seconds']:.1f} s) -> {output}")
+    from smartfed.experiments.file_data import scores_text
+
+    print(f"{record['run_dir']}: round {record['round']} {record['split']} {scores_text(record)} on "
+          f"{record['examples']} examples ({record['seconds']:.1f} s) -> {output}")
     return 0

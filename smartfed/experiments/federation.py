@@ -36,6 +36,10 @@ def configure_parser(parser):
                         help="with --run: the run's folder under DIR/runs (default: run-<time>)")
     parser.add_argument("--threads", type=int, default=None, metavar="T",
                         help="OMP_NUM_THREADS of every process (default: torch's choice)")
+    parser.add_argument("--node-data", nargs="+", default=[], metavar="I=PATH",
+                        help="SuperNode I's own data file, its node config's data-path (for a run whose "
+                             "task.data.train is null: each client reads only its own file), e.g. "
+                             "--node-data 0=/p/a.jsonl 1=/p/b.jsonl")
 
 
 def _keys(folder, num_nodes):
@@ -60,12 +64,35 @@ def _run_config(args, run_name):
     return f"config='{config}' overrides='{' '.join(items)}' output-dir='{run_name}'"
 
 
+def node_data_paths(items, num_nodes) -> dict:
+    """{node index: resolved path} of ``--node-data I=PATH ...``. A path is not required to
+    exist here: it is the node's to open (a node whose file is missing is screened by the server)."""
+    from smartfed.config import ConfigError
+
+    paths = {}
+    for item in items:
+        index, separator, path = item.partition("=")
+        if not separator or not index.strip().isdigit() or not path.strip():
+            raise ConfigError(f"expected I=PATH with I a node index, got {item!r}", key="--node-data")
+        index = int(index)
+        if index >= num_nodes:
+            raise ConfigError(f"node {index} is not one of the {num_nodes} SuperNodes (0 to {num_nodes - 1})",
+                              key="--node-data")
+        if index in paths:
+            raise ConfigError(f"node {index} is given twice", key="--node-data")
+        if "'" in path:
+            raise ConfigError(f"a path may not contain a single quote, got {path!r}", key="--node-data")
+        paths[index] = Path(path).expanduser().resolve()
+    return paths
+
+
 def run(args) -> int:
     from smartfed.config import ConfigError
     from smartfed.experiments.local_federation import PROJECT_ROOT, LocalFederation
 
     if args.nodes < 1:
         raise ConfigError(f"must be at least 1, got {args.nodes}", key="--nodes")
+    node_data = node_data_paths(args.node_data, args.nodes)
     folder = Path(args.dir).expanduser().resolve()
     run_name = args.output_dir or datetime.now().strftime("run-%Y%m%d-%H%M%S")
     run_config = _run_config(args, run_name) if args.run else None
@@ -74,7 +101,7 @@ def run(args) -> int:
     session = folder / datetime.now().strftime("session-%Y%m%d-%H%M%S-%f")
     app = PROJECT_ROOT / "flower_app"
     with LocalFederation(session, keys, env=env, output_root=folder / "runs") as federation:
-        federation.start(args.nodes)
+        federation.start(args.nodes, node_data=node_data)
         cli_home = federation.cli_env["FLWR_HOME"]
         print(f"SuperLink {federation.address} (TLS, SuperNode authentication; Control API on 127.0.0.1 only), "
               f"SuperNodes {federation.node_ids} online; logs in {session}", flush=True)

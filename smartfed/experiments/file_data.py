@@ -1,11 +1,12 @@
 """A task read from files (``smartfed.tasks.file_task``) handed to the engine: its examples, their
-split over the simulated clients, and a summary and plot of that split.
+split over the simulated clients, and a summary and plot of that split; or, where each client
+holds its own data (``task.data.train`` null), a SuperNode's own files and the server's held-out one.
 
 ``file_federated_data`` is what ``runs.federated_data`` does for the built-in tasks: the
 validation split held out of the training examples first (stratified by label), then the rest
 partitioned over ``federation.num_clients`` by flwr-datasets' partitioners
 (``smartfed.federated.partition.partition_examples``: IID, Dirichlet by label, or natural by
-``data.partition_column``), deterministic by the run's seed. The partition is cached beside the
+``task.data.partition_column``), deterministic by the run's seed. The partition is cached beside the
 task's tokenized examples.
 """
 
@@ -17,22 +18,26 @@ from pathlib import Path
 
 import numpy as np
 
+from smartfed.config.data import GENERATION_METRICS
+from smartfed.data_errors import DatasetError
 from smartfed.federated.data import ClassificationSequences, FederatedData, InstructionExamples
 from smartfed.federated.evaluation import GenerationSettings
 from smartfed.federated.partition import label_counts, label_skew, partition_examples
+from smartfed.federated.protocol import DATA_PATH, EVAL_PATH
 from smartfed.federated.seeding import STREAM_PARTITION, STREAM_VALIDATION, derived_seed
+from smartfed.tasks.files import resolve_path
 
 
-def task_examples(task, split="train"):
+def task_examples(task, split="train", *, generate=True):
     """The examples of ``task``'s ``split`` ("train" or "eval"); the held-out instruction
-    examples carry the task's generation settings."""
+    examples carry the task's generation settings (unless ``generate`` is false)."""
     tokens = task.train if split == "train" else task.evaluation
     if task.shape == "classification":
         longest = max(len(ids) for ids in task.label_token_ids) if task.multi_token_labels else 1
         return ClassificationSequences.build(tokens.token_ids, tokens.labels, pad_token_id=task.pad_token_id,
                                              answer_tokens=longest, groups=tokens.groups)
     generation = None
-    if split == "eval" and task.generation is not None:
+    if split == "eval" and generate and task.generation is not None:
         settings = task.generation
         generation = GenerationSettings(
             every_rounds=settings.every_rounds, max_new_tokens=settings.max_new_tokens,
@@ -64,6 +69,66 @@ def file_federated_data(task, federation, *, seed, validation_size=0) -> Federat
     ))
     return FederatedData(clients=[train.subset(part) for part in parts], evaluation=evaluation, partitions=parts,
                          validation=validation)
+
+
+# What an instruction task adds to a round's scores (metrics.jsonl), in the order they are shown.
+INSTRUCTION_SCORES = ("perplexity", *GENERATION_METRICS)
+
+
+def scores_text(record, loss_note="") -> str:
+    """``loss L accuracy A`` of a round's (or an evaluation's) ``record``, with the instruction
+    scores it holds; ``loss_note`` follows the loss."""
+    def shown(value):
+        return "-" if value is None else f"{value:.4f}"
+
+    extra = "".join(f" {key} {shown(record[key])}" for key in INSTRUCTION_SCORES if key in record)
+    return f"loss {shown(record.get('loss'))}{loss_note} accuracy {shown(record.get('accuracy'))}{extra}"
+
+
+def file_task_summary(task, data: FederatedData) -> dict:
+    """The file task's summary (``FileTask.summary``) with its split over the clients
+    (``partition_summary``) and one ``line`` saying both."""
+    summary = {**task.summary(), "partition": partition_summary(data, task.label_words)}
+    sizes = [client["examples"] for client in summary["partition"]["clients"]]
+    truncated = summary["truncated_train_examples"] + summary["truncated_eval_examples"]
+    summary["line"] = (f"task {task.name}: {summary['train_examples']} training examples over {len(sizes)} clients "
+                       f"{sizes}, {summary['eval_examples']} held out; {truncated} cut to task.data.max_length; "
+                       f"tokenized ids {'read from' if task.cache_hit else 'written to'} {task.cache_file}")
+    return summary
+
+
+def node_data_section(data, node_config):
+    """``data`` (a ``task.data`` section without ``train``) with a SuperNode's own files: its
+    node config's ``data-path`` (and ``eval-path`` when given; else ``eval_fraction`` of its file
+    is held out). The server's held-out file, ``data.eval``, is never the node's to open."""
+    path = node_config.get(DATA_PATH)
+    if not isinstance(path, str) or not path.strip():
+        raise DatasetError(f"node config {DATA_PATH}: missing; this run's clients hold their own data (task.data.train "
+                           f"is null): start the SuperNode with --node-config \"partition-id=I num-partitions=N "
+                           f"{DATA_PATH}='/path/to/its/data.jsonl'\"")
+    held = node_config.get(EVAL_PATH)
+    if held is not None and (not isinstance(held, str) or not held.strip()):
+        raise DatasetError(f"node config {EVAL_PATH}: must be a path, got {held!r:.40}")
+    return data.model_copy(update={
+        "train": str(resolve_path(path, f"node config {DATA_PATH}")),
+        "eval": None if held is None else str(resolve_path(held, f"node config {EVAL_PATH}")),
+    })
+
+
+def held_out_data(task) -> FederatedData:
+    """The server's side of a run whose clients hold their own data: no client examples, and the
+    server's own held-out examples (``task.data.eval``) when it has them."""
+    evaluation = task_examples(task, "eval") if len(task.evaluation) else None
+    return FederatedData(clients=None, evaluation=evaluation, partitions=None)
+
+
+def own_data(task, client_id) -> FederatedData:
+    """A SuperNode's side of such a run: client ``client_id`` holds its own file's training
+    examples and scores the global state on its own held-out ones (loss, accuracy, perplexity:
+    generating answers is the server's, on its own held-out file)."""
+    train = task_examples(task, "train")
+    return FederatedData(clients={client_id: train}, evaluation=None, partitions=None,
+                         held_out={client_id: task_examples(task, "eval", generate=False)})
 
 
 def _cached_partition(task, settings, compute):

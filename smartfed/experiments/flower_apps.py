@@ -13,7 +13,9 @@ the run from the SmartFed config (``smartfed.experiments.runs``) and hands it to
   in-process (``FaultInjectingGrid``).
 - ``client_app``: one SuperNode is one client; its node config names its data partition
   (``partition-id``, ``num-partitions``, set by Flower's simulation engine or by
-  ``flower-supernode --node-config``) and optionally a torch ``device`` (default "cpu"). The
+  ``flower-supernode --node-config``), where the run's clients hold their own data
+  (``task.data.train`` null) its own files (``data-path``, optional ``eval-path``: read on the
+  node, never sent to the server), and optionally a torch ``device`` (default "cpu"). The
   setup query carries the run config as JSON; the node keeps it in ``context.state`` and answers
   every later message with the engine's client handlers (``FederatedClient``). Where the process
   lives on (the simulation engine's actors) it keeps the client itself; where every message has a
@@ -32,8 +34,11 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from smartfed.experiments.client_worker import WorkerError, forward
+from smartfed.experiments.open_audit import audit_opens
 from smartfed.federated.flower_compat import clientapp_runs_per_message, recorddict_from_bytes, recorddict_to_bytes
-from smartfed.federated.protocol import CONFIG_JSON, NUM_PARTITIONS, PARTITION_ID, setup_config_json
+from smartfed.federated.protocol import (
+    CONFIG_JSON, DATA_PATH, EVAL_PATH, NUM_PARTITIONS, PARTITION_ID, setup_config_json,
+)
 from smartfed.federated.run_dir import RunDir, output_root
 
 SETUP = "smartfed-setup"
@@ -43,19 +48,23 @@ client_app = ClientApp()
 _cached = {}
 
 
-def _local_client(config_json, device):
+def _local_client(config_json, device, partition_id, node_data):
     """This process's client of the run ``config_json``, built once (the last run's is dropped)."""
-    key = (config_json, device)
+    key = (config_json, device, partition_id, json.dumps(node_data, sort_keys=True))
     if key not in _cached:
         from smartfed.config import config_from_dict
-        from smartfed.experiments.runs import build_trainer, federated_data
-        from smartfed.federated.client import FederatedClient
+        from smartfed.experiments.runs import build_client
 
         _cached.clear()
-        config = config_from_dict(json.loads(config_json))
-        trainer, layout = build_trainer(config, device=device)
-        _cached[key] = FederatedClient(trainer, federated_data(config, layout), config)
+        _cached[key] = build_client(config_from_dict(json.loads(config_json)), device=device, client_id=partition_id,
+                                    node_config=node_data)
     return _cached[key]
+
+
+def node_data(context: Context) -> dict:
+    """The data files this node's node config names (``data-path``, ``eval-path``): a client that
+    holds its own data reads them, and only them."""
+    return {key: context.node_config[key] for key in (DATA_PATH, EVAL_PATH) if key in context.node_config}
 
 
 def partition_of(context: Context, num_clients):
@@ -90,12 +99,12 @@ def _answer(msg: Message, context: Context, config_json: str) -> Message:
         header, payload = forward(recorddict_to_bytes(msg.content), {
             "run_id": context.run_id, "node_id": context.node_id, "partition_id": partition_id,
             "device": _device(context), "message_type": msg.metadata.message_type,
-            "group_id": msg.metadata.group_id, "config_json": config_json,
+            "group_id": msg.metadata.group_id, "config_json": config_json, "node_data": node_data(context),
         })
         if "error" in header:
             raise WorkerError(header["error"])
         return Message(recorddict_from_bytes(payload), reply_to=msg)
-    client = _local_client(config_json, _device(context))
+    client = _local_client(config_json, _device(context), partition_id, node_data(context))
     if msg.metadata.message_type == MessageType.TRAIN:
         # The node's context keeps SecAgg+'s state between the protocol's stages.
         return client.train(msg, partition_id, context=context)
@@ -172,6 +181,7 @@ def build_server_app(*, output_root=None, **run_config) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        audit_opens("serverapp")
         serve(grid, _settings({**defaults, **context.run_config}), root=output_root)
 
     return app

@@ -10,7 +10,7 @@ What it runs is the setup of docs/flower.md, with the files of ``smartfed federa
     flwr supernode register supernode-I.pub loopback          # for each node, before it starts
     flower-supernode --superlink 127.0.0.1:P --root-certificates ca.pem \\
         --auth-supernode-private-key supernode-I.key --host 127.0.0.1 --port Q_I \\
-        --node-config "partition-id=I num-partitions=N"
+        --node-config "partition-id=I num-partitions=N [data-path='/its/own/data.jsonl']"
 
 and the CLI's connection (``$FLWR_HOME/config.toml``) names ``root-certificates`` instead of
 ``insecure``. ``insecure=True`` runs everything in plaintext without authentication, with a
@@ -32,6 +32,7 @@ import time
 import warnings
 from pathlib import Path
 
+from smartfed.federated.protocol import DATA_PATH
 from smartfed.federated.run_dir import OUTPUT_ROOT_ENV
 
 HOST = "127.0.0.1"
@@ -127,15 +128,16 @@ class LocalFederation:
         return ["flower-supernode", *trust, "--superlink", self.address, "--host", HOST,
                 "--port", str(free_port()), "--node-config", node_config]
 
-    def start(self, num_nodes, *, wait_s=60):
+    def start(self, num_nodes, *, wait_s=60, node_data=None):
         """The SuperLink, then for each node its registration and its SuperNode with
-        ``partition-id=I num-partitions=num_nodes``; returns once all are online. The node ids
-        of the registered keys are ``node_ids`` (a run lists them as its ``nodes``)."""
+        ``partition-id=I num-partitions=num_nodes`` (and ``data-path`` when ``node_data``, {I:
+        path}, names node I's own data file); returns once all are online. The node ids of the
+        registered keys are ``node_ids`` (a run lists them as its ``nodes``)."""
         self.start_superlink(wait_s=wait_s)
         for index in range(num_nodes):
             if not self.insecure:
                 self.node_ids.append(self.register(index))
-            self.start_supernode(index, f"partition-id={index} num-partitions={num_nodes}")
+            self.start_supernode(index, node_config(index, num_nodes, (node_data or {}).get(index)))
         self.wait_for_online(num_nodes, wait_s=wait_s)
 
     def nodes_run_config(self):
@@ -254,6 +256,12 @@ class LocalFederation:
             raise FlowerCommandError(f"{what} exited {result.returncode}:\n{result.stdout[-3000:]}\n"
                                      f"{result.stderr[-3000:]}\n{self.logs()}")
         return answer
+
+
+def node_config(index, num_nodes, data_path=None) -> str:
+    """The ``--node-config`` of SuperNode ``index``: its partition and, when given, its own data file."""
+    config = f"partition-id={index} num-partitions={num_nodes}"
+    return config if data_path is None else f"{config} {DATA_PATH}='{data_path}'"
 
 
 def _signal_group(process, signum):

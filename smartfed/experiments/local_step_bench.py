@@ -15,7 +15,7 @@ the engine does (``smartfed.federated.accounting.PeakMemory``, over at least ``P
 steps so that the sampler sees a short one). ``profile`` adds torch
 profiler's top operators of one step per method.
 
-    python -m smartfed.experiments.local_step_bench [--layers 30] [--rounds 5] [--profile] [--output FILE.json]
+    smartfed bench-step [--layers 30] [--rounds 5] [--profile] [--output PREFIX]   (PREFIX.json, PREFIX.md)
 """
 
 import argparse
@@ -129,6 +129,7 @@ def local_step_bench(*, layers=30, shape=None, batch_size=8, prompt_tokens=(48, 
     replacing SmolLM2-135M's (tests use a tiny one)."""
     from smartfed.federated.accounting import PeakMemory
 
+    load_at_start = os.getloadavg()[0]
     shape = dict(SMOLLM2_135M, num_hidden_layers=layers) if shape is None else dict(shape)
     examples = instruction_batch(batch_size, prompt_tokens, response_tokens, shape["vocab_size"], seed)
     methods = [("fedit", "linear")] + [("smartfed", router) for router in routers]
@@ -170,13 +171,13 @@ def local_step_bench(*, layers=30, shape=None, batch_size=8, prompt_tokens=(48, 
         row["peak_memory_ratio_vs_fedit"] = row["peak_memory_bytes"] / max(1, fedit["peak_memory_bytes"])
     record = {
         "bench": "local_step", "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(), "load_average": os.getloadavg()[0], "rounds": rounds,
+        "torch_threads": torch.get_num_threads(), "load_average": load_at_start, "rounds": rounds,
         "shape": shape, "pool": {"adapters": adapters, "rank": pool_rank, "experts_per_module": adapters * pool_rank},
         "active_rank": active_rank, "batch": {
             "examples": len(examples), "tokens": int(examples.lengths.sum()),
             "padded_tokens": int(len(examples) * examples.lengths.max()),
             "response_tokens": int(examples.response_lengths.sum())},
-        "rows": rows,
+        "rows": rows, "load_average_end": os.getloadavg()[0], "date": time.strftime("%Y-%m-%d"),
     }
     if profile:
         record["profile"] = {name: _profile(stepper, profile_top) for name, stepper in steppers.items()}
@@ -197,25 +198,49 @@ def format_table(record) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(prog="python -m smartfed.experiments.local_step_bench",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=30)
+    parser.add_argument("--layers", type=int, default=30, help="decoder layers of the SmolLM2 shape (default: 30)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--active-rank", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--profile", action="store_true")
-    parser.add_argument("--output", type=Path, default=None, help="write the JSON record here")
-    args = parser.parse_args(argv)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved timed steps per method (default: 5)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--profile", action="store_true", help="add torch profiler's top operators of one step")
+    parser.add_argument("--output", type=Path, default=None, metavar="PREFIX",
+                        help="write PREFIX.json (the record) and PREFIX.md (its table); default: "
+                             "benchmarks/results/local_step-cpu-<date>")
+    return parser
+
+
+def markdown(record) -> str:
+    """The record's table with what it measured: the shape, the batch, the machine and its load."""
+    batch, shape = record["batch"], record["shape"]
+    return (f"# One local step: SmartFed vs FedIT ({record['date']})\n\n"
+            f"{shape['num_hidden_layers']} SmolLM2-135M-shaped layers (hidden {shape['hidden_size']}), a pool of "
+            f"{record['pool']['adapters']} rank-{record['pool']['rank']} adapters on q_proj and v_proj, active rank "
+            f"{record['active_rank']}; one instruction batch of {batch['examples']} examples "
+            f"({batch['tokens']} tokens, {batch['padded_tokens']} with padding, {batch['response_tokens']} "
+            "response tokens); median of "
+            f"{record['rounds']} interleaved steps. {record['machine']}, {record['cpus']} CPUs, "
+            f"{record['torch_threads']} torch threads, load average {record['load_average']:.2f} at the start and "
+            f"{record['load_average_end']:.2f} at the end.\n\n{format_table(record)}\n")
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     record = local_step_bench(layers=args.layers, batch_size=args.batch_size, active_rank=args.active_rank,
                               rounds=args.rounds, profile=args.profile)
+    prefix = args.output or Path("benchmarks") / "results" / f"local_step-cpu-{record['date']}"
+    prefix = Path(prefix).resolve()
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    json_path, table_path = prefix.with_name(prefix.name + ".json"), prefix.with_name(prefix.name + ".md")
+    json_path.write_text(json.dumps(record, indent=1))
+    table_path.write_text(markdown(record))
     print(format_table(record))
-    if args.output is not None:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(record, indent=1))
+    print(f"wrote {json_path} and {table_path}")
     return 0
 
 

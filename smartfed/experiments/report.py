@@ -205,6 +205,13 @@ def markdown_report(runs, plots, selections=(), configurations=None, statistics=
             usage_rows.append([run.task, run.method, run.seed, usage["round"], usage["prompts"],
                                ", ".join(f"{name} {share:.2f}" for name, share in usage["selections"].items()),
                                ", ".join(f"{name} {share:.2f}" for name, share in usage["gate_mass"].items())])
+    instruction_rows = _instruction_rows(runs)
+    if instruction_rows:
+        parts += ["", "## Instruction scores", "",
+                  "Loss and perplexity: held-out response tokens, last round. Exact match, F1 (SQuAD-normalised) "
+                  "and ROUGE-L: greedy answers at the last round that generated them (docs/data.md).", "",
+                  _table(["run", "task", "method", "seed", "round", "loss", "perplexity", "generated at round",
+                          "exact match", "F1", "ROUGE-L"], instruction_rows)]
     if usage_rows:
         parts += ["", "## Expert usage by source adapter (final routers, every token of the evaluation prompts)", "",
                   _table(["task", "method", "seed", "round", "prompts", "share of top-k selections",
@@ -212,6 +219,35 @@ def markdown_report(runs, plots, selections=(), configurations=None, statistics=
     elif not any("expert_usage" in r for run in runs for r in run.records):
         parts += ["", "Expert usage by source adapter: not recorded for these runs."]
     return "\n".join(parts) + "\n"
+
+
+def instruction_scores(run):
+    """The instruction scores of ``run`` (None when its rounds logged none): loss and perplexity
+    of its last round, and the generated answers' scores of the last round that generated them."""
+    from smartfed.config.data import GENERATION_METRICS
+
+    last = run.records[-1]
+    if "perplexity" not in last:
+        return None
+    generated = [r for r in run.records if any(key in r for key in GENERATION_METRICS)]
+    scores = {"round": last["round"], "loss": last["loss"], "perplexity": last["perplexity"]}
+    if generated:
+        scores.update({"generated_round": generated[-1]["round"],
+                       **{key: generated[-1][key] for key in GENERATION_METRICS if key in generated[-1]}})
+    return scores
+
+
+def _instruction_rows(runs):
+    from smartfed.config.data import GENERATION_METRICS
+
+    rows = []
+    for run in sorted(runs, key=lambda r: (r.task, r.method, r.seed)):
+        scores = instruction_scores(run)
+        if scores is not None:
+            rows.append([run.path.name, run.task, run.method, run.seed, scores["round"], f"{scores['loss']:.3f}",
+                         f"{scores['perplexity']:.2f}", scores.get("generated_round", "-"),
+                         *(f"{scores[key]:.3f}" if key in scores else "-" for key in GENERATION_METRICS)])
+    return rows
 
 
 def headline_runs(runs, selections):
@@ -345,7 +381,8 @@ def write_report(run_paths, output_dir, *, baselines=None):
         plots.append(USAGE_PLOT)
         plot_final_expert_usage(usages, output / USAGE_PLOT)
     for run in runs:
-        label = f"{run.task}_{run.method}_seed{run.seed}_{run.path.name}"
+        # A file task's name holds a "/" (its folder and file): not in a file name.
+        label = f"{run.task}_{run.method}_seed{run.seed}_{run.path.name}".replace("/", "-")
         if any(r.get("quotas") for r in run.records):
             plots.append(f"quotas_{label}.png")
             plot_quotas(run, output / plots[-1])
@@ -360,7 +397,8 @@ def write_report(run_paths, output_dir, *, baselines=None):
     summary = {
         "runs": [{"path": str(r.path), "task": r.task, "method": r.method, "chosen_lr": r.chosen_lr, "seed": r.seed,
                   "rounds": r.rounds, "accuracy": r.accuracy, "cumulative_bytes": r.cumulative_bytes,
-                  **({"baselines": r.baselines} if r.baselines else {})}
+                  **({"baselines": r.baselines} if r.baselines else {}),
+                  **({"instruction_scores": scores} if (scores := instruction_scores(r)) else {})}
                  for r in runs],
         "target_checks": checks,
         "chosen_configuration_checks": {

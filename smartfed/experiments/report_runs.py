@@ -69,7 +69,8 @@ def load_run(metrics_path):
             record = json.loads(line)
         except json.JSONDecodeError as error:
             raise ReportError(f"{metrics_path}:{number} is not JSON ({error})") from error
-        if record.get("status", "completed") == "completed":
+        # A round the clients scored, when none of them could, has no accuracy to report.
+        if record.get("status", "completed") == "completed" and record.get("accuracy", 0) is not None:
             records.append(record)
     if not records:
         raise ReportError(f"{metrics_path} holds no completed round")
@@ -80,13 +81,22 @@ def load_run(metrics_path):
     config = json.loads((folder / CONFIG_FILE).read_text()) if (folder / CONFIG_FILE).is_file() else {}
     task_file = folder / TEXT_TASK_FILE
     summary = json.loads(task_file.read_text()) if task_file.is_file() else {}
-    task = summary.get("name") or (config.get("task") or {}).get("name", "synthetic")
+    task = summary.get("name") or _task_name(config.get("task") or {})
     method = method_label(config) if config else records[0].get("method", "unknown")
     local_steps = int((config.get("federation") or {}).get("local_steps", 1))
     return Run(path=folder, task=task, method=method, seed=int(config.get("seed", 0)), records=records,
                local_steps=local_steps, base_method=config.get("method", records[0].get("method", "unknown")),
                identity=config_identity(config), baselines=summary.get("baselines"),
                task_options=summary.get("options", (config.get("task") or {}).get("options") or {}))
+
+
+def _task_name(task) -> str:
+    data = task.get("data")
+    if isinstance(data, dict):
+        from smartfed.tasks.file_task import task_name
+
+        return task_name(data.get("shape"), data.get("train"), data.get("eval"))
+    return task.get("name", "synthetic")
 
 
 def config_identity(config) -> dict:

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from smartfed.config import SYNTHETIC_TASK, config_fingerprint, config_to_dict
+from smartfed.config import SYNTHETIC_TASK, ConfigError, config_fingerprint, config_to_dict
 from smartfed.experiments.assets import build_base_model, build_tiny_pool, task_layout
+from smartfed.experiments.file_data import file_federated_data, held_out_data, node_data_section, own_data
 from smartfed.experiments.method_registry import build_method
 from smartfed.federated.client import FederatedClient
 from smartfed.federated.data import Examples, FederatedData, split_clients
@@ -23,7 +24,9 @@ from smartfed.federated.driver import drive
 from smartfed.federated.faults import FaultInjectingGrid
 from smartfed.federated.grid import InProcessGrid
 from smartfed.federated.run_dir import RunDir
-from smartfed.federated.seeding import STREAM_EVAL_DATA, STREAM_TRAIN_DATA, STREAM_VALIDATION, derived_seed
+from smartfed.federated.seeding import (
+    STREAM_EVAL_DATA, STREAM_ROOT_SET, STREAM_TRAIN_DATA, STREAM_VALIDATION, derived_seed,
+)
 from smartfed.federated.strategy import SmartFedStrategy
 from smartfed.federated.trainer import ClientTrainer
 from smartfed.tasks.synthetic import TARGET_TASK, generate_examples
@@ -49,7 +52,16 @@ def build_trainer(config, *, device="cpu", progress=False, layout=None):
 def federated_data(config, layout) -> FederatedData:
     """The target task's training examples split across ``config.federation.num_clients``
     clients and its held-out evaluation examples; deterministic by ``config.seed``. With
-    ``task.validation_fraction`` the validation split is held out of the training examples first."""
+    ``task.validation_fraction`` the validation split is held out of the training examples first,
+    then with ``robustness.root_examples`` the server's root set, the same way; neither touches the
+    evaluation split. A file task (``task.data``) is split by flwr-datasets' partitioners; where its
+    clients hold their own data, the server has only its own held-out examples
+    (``file_data.held_out_data``). A file task has no root set (the config refuses one)."""
+    if config.task.data is not None:
+        if config.task.clients_hold_their_data:
+            return held_out_data(layout)
+        return file_federated_data(layout, config.federation, seed=config.seed,
+                                   validation_size=config.task.validation_size(len(layout.train)))
     if config.task.name != SYNTHETIC_TASK:
         train = Examples(layout.train_input_ids, layout.train_labels)
         evaluation = Examples(layout.eval_input_ids, layout.eval_labels)
@@ -66,7 +78,28 @@ def federated_data(config, layout) -> FederatedData:
     size = config.task.validation_size(len(train))
     if size:
         train, validation = hold_out(train, size, seed=derived_seed(config.seed, STREAM_VALIDATION))
-    return split_clients(train, evaluation, config.federation, seed=config.seed, validation=validation)
+    root = None
+    if config.robustness.root_examples:
+        if config.robustness.root_examples >= len(train):
+            raise ConfigError(f"leaves none of the {len(train)} training examples to the clients, got "
+                              f"{config.robustness.root_examples}", key="robustness.root_examples")
+        train, root = hold_out(train, config.robustness.root_examples, seed=derived_seed(config.seed, STREAM_ROOT_SET))
+    data = split_clients(train, evaluation, config.federation, seed=config.seed, validation=validation)
+    data.root = root
+    return data
+
+
+def build_client(config, *, device="cpu", client_id=0, node_config=None) -> FederatedClient:
+    """The client handlers of a process that answers ``config``'s messages: every client of the
+    run, their examples split from the run's task (in-process, the simulation engine, a SuperNode
+    of a run that splits one file); where the clients hold their own data, client ``client_id``
+    alone, on the files its ``node_config`` names (``data-path``, optional ``eval-path``)."""
+    if not config.task.clients_hold_their_data:
+        trainer, layout = build_trainer(config, device=device)
+        return FederatedClient(trainer, federated_data(config, layout), config)
+    task = task_layout(config, node_data_section(config.task.data, node_config or {}))
+    trainer, _ = build_trainer(config, device=device, layout=task)
+    return FederatedClient(trainer, own_data(task, client_id), config)
 
 
 def hold_out(examples, size, *, seed):
@@ -126,15 +159,18 @@ def open_run(config, output_dir, *, resume=False, progress=True, trainer=None, d
     config_dict = config_to_dict(config)
     if not resume:
         run_dir.check_writable(config_dict, resume=False)
+    # A file task's problems (its files, its partition) come before the model and the pool are built.
+    layout = task_layout(config) if trainer is not None or config.task.data is not None else None
+    data = None if layout is None else federated_data(config, layout)
     if trainer is None:
-        trainer, layout = build_trainer(config, device=device, progress=progress)
-    else:
-        layout = task_layout(config)
-    data = federated_data(config, layout)
+        trainer, layout = build_trainer(config, device=device, progress=progress, layout=layout)
+    if data is None:
+        data = federated_data(config, layout)
     fingerprint = config_fingerprint(config)
     strategy = SmartFedStrategy(
         config, trainer, data.evaluation, fingerprint=fingerprint, partitions=data.clients,
         setup_json=json.dumps(config_dict), timeout=timeout, aggregate=aggregate, validation=data.validation,
+        root=data.root,
     )
     if resume:
         checkpoint = run_dir.resume_checkpoint(config=config, pool_fingerprint=trainer.pool_fingerprint,

@@ -52,11 +52,20 @@ def set_threads(threads):
 
 def check_inputs(config):
     """Raise a ConfigError unless the task, the model folder and the pool's adapter folders of
-    ``config`` exist; the default SmolLM2 folder counts (``prepare_model`` makes it)."""
+    ``config`` exist; the default SmolLM2 folder counts (``prepare_model`` makes it). A file
+    task's files are looked up (a DatasetError when one is missing or of an unknown format)."""
     from smartfed.config import SYNTHETIC_TASK, ConfigError
     from smartfed.tasks import TASK_BUILDERS
     from smartfed.models import DEFAULT_MODEL_DIR, DEMO_INSTALL
 
+    data = config.task.data
+    if data is not None:
+        from smartfed.tasks.files import detect_format, resolve_path
+
+        for key in ("train", "eval"):
+            if getattr(data, key) is not None:
+                argument = f"task.data.{key}"
+                detect_format(resolve_path(getattr(data, key), argument), data.format, argument)
     if config.task.name != SYNTHETIC_TASK and config.task.name not in TASK_BUILDERS:
         raise ConfigError(f"must be {SYNTHETIC_TASK!r} or a text task of smartfed.tasks {sorted(TASK_BUILDERS)}, "
                           f"got {config.task.name!r}", key="task.name")
@@ -119,6 +128,10 @@ def run(args) -> int:
     from smartfed.config import ConfigError, load_config
 
     config = load_config(args.config, args.overrides)
+    if config.task.clients_hold_their_data:
+        raise ConfigError("is null: each client then reads its own data on its SuperNode (docs/flower.md); smartfed "
+                          "train runs every client in this process and needs the one file to split over them",
+                          key="task.data.train", source=args.config)
     # Resolved before any check: "missing/../userZ" and symlinks name the folder they reach.
     output = Path(args.output).resolve()
     changes = check_output(output, config, resume=args.resume)
@@ -135,6 +148,13 @@ def run(args) -> int:
 
     run = open_run(config, output, resume=args.resume, progress=not args.no_progress, device=args.device)
     RunDir(output).record_resume(config, changes, at_round=run.state.round if args.resume else None)
+    if config.task.data is not None:
+        from smartfed.experiments.file_data import file_task_summary
+        from smartfed.federated.run_dir import TEXT_TASK_FILE
+
+        summary = file_task_summary(run.layout, run.data)
+        RunDir(output).write_json(TEXT_TASK_FILE, summary)
+        print(summary["line"], flush=True)
     try:
         run.start_in_process(stop_after_round=args.stop_after_round)
     except RoundFailed as error:
@@ -142,10 +162,12 @@ def run(args) -> int:
         return 3
     last = run.history[-1] if run.history else None
     if last is not None:
+        from smartfed.experiments.file_data import scores_text
+
+        scale = "" if config.task.data is not None and config.task.data.shape == "instruction" else _loss_scale(run)
         print(
-            f"{config.method}: round {last['round']}/{config.federation.rounds} loss {last['loss']:.4f}"
-            f"{_loss_scale(run)} accuracy {last['accuracy']:.4f} bytes up {last['total_bytes_up']} "
-            f"down {last['total_bytes_down']} -> {args.output}"
+            f"{config.method}: round {last['round']}/{config.federation.rounds} {scores_text(last, scale)} "
+            f"bytes up {last['total_bytes_up']} down {last['total_bytes_down']} -> {args.output}"
         )
     return 0
 

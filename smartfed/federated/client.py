@@ -18,6 +18,7 @@ in-process grid can cancel an abandoned step).
 """
 
 import time
+from dataclasses import replace
 
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
@@ -48,6 +49,8 @@ __all__ = [
     "POOL", "POOL_FINGERPRINT", "RUN_CONFIG", "FederatedClient", "pause", "setup_config_json", "setup_content",
 ]
 PAUSE_SLICE_S = 0.05
+# What a client's evaluation reply carries (besides its example count); perplexity: instruction tasks.
+CLIENT_SCORES = ("loss", "accuracy", "perplexity")
 
 
 def pause(seconds) -> None:
@@ -87,10 +90,24 @@ class FederatedClient:
 
     def setup(self, msg: Message, partition_id) -> Message:
         reply = RecordDict({
-            NODE: MetricRecord({PARTITION_ID: int(partition_id), NUM_PARTITIONS: self.config.federation.num_clients}),
+            NODE: MetricRecord({PARTITION_ID: int(partition_id), NUM_PARTITIONS: self.config.federation.num_clients,
+                                NUM_EXAMPLES: self.claimed(len(self.data.clients[partition_id]))}),
             POOL: ConfigRecord({POOL_FINGERPRINT: self.trainer.pool_fingerprint}),
         })
         return Message(reply, reply_to=msg)
+
+    def claimed(self, count) -> int:
+        """The example count this client reports: its own, capped where the clients hold their
+        data at ``robustness.max_claimed_examples``, the most the server weights any client by (so
+        an honest large client is not flagged every round, and under SecAgg+, where the client
+        weights its own update inside the sum, is not refused)."""
+        if self.config.task.clients_hold_their_data:
+            return min(count, self.config.robustness.max_claimed_examples)
+        return count
+
+    def _train(self, instructions, examples, limit):
+        result = self.trainer.train(instructions, examples, time_limit_s=limit)
+        return replace(result, num_examples=self.claimed(result.num_examples))
 
     def train(self, msg: Message, partition_id, *, context=None) -> Message:
         """The reply to a train message, or to a stage of SecAgg+ (``context``: the node's
@@ -109,15 +126,16 @@ class FederatedClient:
                 ))
             return secure_train(
                 msg, context, names=self.names,
-                train=lambda instructions: self.trainer.train(instructions, examples, time_limit_s=limit),
+                train=lambda instructions: self._train(instructions, examples, limit),
             )
-        result = self.trainer.train(content_to_instructions(msg.content), examples, time_limit_s=limit)
+        result = self._train(content_to_instructions(msg.content), examples, limit)
         return Message(result_to_content(result, self.config.communication.wire_dtype), reply_to=msg)
 
     def evaluate(self, msg: Message, partition_id) -> Message:
         state, quotas = content_to_evaluation(msg.content)
         scores = self.trainer.evaluate(
-            state, quotas, self.data.clients[partition_id], batch_size=self.config.federation.eval_batch_size
+            state, quotas, self.data.client_evaluation(partition_id), batch_size=self.config.federation.eval_batch_size
         )
-        metrics = MetricRecord({NUM_EXAMPLES: scores["num_examples"], "loss": scores["loss"], "accuracy": scores["accuracy"]})
+        metrics = MetricRecord({NUM_EXAMPLES: scores["num_examples"],
+                                **{key: scores[key] for key in CLIENT_SCORES if key in scores}})
         return Message(RecordDict({"metrics": metrics}), reply_to=msg)

@@ -318,10 +318,16 @@ class InstructionExamples(_Padded):
 
 @dataclass
 class FederatedData:
-    clients: list  # examples per client id
-    evaluation: object  # held-out examples of the target task for the global model
-    partitions: list  # indices into the training examples, per client
+    clients: list  # examples per client id (a SuperNode holding its own data: {its id: examples})
+    evaluation: object  # held-out examples of the target task for the global model; None: the server holds none
+    partitions: list  # indices into the training examples, per client; None: the clients hold their data
     validation: object = None  # held out of the training examples before the split; None: none
+    root: object = None  # the server's root set, held out after the validation split; None: none
+    held_out: dict = None  # client id -> its own held-out examples; None: a client scores its training examples
+
+    def client_evaluation(self, client_id):
+        """The examples client ``client_id`` scores the global state on."""
+        return self.held_out[client_id] if self.held_out is not None else self.clients[client_id]
 
 
 def split_clients(train: Examples, evaluation: Examples, federation, *, seed, validation=None) -> FederatedData:

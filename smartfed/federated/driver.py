@@ -4,7 +4,8 @@ run_dir)``.
 Connect the clients (the strategy's ``NodeMap``: a setup query maps client ids to nodes and
 checks every pool), then per round: train (retried with a fresh sample up to ``max_retries``
 times while fewer than ``min_clients`` updates are valid, then ``RoundFailed`` with the last
-checkpoint untouched), evaluate the global state centrally, checkpoint, one line in
+checkpoint untouched), evaluate the global state centrally (or, where the server holds no
+held-out examples, on every client's own and average their scores), checkpoint, one line in
 ``metrics.jsonl``; after the last round the final state and, if asked, the clients' own
 evaluation. The strategy computes; the ``RunDir`` writes.
 
@@ -50,17 +51,21 @@ def drive(strategy, grid, run_dir, *, node_wait_s=120.0, stop_after_round=None, 
             arrays, train_metrics = _train_round(strategy, grid, run_dir, round_index, result.arrays)
             result.arrays = arrays
             result.train_metrics_clientapp[round_index] = train_metrics
-            record = strategy.close_round(round_index, strategy.evaluate_global(round_index))
+            scores = strategy.evaluate_global(round_index)
+            if scores is None:  # the server holds no held-out data: the clients' own scores are the round's
+                scores = _clients_evaluate(strategy, grid, round_index, arrays, result)
+            record = strategy.close_round(round_index, scores)
             run_dir.save_checkpoint(strategy.checkpoint())
             run_dir.append_metrics(record)
-            result.evaluate_metrics_serverapp[round_index] = MetricRecord(
-                {"loss": record["loss"], "accuracy": record["accuracy"]}
-            )
-            bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.3f}",
+            if record["loss"] is not None:
+                result.evaluate_metrics_serverapp[round_index] = MetricRecord(
+                    {"loss": record["loss"], "accuracy": record["accuracy"]}
+                )
+            bar.set_postfix(loss=_shown(record["loss"]), acc=_shown(record["accuracy"]),
                             up=record["bytes_up"], dropped=len(record["clients_dropped"]))
             if not progress:
-                log(INFO, "SmartFed round %d/%d: loss %.4f accuracy %.4f bytes up %d down %d dropped %d",
-                    round_index, config.federation.rounds, record["loss"], record["accuracy"],
+                log(INFO, "SmartFed round %d/%d: loss %s accuracy %s bytes up %d down %d dropped %d",
+                    round_index, config.federation.rounds, _shown(record["loss"]), _shown(record["accuracy"]),
                     record["bytes_up"], record["bytes_down"], len(record["clients_dropped"]))
     if strategy.state.round == config.federation.rounds:
         _finish(strategy, grid, run_dir, result, client_evaluation=client_evaluation)
@@ -89,17 +94,30 @@ def _train_round(strategy, grid, run_dir, round_index, arrays):
     )
 
 
+def _shown(value):
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _clients_evaluate(strategy, grid, round_index, arrays, result):
+    """Every client's scores of the global state ``arrays`` on its own examples, and their
+    example-weighted means (``loss`` and ``accuracy`` None when no client could score it)."""
+    messages = strategy.configure_evaluate(round_index, arrays, ConfigRecord(), grid)
+    metrics = strategy.aggregate_evaluate(round_index, grid.send_and_receive(messages, timeout=strategy.timeout))
+    if metrics is not None:
+        result.evaluate_metrics_clientapp[round_index] = metrics
+    scores = strategy.client_scores
+    return {"loss": scores.get("loss"), "accuracy": scores.get("accuracy"),
+            **({"perplexity": scores["perplexity"]} if "perplexity" in scores else {}), "scored_by": "clients",
+            "client_scores": scores["clients"], "client_evaluation_errors": scores["errors"]}
+
+
 def _finish(strategy, grid, run_dir, result, *, client_evaluation):
     """After the last round: the final state and, with ``client_evaluation``, the clients'
     scores of it on their own partitions."""
     run_dir.write_final_state(strategy.state.global_state, strategy.final_state_metadata())
     if not client_evaluation:
         return
-    round_index = strategy.state.round
-    messages = strategy.configure_evaluate(round_index, result.arrays, ConfigRecord(), grid)
-    metrics = strategy.aggregate_evaluate(round_index, grid.send_and_receive(messages, timeout=strategy.timeout))
-    if metrics is not None:
-        result.evaluate_metrics_clientapp[round_index] = metrics
+    _clients_evaluate(strategy, grid, strategy.state.round, result.arrays, result)
     run_dir.write_json(CLIENT_EVALUATION_FILE, strategy.client_scores)
     log(INFO, "SmartFed client evaluation: %s",
         {key: value for key, value in strategy.client_scores.items() if key != "clients"})

@@ -18,10 +18,12 @@ that pass through it. The kinds:
 - an attack of ``smartfed.federated.attacks.ATTACKS`` ("<name>" or "<name>:<param>"): once every
   reply of an attempt is in, the Byzantine clients' trained states are rewritten by
   ``ATTACKS[name](byzantine, honest, reference, param, rng)``, the attacker seeing the honest
-  clients' updates before the strategy does.
+  clients' updates (those of the clients without a fault) before the strategy does. All the
+  clients of one attack send what it returns for them together.
 
 Under SecAgg+ only the clear-text part of a masked-update reply can be corrupted
-(``corrupt_secure_reply``); "raise", "timeout" and "hang" act the same.
+(``corrupt_secure_reply``); "raise", "timeout" and "hang" act the same, and an attack is refused
+(it would rewrite an update the client has masked).
 """
 
 import numpy as np
@@ -173,10 +175,16 @@ class FaultInjectingGrid(GridWrapper):
 
     def _corrupt(self, reply, msg, fault):
         content = reply.content
-        if fault in (None, "raise", "timeout", "hang") or parse_attack(fault) is not None:
+        if fault in (None, "raise", "timeout", "hang"):
+            return
+        masked = STATE not in content.array_records and SECURE_METRICS in content.config_records
+        if parse_attack(fault) is not None:
+            if masked:  # the config refuses this; a wrapper built by hand must not pass it silently
+                raise ValueError(f"the attack {fault!r} cannot rewrite a SecAgg+ masked update: the client masks "
+                                 "it before it leaves")
             return
         if STATE not in content.array_records:
-            if fault in ("poison", "malformed") and SECURE_METRICS in content.config_records:
+            if fault in ("poison", "malformed") and masked:
                 corrupt_secure_reply(content, fault)
             return
         if fault in ("nan", "shape"):
@@ -188,25 +196,26 @@ class FaultInjectingGrid(GridWrapper):
             malform_content(content)
 
     def _attack(self, messages, replies, faults):
-        """Rewrite the Byzantine clients' trained states of one attempt (plain train replies)."""
-        usable = {r.metadata.src_node_id: r for r in replies
-                  if not r.has_error() and STATE in r.content.array_records}
-        attackers = {node: parse_attack(kind) for node, kind in faults.items()
-                     if kind is not None and parse_attack(kind) is not None and node in usable}
+        """Rewrite the Byzantine clients' trained states of one attempt (plain train replies) from
+        the honest ones: those of the clients without a fault."""
+        usable = {r.metadata.src_node_id: r for r in replies if not r.has_error()
+                  and STATE in r.content.array_records and r.metadata.src_node_id in self.partitions}
+        attackers = {node: parse_attack(faults.get(node)) for node in usable if faults.get(node) is not None}
+        attackers = {node: attack for node, attack in attackers.items() if attack is not None}
         if not attackers:
             return
-        trained = {self.partitions[node]: record_to_state(reply.content.array_records[STATE])
-                   for node, reply in usable.items() if node in self.partitions}
-        node_of = {self.partitions[node]: node for node in usable if node in self.partitions}
-        byzantine_clients = {self.partitions[node] for node in attackers}
-        honest = {c: state for c, state in trained.items() if c not in byzantine_clients}
+
+        def states(nodes):
+            return {self.partitions[node]: record_to_state(usable[node].content.array_records[STATE]) for node in nodes}
+
+        honest = states(node for node in usable if faults.get(node) is None)
         first = next(msg for msg in messages if msg.metadata.dst_node_id in attackers)
         reference = record_to_state(first.content.array_records[STATE])
         round_index, attempt = _round_and_attempt(first)
         rng = np.random.default_rng(derived_seed(self.seed, STREAM_ATTACK, round_index, attempt))
+        node_of = {self.partitions[node]: node for node in attackers}
         for name, param in sorted(set(attackers.values()), key=str):
-            group = {self.partitions[node]: trained[self.partitions[node]]
-                     for node, attack in attackers.items() if attack == (name, param)}
+            group = states(node for node, attack in attackers.items() if attack == (name, param))
             forged = attacks.ATTACKS[name](group, honest, reference, param, rng)
             for client_id, state in forged.items():
                 usable[node_of[client_id]].content[STATE] = state_to_record(state, self.wire_dtype)

@@ -5,8 +5,10 @@ A node is sent the setup query (the run configuration as JSON) and answers with 
 holds and its pool's fingerprint. ``NodeMap.connect`` refuses a node whose reply is unusable or
 names another pool than the server's. Nodes that claim one partition cannot be told apart by the
 server: all are refused (``contested``), and that client is dropped from every round it is
-sampled in. A partition no node claims, or fewer than ``min_clients`` mapped clients, stops the
-run here.
+sampled in. So is a partition no node holds (its node's setup reply was an error, e.g. a
+``data-path`` that does not exist on it, or never came): the run goes on without it while
+``min_clients`` are mapped, and stops here with fewer. Where each client holds its own data the
+setup reply also declares the node's example count (``declared``), the only count the server has.
 
 ``listed`` closes the door on strangers: the node ids the operator listed for the run (from
 ``flwr supernode register``). Only those are waited for and sent the setup query; any other node
@@ -20,7 +22,9 @@ from logging import INFO, WARNING
 from flwr.app import Message, MessageType
 from flwr.common import log
 
+from smartfed.federated.messages import NUM_EXAMPLES
 from smartfed.federated.protocol import NODE, NUM_PARTITIONS, PARTITION_ID, POOL, POOL_FINGERPRINT, setup_content
+from smartfed.federated.server import WIRE_INT_LIMIT, shown
 
 POLL_S = 0.5
 
@@ -57,6 +61,8 @@ class NodeMap:
     def __init__(self):
         self.clients = {}
         self.contested = {}  # client id -> the refused nodes that all claimed it
+        self.unclaimed = ""  # why some partitions have no node: the setup problems, for their drop reasons
+        self.declared = {}  # client id -> the example count its node declared at setup
 
     def node_of(self, client_id):
         return self.clients.get(client_id)
@@ -66,27 +72,32 @@ class NodeMap:
         wanted = self.clients if client_ids is None else [c for c in client_ids if c in self.clients]
         return {self.clients[c]: c for c in wanted}
 
-    def contested_reason(self, client_id):
-        return {"client": client_id, "reason": f"no node: nodes {self.contested[client_id]} all claimed this "
-                "partition and were refused at setup"}
+    def absent_reason(self, client_id):
+        """The drop record of a client without a node."""
+        if client_id in self.contested:
+            return {"client": client_id, "reason": f"no node: nodes {self.contested[client_id]} all claimed this "
+                    "partition and were refused at setup"}
+        return {"client": client_id, "reason": f"no node holds this partition ({self.unclaimed})"}
 
     def connect(self, grid, *, num_clients, min_clients, setup_json, pool_fingerprint, wait_s, reply_timeout_s,
-                listed=()):
+                listed=(), declared_counts=False):
         """Wait up to ``wait_s`` for ``num_clients`` nodes (of ``listed`` when given), send each
         the setup query (replies awaited up to ``reply_timeout_s``: a node's first reply builds
         its model, which a loaded machine takes long over) and map partitions to nodes; returns
-        ``clients``."""
+        ``clients``. ``declared_counts``: every reply must declare its example count."""
         node_ids = _wait_for_nodes(grid, len(listed) or num_clients, listed=listed, wait_s=wait_s)
         replies = list(grid.send_and_receive(
             [Message(setup_content(setup_json), node_id, MessageType.QUERY) for node_id in node_ids],
             timeout=reply_timeout_s,
         ))
-        claims, problems = {}, []
+        claims, problems, counts = {}, [], {}
         for reply in replies:
             node_id = reply.metadata.src_node_id
             if node_id not in node_ids:
                 continue
             problem, partition_id = _setup_problem(reply, num_clients, pool_fingerprint)
+            if problem is None and declared_counts:
+                problem, counts[node_id] = _declared_count(reply)
             if problem is not None:
                 problems.append(f"node {node_id}: {problem}")
             else:
@@ -103,16 +114,20 @@ class NodeMap:
                                 f"partition-id {partition_id}")
         problems = contests + problems
         missing = sorted(set(range(num_clients)) - set(claims))
-        if missing or len(clients) < min_clients:
+        answered = f"{len(replies)} of {len(node_ids)} nodes replied"
+        if len(clients) < min_clients:
             raise RuntimeError(
-                f"cannot map federation.num_clients={num_clients} clients onto nodes {node_ids}: "
+                f"cannot map federation.min_clients={min_clients} of {num_clients} clients onto nodes {node_ids}: "
                 f"{'; '.join(problems) or 'no problem reported'}; partitions without a node: {missing} "
-                f"({len(replies)} of {len(node_ids)} nodes replied; each needs --node-config "
-                f"'{PARTITION_ID}=I {NUM_PARTITIONS}={num_clients}')"
+                f"({answered}; each needs --node-config '{PARTITION_ID}=I {NUM_PARTITIONS}={num_clients}')"
             )
         for problem in problems:
             log(WARNING, "SmartFed setup: refused %s", problem)
+        if missing:
+            log(WARNING, "SmartFed setup: partitions %s have no node; the run goes on without them", missing)
+        self.unclaimed = f"{'; '.join(problems) or 'no problem reported'}; {answered}"
         self.clients = clients
+        self.declared = {client: counts[node] for client, node in clients.items() if node in counts}
         return clients
 
 
@@ -132,3 +147,11 @@ def _setup_problem(reply, num_clients, pool_fingerprint):
         return (f"pool fingerprint {str(fingerprint)[:16]} differs from the server's {pool_fingerprint[:16]}",
                 None)
     return None, partition_id
+
+
+def _declared_count(reply):
+    """(why the declared example count is unusable or None, the count)."""
+    count = reply.content.metric_records[NODE].get(NUM_EXAMPLES)
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count < WIRE_INT_LIMIT:
+        return f"{NUM_EXAMPLES} {shown(count)} is not an int in [1, 2^63)", None
+    return None, count

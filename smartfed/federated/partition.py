@@ -131,11 +131,11 @@ def partition_examples(labels, num_clients, *, method, seed, alpha=0.5, groups=N
                                            shuffle=True, seed=seed)
     elif method == "natural":
         if groups is None:
-            raise DatasetError("federation.partition: 'natural' needs data.partition_column, the column that names "
-                               "each example's client")
+            raise DatasetError("federation.partition: 'natural' needs task.data.partition_column, the column that "
+                               "names each example's client")
         values = sorted({str(value) for value in groups})
         if len(values) != num_clients:
-            raise DatasetError(f"data.partition_column has {len(values)} distinct values {values[:5]}"
+            raise DatasetError(f"task.data.partition_column has {len(values)} distinct values {values[:5]}"
                                f"{'...' if len(values) > 5 else ''}, but federation.num_clients is {num_clients}")
         # Client i holds the i-th value in sorted order, whatever order the rows came in.
         columns["group"] = np.searchsorted(values, np.asarray([str(value) for value in groups]))

@@ -5,7 +5,8 @@ training settings, the client's derived seed). Client -> server: ``ClientResult`
 number of examples, importance statistics, metrics).
 
 Before the first round, the setup query (``setup_content``) carries the run configuration as JSON
-and its reply the node's partition (``NODE`` record) and pool fingerprint (``POOL`` record). A
+and its reply the node's partition and example count (``NODE`` record) and pool fingerprint
+(``POOL`` record). A
 train message of the fault harness may carry an ``INJECTED`` record (``smartfed.federated.client``).
 The names are torch-free, for the Flower ClientApp's light process (``smartfed.experiments``).
 """
@@ -22,6 +23,10 @@ POOL = "pool"
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
 POOL_FINGERPRINT = "pool-fingerprint"
+# Node config keys of a SuperNode whose client holds its own data (task.data.train null): its
+# training file, and optionally its own held-out file.
+DATA_PATH = "data-path"
+EVAL_PATH = "eval-path"
 INJECTED = "injected-fault"
 INJECTED_TIME_LIMIT_S = "time-limit-s"
 INJECTED_DELAY_S = "delay-s"

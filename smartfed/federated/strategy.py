@@ -5,8 +5,9 @@ its own (docs/design.md §6):
 - ``configure_train``: sample clients by (seed, round, attempt) and send each the global state
   of ``arrays`` with its quotas, local training settings and seed, counted as bytes down;
 - ``aggregate_train``: every reply counted as bytes up, decoded and screened
-  (``smartfed.federated.screening``), weighted by the server's own partition sizes, held to the
-  norm bound and aggregated (``smartfed.federated.aggregation``: the method's FedAvg, a Flower
+  (``smartfed.federated.screening``), weighted by the server's own partition sizes, checked for
+  its direction by the aggregator, held to the norm bound and aggregated
+  (``smartfed.federated.aggregation``: the filtered mean, the method's FedAvg, a Flower
   strategy's, or central DP's noised mean), then the EEQA quotas updated from robustly combined
   importance; with fewer than ``min_clients`` valid updates, no arrays;
 - ``train_secure``: the same attempt under SecAgg+ (``smartfed.federated.secure_round``);
@@ -20,6 +21,7 @@ where its checkpoint ended, so its rounds, initial arrays and evaluation come fr
 """
 
 import json
+import math
 import time
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -31,7 +33,7 @@ from flwr.common import log
 from flwr.serverapp.strategy import Strategy
 
 from smartfed.federated.accounting import RoundAccounting
-from smartfed.federated.aggregation import NormBound, build_aggregation
+from smartfed.federated.aggregation import NormBound, RootUpdate, build_aggregation
 from smartfed.federated.checkpoint import Checkpoint, capture_rng_states, restore_rng_states
 from smartfed.federated.messages import (
     NUM_EXAMPLES,
@@ -75,7 +77,8 @@ class RoundProgress:
     dropped: list = field(default_factory=list)
     flagged: list = field(default_factory=list)
     norms: dict = field(default_factory=dict)  # update norms and the norm bound of the last attempt
-    privacy: dict = None
+    # The aggregation's record fields of the last attempt (centre cosines, weights, privacy).
+    aggregation: dict = field(default_factory=dict)
     valid: dict = field(default_factory=dict)
     train_loss: float = 0.0
     quotas_changed: bool = False
@@ -90,13 +93,19 @@ class SmartFedStrategy(Strategy):
     configuration as far as a completed round depends on it; ``setup_json`` is the run
     configuration sent to every client at setup; ``timeout`` bounds each wait for replies.
     ``partitions`` (Examples per client id, the server's own split) give each client's weight
-    and its most plausible token counts. ``aggregate(states, weights)`` replaces the configured
-    aggregation (e.g. ``flower_aggregator(FedMedian())``). ``round_progress`` holds what the
-    round in progress has gathered (None between rounds). A fresh strategy starts at round 0;
-    ``restore`` continues from a checkpoint."""
+    and its most plausible token counts; None where each client holds its own data, which the
+    server never sees: each client is then weighted by the example count its node declared at
+    setup, capped at ``robustness.max_claimed_examples``, and an example has at most
+    ``task.data.max_length`` tokens. ``evaluation`` None: the server holds no held-out examples,
+    and the clients score each round's state on their own (``evaluate_global`` returns None).
+    ``aggregate(states, weights)`` replaces the configured aggregation (e.g.
+    ``flower_aggregator(FedMedian())``). ``root`` (examples held out of the training examples) is
+    the server's root set of ``robustness.aggregator: filtered_mean_root``. ``round_progress``
+    holds what the round in progress has gathered (None between rounds). A fresh strategy starts
+    at round 0; ``restore`` continues from a checkpoint."""
 
     def __init__(self, config, trainer, evaluation, *, fingerprint, partitions, setup_json="{}", timeout=3600.0,
-                 aggregate=None, validation=None):
+                 aggregate=None, validation=None, root=None):
         self.config = config
         self.trainer = trainer
         self.evaluation = evaluation
@@ -104,9 +113,12 @@ class SmartFedStrategy(Strategy):
         self.fingerprint = fingerprint
         self.setup_json = setup_json
         self.timeout = timeout
-        self.partition_sizes = {client_id: len(examples) for client_id, examples in enumerate(partitions)}
+        # Filled at setup where the clients hold their data; the same dict the SecAgg+ round reads.
+        self.partition_sizes = {} if partitions is None else {
+            client_id: len(examples) for client_id, examples in enumerate(partitions)}
         fed, robustness = config.federation, config.robustness
-        widest = max(examples.input_ids.shape[-1] for examples in partitions)
+        widest = config.task.data.max_length if partitions is None else max(
+            examples.input_ids.shape[-1] for examples in partitions)
         self.max_importance_count = fed.local_steps * fed.batch_size * widest
         self.combine_importance = partial(
             combine_importance, how=robustness.importance, clip=robustness.importance_clip,
@@ -123,7 +135,9 @@ class SmartFedStrategy(Strategy):
             config, trainer.initial_state(), trainer.max_per_matrix(), uses_quotas=trainer.method.uses_quotas
         )
         self.history = []
-        self.aggregation = build_aggregation(config, trainer.method.aggregate, override=aggregate)
+        self._root_update = None if root is None else RootUpdate(trainer, root, config)
+        self.aggregation = build_aggregation(config, trainer.method.aggregate, override=aggregate,
+                                             root_update=self._root_update)
         self.round_progress = None
         self.client_scores = None
 
@@ -134,7 +148,8 @@ class SmartFedStrategy(Strategy):
         self.history = checkpoint.history
         restore_rng_states(checkpoint.rng)
         self.aggregation = build_aggregation(self.config, self.trainer.method.aggregate,
-                                             override=self._aggregate_override, history=self.history)
+                                             override=self._aggregate_override, history=self.history,
+                                             root_update=self._root_update)
 
     def checkpoint(self) -> Checkpoint:
         """Everything needed to continue after the last completed round."""
@@ -169,11 +184,17 @@ class SmartFedStrategy(Strategy):
     def connect(self, grid, *, wait_s, listed=()):
         """Map client ids to the nodes of ``grid`` (``NodeMap.connect``); returns the mapping."""
         fed = self.config.federation
-        return self.nodes.connect(
+        own_data = self.config.task.clients_hold_their_data
+        clients = self.nodes.connect(
             grid, num_clients=fed.num_clients, min_clients=fed.min_clients, setup_json=self.setup_json,
             pool_fingerprint=self.trainer.pool_fingerprint, wait_s=wait_s, reply_timeout_s=self.timeout,
-            listed=listed,
+            listed=listed, declared_counts=own_data,
         )
+        if own_data:
+            cap = self.config.robustness.max_claimed_examples
+            self.partition_sizes.clear()
+            self.partition_sizes.update({client: min(count, cap) for client, count in self.nodes.declared.items()})
+        return clients
 
     # --- training ---------------------------------------------------------------------------
 
@@ -231,8 +252,8 @@ class SmartFedStrategy(Strategy):
         wire_dtype = self.config.communication.wire_dtype
         for client_id in sampled:
             reply = by_client.get(client_id)
-            if client_id in self.contested:
-                dropped.append(self.nodes.contested_reason(client_id))
+            if client_id not in self.clients:
+                dropped.append(self.nodes.absent_reason(client_id))
             elif reply is None:
                 dropped.append({"client": client_id, "reason": f"no reply within {self.timeout} s"})
             elif reply.has_error():
@@ -251,20 +272,24 @@ class SmartFedStrategy(Strategy):
             self.state, received, partition_sizes=self.partition_sizes, example_counts=robustness.example_counts,
             estimator=self.config.eeqa.importance, max_count=self.max_importance_count,
         )
-        bounded = self.norm_bound({c: result.state for c, result in screened.valid.items()},
-                                  self.state.global_state)
-        progress.norms = bounded.summary
+        checked = self.aggregation.check({c: result.state for c, result in screened.valid.items()}, self.state,
+                                         server_round)
+        bounded = self.norm_bound(checked.kept, self.state.global_state)
+        progress.norms, progress.aggregation = bounded.summary, dict(checked.record)
         valid = {
             c: replace(screened.valid[c], state=bounded.states[c], num_examples=screened.weights[c])
             for c in sorted(bounded.states)
         }
-        return self._close_training(server_round, valid, self._aggregate, dropped + screened.dropped + bounded.dropped,
+        return self._close_training(server_round, valid, partial(self._aggregate, sorted(valid)),
+                                    dropped + screened.dropped + checked.dropped + bounded.dropped,
                                     screened.flags + bounded.flags)
 
-    def _aggregate(self, states, weights):
-        aggregated, privacy = self.aggregation(states, weights, self.state.global_state)
-        if privacy is not None:
-            self.round_progress.privacy = privacy
+    def _aggregate(self, clients, states, weights):
+        """The aggregation of ``states`` and ``weights`` (lists in the order of ``clients``); its
+        record fields join the round's."""
+        aggregated, record = self.aggregation(dict(zip(clients, states)), dict(zip(clients, weights)),
+                                              self.state.global_state)
+        self.round_progress.aggregation.update(record)
         return aggregated
 
     def _close_training(self, server_round, valid, aggregate, dropped, flagged):
@@ -302,8 +327,8 @@ class SmartFedStrategy(Strategy):
         outcome = self.secure.run(grid, fitins, self.clients, round_index=server_round, reference=global_state,
                                   accounting=progress.accounting)
         if outcome.privacy is not None:
-            progress.privacy = outcome.privacy
-        dropped = [self.nodes.contested_reason(c) for c in sampled if c in self.contested] + outcome.dropped
+            progress.aggregation = {"privacy": outcome.privacy}
+        dropped = [self.nodes.absent_reason(c) for c in sampled if c not in self.clients] + outcome.dropped
         return self._close_training(server_round, outcome.valid, lambda states, weights: outcome.aggregate,
                                     dropped, [])
 
@@ -312,7 +337,10 @@ class SmartFedStrategy(Strategy):
     def evaluate_global(self, round_index=None):
         """Loss and accuracy of the global state on the held-out examples, with what the task's
         shape adds (instruction: perplexity and, at the rounds it asks for, generated-answer
-        scores) and, with a validation split, ``val_loss`` / ``val_accuracy``."""
+        scores) and, with a validation split, ``val_loss`` / ``val_accuracy``; None when the
+        server holds no held-out examples."""
+        if self.evaluation is None:
+            return None
         batch_size = self.config.federation.eval_batch_size
         scores = self.trainer.evaluate(self.state.global_state, self.state.quotas, self.evaluation,
                                        batch_size=batch_size, round_index=round_index)
@@ -355,6 +383,8 @@ class SmartFedStrategy(Strategy):
         means = {
             key: sum(m[key] * m[NUM_EXAMPLES] for m in per_client.values()) / total for key in ("loss", "accuracy")
         } if total else {}
+        if total and all("perplexity" in m for m in per_client.values()):
+            means["perplexity"] = math.exp(min(means["loss"], 700.0))
         self.client_scores = {"clients": per_client, "errors": errors, **means}
         return MetricRecord({**means, NUM_EXAMPLES: total}) if total else None
 
@@ -375,11 +405,9 @@ class SmartFedStrategy(Strategy):
             "quotas": progress.quotas, "quotas_changed": progress.quotas_changed,
             "clients_used": ordered, "clients_dropped": progress.dropped, "attempts": len(progress.sampled),
             "clients_flagged": progress.flagged, "aggregator": cfg.robustness.aggregator,
-            "norm_bound_mode": cfg.robustness.norm_bound.mode, **progress.norms,
+            "norm_bound_mode": cfg.robustness.norm_bound.mode, **progress.norms, **progress.aggregation,
             "wire_dtype": cfg.communication.wire_dtype, "router": cfg.more.router,
         }
-        if progress.privacy is not None:
-            record["privacy"] = progress.privacy
         previous = self.history[-1] if self.history else {"total_bytes_up": 0, "total_bytes_down": 0}
         record["total_bytes_up"] = previous["total_bytes_up"] + record["bytes_up"]
         record["total_bytes_down"] = previous["total_bytes_down"] + record["bytes_down"]

@@ -16,11 +16,10 @@ within the label set). ``load_task(name, tokenizer, **options)`` builds one by n
 ``smartfed.tasks.synthetic`` is the tiny token-level task of configs/tiny.yaml (no tokenizer);
 it is built from a vocabulary layout, not by ``load_task``. ``smartfed.tasks.files`` reads a
 task from the user's own files (classification or instruction, docs/data.md), configured by the
-torch-free ``smartfed.tasks.schema``; ``smartfed.tasks.headlines`` writes the worked example's
-files (BBC headlines) into a folder the user names.
+run config's ``task.data`` (``smartfed.config.data``); ``smartfed.tasks.headlines`` writes the
+worked example's files (BBC headlines) into a folder the user names.
 
-The names below load on first use, so that importing ``smartfed.tasks.schema`` (which the run
-config does) loads no torch.
+The names below load on first use, so that importing one task module loads no torch.
 """
 
 _EXPORTS = {

@@ -1,4 +1,4 @@
-"""A task read from the user's own files (``task.data``, smartfed.tasks.schema): its training and
+"""A task read from the user's own files (``task.data``, smartfed.config.data): its training and
 held-out examples as token ids, tokenized once per content and cached.
 
 ``load_file_task(data, tokenizer)`` returns a ``FileTask``: the shape, the two
@@ -67,7 +67,7 @@ class FileTask:
     def summary(self) -> dict:
         def lengths(split):
             values = [len(ids) for ids in split.token_ids]
-            return {"min": min(values), "median": int(np.median(values)), "max": max(values)}
+            return {"min": min(values), "median": int(np.median(values)), "max": max(values)} if values else None
 
         return {
             "name": self.name, "shape": self.shape, "template": self.template, "labels": list(self.label_words),
@@ -112,7 +112,7 @@ def _tokenize(data, tokenizer, rows, path, *, template, answer_tokens):
         groups = [None if value is None else str(value) for value in rows[data.partition_column]]
         if None in groups:
             raise DatasetError(f"{path}: row {numbers[groups.index(None)]}: column {data.partition_column!r} "
-                               "(data.partition_column) is empty")
+                               "(task.data.partition_column) is empty")
     checked = {"path": path, "numbers": numbers}
     options = {"max_length": data.max_length, "truncation": data.truncation, "groups": groups, **checked}
     if data.shape == "classification":
@@ -140,8 +140,8 @@ def _held_out(rows, fraction, seed, path):
     count = len(next(iter(rows.values())))
     held = int(round(fraction * count))
     if held < 1 or held >= count:
-        raise DatasetError(f"{path}: {count} rows cannot give data.eval_fraction={fraction} of them as held-out "
-                           "examples and keep the rest for training (name a data.eval file)")
+        raise DatasetError(f"{path}: {count} rows cannot give task.data.eval_fraction={fraction} of them as held-out "
+                           "examples and keep the rest for training (name a task.data.eval file)")
     order = np.random.default_rng(seed).permutation(count)
 
     def pick(index):
@@ -194,12 +194,20 @@ def _load_cached(path: Path):
     return splits
 
 
-def load_file_task(data, tokenizer, *, cache_dir=None, name="files") -> FileTask:
+def task_name(shape, train=None, eval=None) -> str:
+    """How reports name a file task: its training (else held-out) file's folder and stem."""
+    path = train or eval
+    return f"{Path(path).parent.name}/{Path(path).stem}" if path else f"{shape} (each client's own data)"
+
+
+def load_file_task(data, tokenizer, *, cache_dir=None, name=None) -> FileTask:
     """The ``FileTask`` of ``data`` (a ``ClassificationData`` or ``InstructionData``) tokenized
     with ``tokenizer``; every problem is a ``DatasetError`` (one line naming the file, column or
-    setting)."""
-    train_path, train_format, train_hash = locate(data.train, data.format, "data.train")
-    held = locate(data.eval, data.format, "data.eval") if data.eval is not None else None
+    setting). Where ``data.train`` is null (each client reads its own data) only ``data.eval``
+    is read, the server's held-out file: the training split is empty, and so is the held-out one
+    without it."""
+    train = locate(data.train, data.format, "task.data.train") if data.train is not None else None
+    held = locate(data.eval, data.format, "task.data.eval") if data.eval is not None else None
     template = "plain" if data.shape == "classification" else resolve_template(data.template, tokenizer)
     label_ids = ()
     if data.shape == "classification":
@@ -208,34 +216,45 @@ def load_file_task(data, tokenizer, *, cache_dir=None, name="files") -> FileTask
         if all(len(ids) == 1 for ids in label_ids):
             label_ids = tuple(ids[0] for ids in label_ids)
     settings = data.model_dump(exclude={"generation", "train", "eval"})
-    key_source = {"version": TOKENIZATION_VERSION, "data": settings, "train": train_hash,
+    key_source = {"version": TOKENIZATION_VERSION, "data": settings, "train": None if train is None else train[2],
                   "eval": None if held is None else held[2], "tokenizer": tokenizer_fingerprint(tokenizer),
                   "template": template}
     key = hashlib.sha256(json.dumps(key_source, sort_keys=True).encode()).hexdigest()[:32]
     cache_file = Path(cache_dir if cache_dir is not None else default_cache_dir()) / f"{key}.safetensors"
     splits = _load_cached(cache_file) if cache_file.is_file() else None
     hit = splits is not None
-    if not hit:
+    if not hit and (train is not None or held is not None):
         answer_tokens = max((len(ids) if isinstance(ids, tuple) else 1) for ids in label_ids) if label_ids else 0
-        rows = _numbered(read_columns(train_path, train_format, _columns(data), max_rows=data.max_examples))
-        if held is None:
-            train_rows, eval_rows = _held_out(rows, data.eval_fraction, data.split_seed, train_path)
-            eval_path = train_path
-        else:
-            train_rows, eval_path = rows, held[0]
-            # Only the training examples are partitioned: the held-out file needs no partition column.
-            eval_rows = _numbered(read_columns(held[0], held[1], _columns(data, partition=False),
-                                               max_rows=data.max_examples))
-        options = {"template": template, "answer_tokens": answer_tokens}
-        splits = {"train": _tokenize(data, tokenizer, train_rows, train_path, **options),
-                  "eval": _tokenize(data, tokenizer, eval_rows, eval_path, **options)}
+        splits = _read_splits(data, tokenizer, train, held, template=template, answer_tokens=answer_tokens)
         _save(cache_file, splits, key_source)
+    splits = splits or {}
+    empty = TokenizedSplit(token_ids=[], prompt_lengths=[], labels=[])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return FileTask(
-        name=name, shape=data.shape, train=splits["train"], evaluation=splits["eval"],
+        name=task_name(data.shape, data.train, data.eval) if name is None else name, shape=data.shape,
+        train=splits.get("train", empty), evaluation=splits.get("eval", empty),
         label_words=tuple(data.answer_words()) if data.shape == "classification" else (),
         label_token_ids=label_ids, pad_token_id=int(pad if pad is not None else 0),
         stop_token_ids=() if tokenizer.eos_token_id is None else (int(tokenizer.eos_token_id),),
         tokenizer=tokenizer, generation=getattr(data, "generation", None), template=template,
-        cache_file=str(cache_file), cache_hit=hit, fingerprint=key,
+        cache_file=str(cache_file) if splits else None, cache_hit=hit, fingerprint=key,
     )
+
+
+def _read_splits(data, tokenizer, train, held, *, template, answer_tokens):
+    """{"train", "eval"} tokenized from the files ``train`` and ``held`` (each ``locate``'s
+    (path, format, hash), or None): without ``held`` the held-out split is ``eval_fraction`` of
+    ``train``; without ``train`` there is only the held-out one."""
+    options = {"template": template, "answer_tokens": answer_tokens}
+    splits, eval_rows = {}, None
+    if train is not None:
+        rows = _numbered(read_columns(train[0], train[1], _columns(data), max_rows=data.max_examples))
+        if held is None:
+            rows, eval_rows = _held_out(rows, data.eval_fraction, data.split_seed, train[0])
+        splits["train"] = _tokenize(data, tokenizer, rows, train[0], **options)
+    if held is not None:
+        # Only the training examples are partitioned: the held-out file needs no partition column.
+        eval_rows = _numbered(read_columns(held[0], held[1], _columns(data, partition=False),
+                                           max_rows=data.max_examples))
+    splits["eval"] = _tokenize(data, tokenizer, eval_rows, (held or train)[0], **options)
+    return splits

@@ -110,7 +110,7 @@ def _first_line(error):
     return (text[0] if text else type(error).__name__)[:200]
 
 
-def locate(path, format_name="auto", argument="data.train"):
+def locate(path, format_name="auto", argument="task.data.train"):
     """(resolved path, format, content hash) of the data at ``path``: a DatasetError for a missing
     path, an unknown format, an oversized or non-UTF-8 file. Reads the bytes, not the rows."""
     path = resolve_path(path, argument)

@@ -79,7 +79,7 @@ def chat_answer_parts(tokenizer):
 def resolve_template(kind, tokenizer):
     """"chat" or "plain" for the configured template ``kind`` ("auto": chat when the tokenizer has one)."""
     if kind == "chat" and not has_chat_template(tokenizer):
-        raise DatasetError("data.template: 'chat', but the tokenizer has no chat template (set template to "
+        raise DatasetError("task.data.template: 'chat', but the tokenizer has no chat template (set template to "
                            "'plain' or 'auto')")
     if kind == "auto":
         return "chat" if has_chat_template(tokenizer) else "plain"
@@ -93,11 +93,11 @@ def fit_content(before, content, after, budget, *, truncation, where, max_length
         return before + content + after, False
     if not truncation:
         total = len(before) + len(content) + len(after) + (max_length - budget)
-        raise DatasetError(f"{where} has {total} tokens, more than data.max_length={max_length} (set "
-                           "data.truncation: true to cut it)")
+        raise DatasetError(f"{where} has {total} tokens, more than task.data.max_length={max_length} (set "
+                           "task.data.truncation: true to cut it)")
     if room < 1:
-        raise DatasetError(f"{where}: data.max_length={max_length} leaves no room for the text after the template's "
-                           f"{len(before) + len(after)} tokens and the answer")
+        raise DatasetError(f"{where}: task.data.max_length={max_length} leaves no room for the text after the "
+                           f"template's {len(before) + len(after)} tokens and the answer")
     return before + content[:room] + after, True
 
 
@@ -138,8 +138,8 @@ def instruction_split(tokenizer, prompts, responses, *, template, plain_template
         # The response keeps at least half the budget; the prompt takes what is left.
         answer_budget = max(max_length // 2, max_length - prompt_length)
         if prompt_length + len(answer) > max_length and not truncation:
-            raise DatasetError(f"{where} has {prompt_length + len(answer)} tokens, more than data.max_length="
-                               f"{max_length} (set data.truncation: true to cut it)")
+            raise DatasetError(f"{where} has {prompt_length + len(answer)} tokens, more than task.data.max_length="
+                               f"{max_length} (set task.data.truncation: true to cut it)")
         cut = len(answer) > answer_budget
         answer = answer[:answer_budget]
         budget = max_length - len(answer)
@@ -164,10 +164,10 @@ def label_sequences(tokenizer, words):
     for word in words:
         ids = encode(tokenizer, word)
         if not ids:
-            raise DatasetError(f"data.label_words: {word!r} encodes to no tokens")
+            raise DatasetError(f"task.data.label_words: {word!r} encodes to no tokens")
         sequences.append(tuple(ids))
     if len(set(sequences)) != len(sequences):
-        raise DatasetError(f"data.label_words: {list(words)} encode to repeated token sequences")
+        raise DatasetError(f"task.data.label_words: {list(words)} encode to repeated token sequences")
     return tuple(sequences)
 
 

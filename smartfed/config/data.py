@@ -1,7 +1,6 @@
 """The ``task.data`` section of a run config: a task read from the user's own files (docs/data.md).
 
-Torch-free and free of smartfed imports, so the run config can validate it without loading any
-model code. Two shapes, told apart by ``shape``:
+Torch-free, like the rest of the config package. Two shapes, told apart by ``shape``:
 
 - ``classification``: a text column and a label column over a fixed label set; the model answers
   ``prompt_template`` (``{text}`` filled in) with one of the label words, each scored by its
@@ -11,33 +10,31 @@ model code. Two shapes, told apart by ``shape``:
   the held-out examples are also scored by greedy generation at the rounds ``generation`` names.
 
 Every mapping forbids unknown keys; values are strict (no "3" for 3) and bounded.
+
+``train`` names the one file split over the simulated clients (``smartfed train``, Flower's
+simulation engine). Left null, every client reads its own data: on a Flower deployment each
+SuperNode names its file in its node config (``data-path``), so the run config carries no client
+data and no client path; ``eval`` is then the server's own held-out file (optional).
 """
 
 import string
 from typing import Annotated, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from smartfed.config.errors import ConfigError
+from smartfed.config.limits import MAX_DATA_LABELS, MAX_DATA_ROWS, MAX_EXAMPLE_TOKENS
+from smartfed.config.number_types import Section
 
 SHAPES = ("classification", "instruction")
 # "arrow": a folder written by ``datasets.Dataset.save_to_disk``.
 FORMATS = ("auto", "jsonl", "csv", "parquet", "arrow")
 TEMPLATES = ("auto", "chat", "plain")
-# How one data file is split over simulated clients (``federation.partition`` for file tasks):
-# "natural" gives one client per distinct value of ``partition_column``.
-PARTITION_METHODS = ("iid", "dirichlet", "natural")
 GENERATION_METRICS = ("exact_match", "f1", "rouge_l")
-
-MAX_LABELS = 1000
-MAX_ROWS = 10_000_000
-MAX_LENGTH = 32_768
 
 Name = Annotated[str, Field(min_length=1, max_length=200)]
 PathText = Annotated[str, Field(min_length=1, max_length=4096)]
 Template = Annotated[str, Field(min_length=1, max_length=10_000)]
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, validate_default=True)
 
 
 def check_template(template, field):
@@ -46,13 +43,13 @@ def check_template(template, field):
     try:
         names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
     except ValueError as error:
-        raise ValueError(f"is not a valid template ({error}); write literal braces as {{{{ and }}}}") from None
+        raise ConfigError(f"is not a valid template ({error}); write literal braces as {{{{ and }}}}") from None
     if names != [field]:
-        raise ValueError(f"must hold {{{field}}} exactly once and no other {{...}} field, got {names}")
+        raise ConfigError(f"must hold {{{field}}} exactly once and no other {{...}} field, got {names}")
     return template
 
 
-class GenerationSection(_Section):
+class GenerationSection(Section):
     """Greedy generation on the held-out examples, scored against their responses: at every round
     divisible by ``every_rounds`` (0: never during training; ``smartfed evaluate`` generates
     whenever it is not 0), on the first ``max_examples`` held-out examples (all when null)."""
@@ -60,21 +57,24 @@ class GenerationSection(_Section):
     every_rounds: Annotated[int, Field(ge=0, le=100_000)] = 0
     max_new_tokens: Annotated[int, Field(ge=1, le=4096)] = 32
     batch_size: Annotated[int, Field(ge=1, le=4096)] = 16
-    max_examples: Optional[Annotated[int, Field(ge=1, le=MAX_ROWS)]] = None
+    max_examples: Optional[Annotated[int, Field(ge=1, le=MAX_DATA_ROWS)]] = None
     metrics: Annotated[list[Literal[GENERATION_METRICS]], Field(min_length=1, max_length=3)] = Field(
         default_factory=lambda: list(GENERATION_METRICS))
 
 
-class _DataBase(_Section):
+class _DataBase(Section):
     """What both shapes share: where the examples are and how they are cut and split."""
 
-    train: PathText  # a JSONL, CSV or Parquet file, or a save_to_disk folder
-    eval: Optional[PathText] = None  # the held-out examples; null: ``eval_fraction`` of ``train``
+    # A JSONL, CSV or Parquet file, or a save_to_disk folder; null: each client's own (a node's data-path).
+    train: Optional[PathText] = None
+    # The held-out examples; null: ``eval_fraction`` of ``train`` (of a node's own file when
+    # ``train`` is null, and the server then holds none: the clients' scores are the round's).
+    eval: Optional[PathText] = None
     format: Literal[FORMATS] = "auto"  # auto: by suffix (.jsonl/.json, .csv, .parquet; a folder is arrow)
     eval_fraction: Annotated[float, Field(gt=0, le=0.5)] = 0.2
     split_seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 0
-    max_examples: Optional[Annotated[int, Field(ge=1, le=MAX_ROWS)]] = None  # the first N rows of each file
-    max_length: Annotated[int, Field(ge=2, le=MAX_LENGTH)] = 512  # tokens of prompt + answer
+    max_examples: Optional[Annotated[int, Field(ge=1, le=MAX_DATA_ROWS)]] = None  # the first N rows of each file
+    max_length: Annotated[int, Field(ge=2, le=MAX_EXAMPLE_TOKENS)] = 512  # tokens of prompt + answer
     truncation: bool = True  # false: an example longer than max_length is an error
     partition_column: Optional[Name] = None  # the client of each row, for a "natural" partition
 
@@ -83,9 +83,9 @@ class ClassificationData(_DataBase):
     shape: Literal["classification"]
     text_column: Name = "text"
     label_column: Name = "label"
-    labels: Annotated[list[Name], Field(min_length=2, max_length=MAX_LABELS)]
+    labels: Annotated[list[Name], Field(min_length=2, max_length=MAX_DATA_LABELS)]
     # The answer text of each label (default: " " + label); several tokens each is fine.
-    label_words: Optional[Annotated[list[Name], Field(min_length=2, max_length=MAX_LABELS)]] = None
+    label_words: Optional[Annotated[list[Name], Field(min_length=2, max_length=MAX_DATA_LABELS)]] = None
     prompt_template: Template = "{text}\nAnswer:"
 
     @field_validator("labels")
@@ -93,7 +93,7 @@ class ClassificationData(_DataBase):
     def _distinct(cls, labels):
         repeated = sorted({label for label in labels if labels.count(label) > 1})
         if repeated:
-            raise ValueError(f"must be distinct, {repeated} repeat")
+            raise ConfigError(f"must be distinct, {repeated} repeat")
         return labels
 
     @field_validator("prompt_template")
@@ -104,8 +104,8 @@ class ClassificationData(_DataBase):
     @model_validator(mode="after")
     def _one_word_per_label(self):
         if self.label_words is not None and len(self.label_words) != len(self.labels):
-            raise ValueError(f"label_words must give one word per label: {len(self.label_words)} words for "
-                             f"{len(self.labels)} labels")
+            raise ConfigError(f"must give one word per label: {len(self.label_words)} words for "
+                              f"{len(self.labels)} labels", key="label_words")
         return self
 
     def answer_words(self):
@@ -132,7 +132,7 @@ class InstructionData(_DataBase):
     @model_validator(mode="after")
     def _messages_need_chat(self):
         if self.messages_column is not None and self.template == "plain":
-            raise ValueError("messages_column needs a chat template: set template to 'auto' or 'chat'")
+            raise ConfigError("needs a chat template: set template to 'auto' or 'chat'", key="messages_column")
         return self
 
 
@@ -140,5 +140,5 @@ DataSection = Annotated[Union[ClassificationData, InstructionData], Field(discri
 
 __all__ = [
     "ClassificationData", "DataSection", "FORMATS", "GENERATION_METRICS", "GenerationSection", "InstructionData",
-    "PARTITION_METHODS", "SHAPES", "TEMPLATES", "check_template",
+    "SHAPES", "TEMPLATES", "check_template",
 ]
