@@ -2,7 +2,7 @@
 
 Every reported run that kept ``evaluation_items.json`` (``smartfed evaluate``, run by ``smartfed
 sweep`` after each run) contributes one row per test item. Per (task, method, metric) the seeds'
-rows form a [seeds, items] matrix (smartfed.experiments.statistics): its mean with a 95%
+rows form a [seeds, items] matrix (smartfed.experiments.intervals): its mean with a 95%
 bootstrap interval over seeds and items, the same on the items shown under a template the
 federation trained on (seen) and under one neither the pool nor the federation saw (unseen), and
 the paired difference against FedIT on the seeds both ran, with its interval, sign-flip p-value
@@ -11,7 +11,7 @@ and verdict ("no conclusion" whenever the interval holds zero).
 
 import json
 
-from smartfed.experiments import statistics as st
+from smartfed.experiments import intervals as st
 from smartfed.federated.run_dir import EVALUATION_ITEMS_FILE
 
 METRICS = ("correct", "exact_match", "f1", "rouge_l")

@@ -1,9 +1,9 @@
-"""smartfed.experiments.statistics against cases whose answer is known."""
+"""smartfed.experiments.intervals against cases whose answer is known."""
 
 import numpy as np
 import pytest
 
-from smartfed.experiments import statistics as st
+from smartfed.experiments import intervals as st
 
 
 def test_constant_scores_give_a_point_interval():
