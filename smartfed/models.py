@@ -9,6 +9,7 @@ tokenizer, ``save_pretrained``) that later loads read in about a second; any loc
 folder works the same way.
 """
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -35,9 +36,8 @@ def packaged_gguf_path(package=DEFAULT_GGUF_PACKAGE, file_name=DEFAULT_GGUF_FILE
 
 def materialize_gguf(gguf_path=None, target_dir=DEFAULT_MODEL_DIR) -> Path:
     """A Hugging Face folder (model + tokenizer) holding the de-quantized GGUF model; converted
-    once, atomically, and reused while ``materialized_from.txt`` names the same GGUF file."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    once, atomically, under a file lock, and reused while ``materialized_from.txt`` names the same
+    GGUF file. A folder there without that marker is the user's and is never replaced."""
     gguf_path = Path(gguf_path) if gguf_path is not None else packaged_gguf_path()
     if not gguf_path.is_file():
         raise FileNotFoundError(f"gguf_path {gguf_path} is not a file")
@@ -46,10 +46,40 @@ def materialize_gguf(gguf_path=None, target_dir=DEFAULT_MODEL_DIR) -> Path:
     marker = target_dir / COMPLETE_MARKER
     if marker.is_file() and marker.read_text().strip() == source:
         return target_dir
+    target_dir.parent.mkdir(parents=True, exist_ok=True)
+    # Two clients (or a sweep and a test run) starting at once on one machine: one converts while
+    # the other waits, then finds the folder done instead of replacing it under the first.
+    with _exclusive(target_dir.parent / f".{target_dir.name}.lock"):
+        if marker.is_file() and marker.read_text().strip() == source:
+            return target_dir
+        if target_dir.exists() and not marker.is_file():
+            raise FileExistsError(f"{target_dir} exists and was not made by smartfed (no {COMPLETE_MARKER}); "
+                                  f"move it away, or point model.pretrained at it if it is a model folder")
+        _convert(gguf_path, target_dir, source)
+    return target_dir
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: the folder still lands by an atomic rename, only unserialised
+        yield
+        return
+    with open(lock_path, "a") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+def _convert(gguf_path: Path, target_dir: Path, source: str) -> None:
     if importlib.util.find_spec("gguf") is None:
         raise FileNotFoundError(f"package 'gguf' (transformers reads {gguf_path.name} with it) is not installed: "
                                 f"`{DEMO_INSTALL}`")
-    target_dir.parent.mkdir(parents=True, exist_ok=True)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     # transformers refuses to save a model loaded from GGUF; the de-quantized weights go into a
@@ -64,12 +94,12 @@ def materialize_gguf(gguf_path=None, target_dir=DEFAULT_MODEL_DIR) -> Path:
         model.save_pretrained(str(staging))
         tokenizer.save_pretrained(str(staging))
         (staging / COMPLETE_MARKER).write_text(source + "\n")
-        if target_dir.exists():
+        staging.chmod(0o755)  # mkdtemp's 0700 would hide the shared folder from other users
+        if target_dir.exists():  # a conversion of another GGUF file: ours, by its marker
             shutil.rmtree(target_dir)
         os.replace(staging, target_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return target_dir
 
 
 def resolve_model_dir(model_dir=None) -> Path:
