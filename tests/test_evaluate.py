@@ -115,6 +115,19 @@ def test_refuses_a_run_without_a_final_state(run_copy, capsys):
         f"{run_copy} holds no final state (neither final_state.safetensors nor a checkpoint)")
 
 
+def test_refuses_a_first_sweep_run_whose_config_names_no_task(tmp_path, capsys):
+    """The first sweeps' config.json named no task.name; scoring one would score the synthetic task."""
+    committed = Path(__file__).resolve().parent.parent / "benchmarks/results/experiment_paper_small/runs/skills/smartfed_v1/seed0"
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("config.json", "text_task.json"):
+        shutil.copy(committed / name, run / name)
+    assert "name" not in json.loads((run / "config.json").read_text())["task"]
+    assert one_line_error(capsys, run) == (
+        f"smartfed evaluate: {run / 'config.json'}: names no task.name (written before runs recorded it) while "
+        "text_task.json beside it describes a text task; evaluate cannot rebuild that task from this config.json")
+
+
 @pytest.mark.parametrize("assignment", ["method=fedit", "more.router=expert_space", "pool.rank=8", "seed=1"])
 def test_refuses_a_change_to_what_the_state_was_trained_with(finished_run, capsys, assignment):
     key = assignment.partition("=")[0]

@@ -78,6 +78,7 @@ def read_run_config(run_dir, overrides, *, split="test"):
     if split == "validation" and task.get("validation_fraction", 0) == 0:
         raise ConfigError(f"task {task.get('name', 'synthetic')!r} has no validation split to score (the run's "
                           "task.validation_fraction is 0)", key="--split")
+    _check_task_recorded(saved, run_dir)
     run_config = config_from_dict(saved, source=path)
     config = config_from_dict(config_to_dict(run_config), overrides)
     # Which training examples were held out is part of what the state was trained on.
@@ -89,6 +90,21 @@ def read_run_config(run_dir, overrides, *, split="test"):
     # The tiny pool's cache key covers the task section, so the model never takes the new task.
     return with_overrides(run_config, pool={"cache_dir": config.pool.cache_dir, "paths": config.pool.paths}), \
         config, saved
+
+
+def _check_task_recorded(saved, run_dir):
+    """A ConfigError for a run whose ``config.json`` names no task while its ``text_task.json``
+    names a text task: the first sweeps wrote config.json without ``task.name`` (the sweep entry
+    named it), and read as it stands such a run would be scored on the synthetic task. Its
+    fingerprint covers the config.json as written, so the task cannot be filled in afterwards."""
+    from smartfed.config import ConfigError
+    from smartfed.federated.run_dir import TEXT_TASK_FILE
+
+    task = saved.get("task") if isinstance(saved, dict) else None
+    if isinstance(task, dict) and "name" not in task and (Path(run_dir) / TEXT_TASK_FILE).is_file():
+        raise ConfigError(f"names no task.name (written before runs recorded it) while {TEXT_TASK_FILE} beside it "
+                          f"describes a text task; evaluate cannot rebuild that task from this config.json",
+                          source=Path(run_dir) / "config.json")
 
 
 def _final_round_checkpoint(run_dir, config):
