@@ -16,6 +16,17 @@ def random_sequences(generator, count, low, high, vocab=100):
     return [torch.randint(2, vocab, (n,), generator=generator).tolist() for n in lengths]
 
 
+LABEL_IDS = [5, 17, 42]
+
+
+def classification_examples(seed, count):
+    """(examples, their prompts, their labels): ``count`` random prompts of 1-7 tokens, 3 labels."""
+    generator = torch.Generator().manual_seed(seed)
+    prompts = random_sequences(generator, count, 1, 7)
+    labels = torch.randint(0, 3, (count,), generator=generator).tolist()
+    return ClassificationSequences.build(prompts, labels, pad_token_id=1), prompts, labels
+
+
 def decode(ids):
     return " ".join(str(token) for token in ids)
 
@@ -52,14 +63,10 @@ def test_instruction_items_are_the_engine_answers_and_cover_every_example(tiny_l
 
 @torch.no_grad()
 def test_classification_items_hold_the_argmax_and_the_margin_to_the_runner_up(tiny_llama):
-    generator = torch.Generator().manual_seed(12)
-    prompts = random_sequences(generator, 9, 1, 7)
-    labels = torch.randint(0, 3, (9,), generator=generator).tolist()
-    examples = ClassificationSequences.build(prompts, labels, pad_token_id=1)
-    label_ids = [5, 17, 42]
-    columns = item_scores(tiny_llama, examples, label_token_ids=label_ids, batch_size=4, device="cpu")
+    examples, prompts, labels = classification_examples(12, 9)
+    columns = item_scores(tiny_llama, examples, label_token_ids=LABEL_IDS, batch_size=4, device="cpu")
     for row, prompt in enumerate(prompts):
-        scores = tiny_llama(input_ids=torch.tensor([prompt])).logits[0, -1, label_ids]
+        scores = tiny_llama(input_ids=torch.tensor([prompt])).logits[0, -1, LABEL_IDS]
         top = torch.topk(scores, 2).values
         assert columns["prediction"][row] == int(scores.argmax())
         assert columns["correct"][row] == int(int(scores.argmax()) == labels[row])
@@ -85,3 +92,38 @@ def test_base_model_means_are_the_frozen_models_item_means_once_per_process():
     assert means == {"base_accuracy": sum(expected["correct"]) / 12}
     means["base_accuracy"] = -1.0  # a caller's change does not reach the cache
     assert base_model_means(config, task, evaluation) == {"base_accuracy": sum(expected["correct"]) / 12}
+
+
+@torch.no_grad()
+def test_an_evaluation_with_items_answers_once_when_its_answers_cover_every_example(tiny_llama, monkeypatch):
+    import smartfed.federated.data as data
+
+    calls = []
+    real = data.greedy_generate
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(data, "greedy_generate", counted)
+    examples = instruction_examples(max_examples=None)
+    scores = examples.evaluate(tiny_llama, label_token_ids=(), batch_size=4, device="cpu", items=True)
+    batches = -(-len(examples) // examples.generation.batch_size)
+    assert len(calls) == batches
+    assert scores["items"] == examples.answer_items(tiny_llama, "cpu")
+    assert sum(scores["items"]["exact_match"]) / len(examples) == pytest.approx(scores["exact_match"])
+    # Answers bounded by max_examples do not cover every example: the items answer all of them.
+    calls.clear()
+    capped = instruction_examples(max_examples=2)
+    scores = capped.evaluate(tiny_llama, label_token_ids=(), batch_size=4, device="cpu", items=True)
+    assert scores["generated_examples"] == 2 and len(calls) == 1 + batches
+    assert scores["items"]["prediction"] == examples.answer_items(tiny_llama, "cpu")["prediction"]
+
+
+@torch.no_grad()
+def test_classification_items_make_up_the_evaluations_accuracy(tiny_llama):
+    examples, _, _ = classification_examples(14, 11)
+    plain = examples.evaluate(tiny_llama, label_token_ids=LABEL_IDS, batch_size=4, device="cpu")
+    scores = examples.evaluate(tiny_llama, label_token_ids=LABEL_IDS, batch_size=4, device="cpu", items=True)
+    assert {key: value for key, value in scores.items() if key != "items"} == plain
+    assert sum(scores["items"]["correct"]) == round(plain["accuracy"] * len(examples))

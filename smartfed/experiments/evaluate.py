@@ -78,7 +78,7 @@ def read_run_config(run_dir, overrides, *, split="test"):
     if split == "validation" and task.get("validation_fraction", 0) == 0:
         raise ConfigError(f"task {task.get('name', 'synthetic')!r} has no validation split to score (the run's "
                           "task.validation_fraction is 0)", key="--split")
-    _check_task_recorded(saved, run_dir)
+    _check_task_recorded(saved, path)
     run_config = config_from_dict(saved, source=path)
     config = config_from_dict(config_to_dict(run_config), overrides)
     # Which training examples were held out is part of what the state was trained on.
@@ -92,7 +92,7 @@ def read_run_config(run_dir, overrides, *, split="test"):
         config, saved
 
 
-def _check_task_recorded(saved, run_dir):
+def _check_task_recorded(saved, config_path):
     """A ConfigError for a run whose ``config.json`` names no task while its ``text_task.json``
     names a text task: the first sweeps wrote config.json without ``task.name`` (the sweep entry
     named it), and read as it stands such a run would be scored on the synthetic task. Its
@@ -101,10 +101,10 @@ def _check_task_recorded(saved, run_dir):
     from smartfed.federated.run_dir import TEXT_TASK_FILE
 
     task = saved.get("task") if isinstance(saved, dict) else None
-    if isinstance(task, dict) and "name" not in task and (Path(run_dir) / TEXT_TASK_FILE).is_file():
+    if isinstance(task, dict) and "name" not in task and config_path.with_name(TEXT_TASK_FILE).is_file():
         raise ConfigError(f"names no task.name (written before runs recorded it) while {TEXT_TASK_FILE} beside it "
                           f"describes a text task; evaluate cannot rebuild that task from this config.json",
-                          source=Path(run_dir) / "config.json")
+                          source=config_path)
 
 
 def _final_round_checkpoint(run_dir, config):
@@ -213,8 +213,9 @@ def evaluate_run(run_dir, overrides=(), *, split="test", device="cpu", progress=
     if examples is None:
         raise ConfigError("is null and the run's clients held their own data: the server holds no held-out "
                           "examples to score (--set task.data.eval=FILE)", key="task.data.eval")
-    scores = trainer.evaluate(final["state"], final["quotas"], examples, batch_size=config.federation.eval_batch_size)
-    items = evaluation_items(trainer, examples, config, split)
+    scores = trainer.evaluate(final["state"], final["quotas"], examples, batch_size=config.federation.eval_batch_size,
+                              items=True)
+    items = with_item_metadata(scores.pop("items", None), config, split)
     return {
         "run_dir": str(run_dir), "split": split, "overrides": list(overrides), "config": config_to_dict(config),
         "state_file": final["file"], "state_sha256": final["sha256"], "round": final["round"],
@@ -224,21 +225,15 @@ def evaluate_run(run_dir, overrides=(), *, split="test", device="cpu", progress=
     }
 
 
-def evaluation_items(trainer, examples, config, split):
-    """Per-item columns of the examples just scored by ``trainer`` (its model holds the final
-    state), with the template / seen / item columns of a v2 suite's test file; None for
-    instruction examples without generation settings (nothing to answer)."""
-    from smartfed.experiments.item_scores import item_metadata, item_scores
-    from smartfed.federated.data import InstructionExamples
+def with_item_metadata(columns, config, split):
+    """The per-item ``columns`` of an evaluation (None for instruction examples without generation
+    settings: nothing answered) with the template / seen / item columns of a v2 suite's test file."""
+    from smartfed.experiments.item_scores import item_metadata
 
-    if isinstance(examples, InstructionExamples) and examples.generation is None:
-        return None
-    columns = item_scores(trainer.model, examples, label_token_ids=trainer.label_token_ids,
-                          batch_size=config.federation.eval_batch_size, device=trainer.device)
     data = getattr(config.task, "data", None)
-    if split == "test" and data is not None and data.eval is not None:
-        count = len(next(value for key, value in columns.items() if key != "metric"))
-        columns.update(item_metadata(data.eval, count))
+    if columns is not None and split == "test" and data is not None and data.eval is not None:
+        count = len(columns["prediction"])
+        columns = {**columns, **item_metadata(data.eval, count)}
     return columns
 
 

@@ -2,8 +2,9 @@
 
 Three kinds of examples, one interface: ``training_batches`` (the index batches of a client's
 local steps), ``training_loss`` (one batch's loss and the tokens it fed) and ``evaluate`` (a
-metrics dict with at least ``loss``, ``accuracy`` and ``num_examples``). ``ClientTrainer`` runs
-every method through it, whatever the shape.
+metrics dict with at least ``loss``, ``accuracy`` and ``num_examples``; with ``items=True`` also
+``items``, each held-out example's own result, the columns ``smartfed evaluate`` keeps).
+``ClientTrainer`` runs every method through it, whatever the shape.
 
 - ``Examples``: the built-in tasks. A fixed-length prompt whose answer is one label token
   predicted at the last position; no padding, no mask. Loss is cross-entropy over the whole
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from smartfed.federated.evaluation import answer_scores, greedy_generate, left_padded, positions
+from smartfed.federated.evaluation import answer_columns, answer_scores, greedy_generate, left_padded, positions
 from smartfed.federated.partition import partition_labels
 from smartfed.federated.seeding import STREAM_PARTITION, derived_seed
 
@@ -56,6 +57,32 @@ def answer_loss(logits, labels, label_token_ids):
 def answer_accuracy_count(logits, labels, label_token_ids):
     index = torch.as_tensor(label_token_ids, device=logits.device)
     return int((logits[:, index].argmax(dim=-1) == labels).sum())
+
+
+class ClassificationItems:
+    """Each example's answer in a classification evaluation, in example order: ``prediction``
+    (class id), ``correct`` (0/1) and ``margin`` (the best label's score minus the runner-up's: a
+    small margin is an answer another CPU's rounding could flip)."""
+
+    METRIC = "correct"
+
+    def __init__(self, labels):
+        self.labels = labels
+        count = len(labels)
+        self.prediction, self.correct, self.margin = [0] * count, [0] * count, [0.0] * count
+
+    def add(self, index, scores):
+        """Rows ``index`` scored ``scores`` [B, K] (one score per label)."""
+        top = torch.topk(scores.float(), k=min(2, scores.shape[1]), dim=1).values
+        gaps = ((top[:, 0] - top[:, 1]) if top.shape[1] == 2 else top[:, 0]).cpu()
+        chosen = scores.argmax(dim=1).cpu()
+        for row, example in enumerate(index.tolist()):
+            self.prediction[example] = int(chosen[row])
+            self.correct[example] = int(chosen[row] == self.labels[example])
+            self.margin[example] = float(gaps[row])
+
+    def columns(self):
+        return {"metric": self.METRIC, "prediction": self.prediction, "correct": self.correct, "margin": self.margin}
 
 
 def batch_indices(num_examples, batch_size, generator):
@@ -105,15 +132,20 @@ class Examples:
         labels = self.labels[index].to(device)
         return answer_loss(answer_logits(model, input_ids), labels, label_token_ids), input_ids.numel()
 
-    def evaluate(self, model, *, label_token_ids, batch_size, device, round_index=None):
+    def evaluate(self, model, *, label_token_ids, batch_size, device, round_index=None, items=False):
         loss_sum, correct = 0.0, 0
+        answers = ClassificationItems(self.labels) if items else None
         for start in range(0, len(self), batch_size):
             input_ids = self.input_ids[start:start + batch_size].to(device)
             labels = self.labels[start:start + batch_size].to(device)
             logits = answer_logits(model, input_ids)
             loss_sum += float(answer_loss(logits, labels, label_token_ids)) * len(labels)
             correct += answer_accuracy_count(logits, labels, label_token_ids)
-        return {"loss": loss_sum / len(self), "accuracy": correct / len(self), "num_examples": len(self)}
+            if answers is not None:
+                answers.add(torch.arange(start, start + len(labels)),
+                            logits[:, torch.as_tensor(label_token_ids, device=logits.device)])
+        metrics = {"loss": loss_sum / len(self), "accuracy": correct / len(self), "num_examples": len(self)}
+        return metrics if answers is None else {**metrics, "items": answers.columns()}
 
 
 @dataclass
@@ -221,8 +253,9 @@ class ClassificationSequences(_Padded):
         answers = [label_token_ids[k] for _ in range(len(index)) for k in range(count)]
         return self._answer_log_likelihood(model, rows, answers, device).view(len(index), count)
 
-    def evaluate(self, model, *, label_token_ids, batch_size, device, round_index=None):
+    def evaluate(self, model, *, label_token_ids, batch_size, device, round_index=None, items=False):
         loss_sum, correct = 0.0, 0
+        answers = ClassificationItems(self.labels) if items else None
         for index in self._sorted_batches(batch_size):
             labels = self.labels[index].to(device)
             if isinstance(label_token_ids[0], tuple):
@@ -233,7 +266,11 @@ class ClassificationSequences(_Padded):
                 logits = self._last_logits(model, index, device)
                 loss_sum += float(answer_loss(logits, labels, label_token_ids)) * len(index)
                 correct += answer_accuracy_count(logits, labels, label_token_ids)
-        return {"loss": loss_sum / len(self), "accuracy": correct / len(self), "num_examples": len(self)}
+                scores = logits[:, torch.as_tensor(label_token_ids, device=logits.device)]
+            if answers is not None:
+                answers.add(index, scores)
+        metrics = {"loss": loss_sum / len(self), "accuracy": correct / len(self), "num_examples": len(self)}
+        return metrics if answers is None else {**metrics, "items": answers.columns()}
 
 
 @dataclass
@@ -286,7 +323,10 @@ class InstructionExamples(_Padded):
         return [self.input_ids[row, width - int(self.lengths[row]):width - int(self.response_lengths[row])].tolist()
                 for row in index.tolist()]
 
-    def evaluate(self, model, *, label_token_ids, batch_size, device, round_index=None):
+    def evaluate(self, model, *, label_token_ids, batch_size, device, round_index=None, items=False):
+        """``items`` (with generation settings): every example's greedy answer and its scores
+        (as ``answer_items``), whatever ``max_examples`` says; the aggregate's own answers are
+        reused when they cover every example."""
         nll_sum, correct, tokens = 0.0, 0, 0
         for index in self._sorted_batches(batch_size):
             nll, right, count, _ = self._response_nll(model, index, device)
@@ -294,26 +334,59 @@ class InstructionExamples(_Padded):
         loss = nll_sum / tokens
         metrics = {"loss": loss, "accuracy": correct / tokens, "perplexity": math.exp(min(loss, 700.0)),
                    "response_tokens": tokens, "num_examples": len(self)}
-        if self.generation is not None and self.generation.due(round_index):
-            metrics.update(self.generated_scores(model, device))
+        if self.generation is None:
+            return metrics
+        answers = None
+        if self.generation.due(round_index):
+            answers = self._answers(model, device, self._generated_count())
+            metrics.update(self._answers_scored(*answers))
+        if items:
+            if answers is None or len(answers[0]) < len(self):
+                answers = self._answers(model, device, len(self))
+            metrics["items"] = self._answer_columns(*answers)
         return metrics
 
-    def generated_scores(self, model, device):
-        """Greedy answers to the prompts (the first ``max_examples``), scored against the references."""
+    def _generated_count(self):
+        limit = self.generation.max_examples
+        return len(self) if limit is None else min(limit, len(self))
+
+    def _answers(self, model, device, count):
+        """Greedy answers to the first ``count`` prompts, generated in batches of similar prompt
+        length: (the example of each answer, the answers' texts), in the order generated."""
         settings = self.generation
-        count = len(self) if settings.max_examples is None else min(settings.max_examples, len(self))
         order = torch.arange(count)
         order = order[torch.argsort(self.lengths[:count] - self.response_lengths[:count], stable=True)]
-        predictions, references = [], []
+        rows, predictions = [], []
         for start in range(0, count, settings.batch_size):
             index = order[start:start + settings.batch_size]
             answers = greedy_generate(model, self.prompts(index), max_new_tokens=settings.max_new_tokens,
                                       stop_token_ids=settings.stop_token_ids, pad_token_id=self.pad_token_id,
                                       device=device)
+            rows.extend(index.tolist())
             predictions.extend(settings.decode(ids) for ids in answers)
-            references.extend(self.references[i] for i in index.tolist())
-        scores = answer_scores(predictions, references, settings.metrics)
-        return {**scores, "generated_examples": count}
+        return rows, predictions
+
+    def _answers_scored(self, rows, predictions):
+        scores = answer_scores(predictions, [self.references[i] for i in rows], self.generation.metrics)
+        return {**scores, "generated_examples": len(rows)}
+
+    def _answer_columns(self, rows, predictions):
+        by_example = [""] * len(self)
+        for row, prediction in zip(rows, predictions):
+            by_example[row] = prediction
+        return {"metric": "exact_match", "prediction": by_example,
+                **answer_columns(by_example, self.references, self.generation.metrics)}
+
+    def generated_scores(self, model, device):
+        """Greedy answers to the prompts (the first ``max_examples``), scored against the references."""
+        return self._answers_scored(*self._answers(model, device, self._generated_count()))
+
+    def answer_items(self, model, device):
+        """Every example's greedy answer (``prediction``) and its ``exact_match`` / ``f1`` /
+        ``rouge_l`` (those of the generation settings), in example order."""
+        if self.generation is None:
+            raise ValueError("instruction examples without generation settings have no per-item answers to score")
+        return self._answer_columns(*self._answers(model, device, len(self)))
 
 
 @dataclass

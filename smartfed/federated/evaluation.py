@@ -48,24 +48,29 @@ def _rouge_scorer():
     return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
 
 
-def answer_scores(predictions, references, metrics=("exact_match", "f1", "rouge_l")):
-    """Mean of each of ``metrics`` over the (prediction, reference) pairs."""
+def answer_columns(predictions, references, metrics=("exact_match", "f1", "rouge_l")):
+    """Each of ``metrics`` for every (prediction, reference) pair, in their order."""
     if len(predictions) != len(references) or not predictions:
         raise ValueError(f"predictions and references must be non-empty and of one length, got {len(predictions)} "
                          f"and {len(references)}")
     unknown = sorted(set(metrics) - {"exact_match", "f1", "rouge_l"})
     if unknown:
         raise ValueError(f"metrics must be among exact_match, f1, rouge_l, got {unknown}")
-    scores = {}
+    columns = {}
     if "exact_match" in metrics:
-        scores["exact_match"] = sum(map(exact_match, predictions, references)) / len(predictions)
+        columns["exact_match"] = list(map(exact_match, predictions, references))
     if "f1" in metrics:
-        scores["f1"] = sum(map(token_f1, predictions, references)) / len(predictions)
+        columns["f1"] = list(map(token_f1, predictions, references))
     if "rouge_l" in metrics:
         scorer = _rouge_scorer()
-        scores["rouge_l"] = sum(scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)) \
-            / len(predictions)
-    return scores
+        columns["rouge_l"] = [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)]
+    return columns
+
+
+def answer_scores(predictions, references, metrics=("exact_match", "f1", "rouge_l")):
+    """Mean of each of ``metrics`` over the (prediction, reference) pairs."""
+    return {name: sum(values) / len(predictions)
+            for name, values in answer_columns(predictions, references, metrics).items()}
 
 
 def left_padded(sequences, pad_token_id, *, width=None):

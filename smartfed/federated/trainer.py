@@ -118,15 +118,16 @@ class ClientTrainer:
         )
 
     @torch.no_grad()
-    def evaluate(self, state, quotas, examples, *, batch_size=64, round_index=None):
+    def evaluate(self, state, quotas, examples, *, batch_size=64, round_index=None, items=False):
         """Scores of the model with ``state`` and ``quotas`` on ``examples``: a dict with
         ``loss``, ``accuracy`` and ``num_examples``, plus what the examples' shape adds
         (instruction: ``perplexity``, and at the rounds its generation settings name
         ``exact_match`` / ``f1`` / ``rouge_l``). ``round_index``: the round being scored (None: a
-        standalone evaluation)."""
+        standalone evaluation); ``items``: each example's own result too (``items``, see
+        smartfed.federated.data)."""
         if len(examples) == 0:
             raise ValueError("examples must hold at least one example to evaluate on")
         self._load(state, quotas)
         self.model.eval()
         return examples.evaluate(self.model, label_token_ids=self.label_token_ids, batch_size=batch_size,
-                                 device=self.device, round_index=round_index)
+                                 device=self.device, round_index=round_index, items=items)
