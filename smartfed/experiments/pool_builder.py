@@ -189,8 +189,7 @@ def train_adapter(model_dir, task, spec, adapter, directory, *, progress=True, o
     if isinstance(task, SourceTask):
         from smartfed.experiments.pool_sources import train_source_adapter
 
-        record = train_source_adapter(model_dir, task, spec, adapter, directory, progress=progress, overall=overall)
-        return {**record, "environment": training_environment()}
+        return train_source_adapter(model_dir, task, spec, adapter, directory, progress=progress, overall=overall)
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -232,13 +231,11 @@ def _more_provenance(task):
     """What a v2 source adds to an adapter's provenance: its templates and their texts, and the
     sha256 of its training rows (``pool/<source>/train.jsonl`` of the suite files)."""
     from smartfed.tasks.source_task import SourceTask
-    from smartfed.tasks.templates import TEXTS
+    from smartfed.tasks.templates import all_templates
 
     if not isinstance(task, SourceTask):
         return {}
-    family = {template.split("/")[0] for template in task.templates}
-    texts = {f"{name}/{role}-{number}": text for name in family for role, listed in TEXTS[name].items()
-             for number, text in enumerate(listed)}
+    texts = {template.id: template.text for template in all_templates()}
     return {"templates": {template: texts[template] for template in task.templates},
             "check_templates": {template: texts[template] for template in sorted(set(task.check_templates))},
             "training_data": {"rows": len(task.train), "sha256": task.train_sha256,

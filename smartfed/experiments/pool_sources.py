@@ -21,9 +21,8 @@ import torch
 from smartfed.experiments.item_scores import item_scores
 from smartfed.federated.data import ClassificationSequences, InstructionExamples
 from smartfed.federated.evaluation import GenerationSettings
+from smartfed.pool import CONFIG_FILE, WEIGHTS_FILE
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 CHECK_BATCH = 32
 
@@ -73,7 +72,7 @@ def store_adapter(directory, dtype):
     its config and weights; returns the sha256 of each."""
     import safetensors.torch
 
-    path = Path(directory) / ADAPTER_WEIGHTS
+    path = Path(directory) / WEIGHTS_FILE
     tensors = safetensors.torch.load_file(str(path))
     cast = {name: tensor.to(STORE_DTYPES[dtype]).contiguous() for name, tensor in tensors.items()}
     for name, tensor in cast.items():
@@ -83,7 +82,7 @@ def store_adapter(directory, dtype):
     # peft's generated model card holds nothing but this machine's model path; provenance.json says more.
     (Path(directory) / "README.md").unlink(missing_ok=True)
     return {name: hashlib.sha256((Path(directory) / name).read_bytes()).hexdigest()
-            for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)}
+            for name in (CONFIG_FILE, WEIGHTS_FILE)}
 
 
 def train_source_adapter(model_dir, task, spec, adapter, directory, *, progress=True, overall=None):

@@ -11,7 +11,8 @@ import math
 import sys
 from pathlib import Path
 
-ADAPTER_CONFIG = "adapter_config.json"
+from smartfed.adapter_config import CONFIG_FILE as ADAPTER_CONFIG
+
 BUILD_POOL_COMMAND = "smartfed build-pool --config configs/public_pool.yaml"
 
 

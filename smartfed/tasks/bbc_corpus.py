@@ -14,10 +14,8 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
-import numpy as np
-
 from smartfed.tasks import near_duplicates
-from smartfed.tasks.bbc_news import TOPICS, data_dir
+from smartfed.tasks.bbc_news import TOPICS, data_dir, split_indices
 
 SHARES = ("public", "federated", "test")
 
@@ -91,8 +89,8 @@ def shares(*, split_seed=0, public_fraction=0.3, test_fraction=0.2):
         raise ValueError(f"public_fraction ({public_fraction}) and test_fraction ({test_fraction}) must lie in "
                          "(0, 1) and leave a federated share")
     kept, _ = deduplicated()
-    order = np.random.default_rng(split_seed).permutation(len(kept))
-    public_end = int(round(public_fraction * len(kept)))
-    test_end = public_end + int(round(test_fraction * len(kept)))
-    picked = {"public": order[:public_end], "test": order[public_end:test_end], "federated": order[test_end:]}
+    # v1's seeded split (bbc_news.split_indices), its training share being the federated one.
+    picked = split_indices(len(kept), split_seed=split_seed, public_fraction=public_fraction,
+                           test_fraction=test_fraction)
+    picked["federated"] = picked.pop("train")
     return {name: [kept[i] for i in picked[name]] for name in SHARES}

@@ -17,14 +17,14 @@ their hashes: run again with the same settings on that folder, it writes nothing
 import argparse
 import hashlib
 import json
-import re
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from smartfed.data_errors import DatasetError
-from smartfed.tasks.bbc_news import TOPICS, data_dir
+from smartfed.tasks.bbc_corpus import raw_articles
+from smartfed.tasks.bbc_news import data_dir
 
 MANIFEST = "manifest.json"
 ALL_CLIENTS = "all_clients.jsonl"
@@ -33,20 +33,13 @@ ALL_CLIENTS = "all_clients.jsonl"
 def headline_examples(*, lead_words=60):
     """Every article as (prompt, response, topic), in a fixed order; an article whose headline or
     lead repeats an earlier one is dropped (the corpus holds duplicates)."""
-    root, examples, seen = data_dir(), [], set()
-    for topic in TOPICS:
-        for path in sorted((root / topic).glob("*.txt")):
-            text = path.read_text(encoding="utf-8", errors="replace")
-            title, _, body = text.strip().partition("\n")
-            paragraphs = [p for p in re.split(r"\n\s*\n", body.strip()) if p.strip()]
-            if not title.strip() or not paragraphs:
-                continue
-            headline = " ".join(title.split())
-            lead = " ".join(paragraphs[0].split()[:lead_words])
-            if headline.lower() in seen or lead.lower() in seen:
-                continue
-            seen.update((headline.lower(), lead.lower()))
-            examples.append({"prompt": lead, "response": headline, "topic": topic, "source": f"{topic}/{path.name}"})
+    examples, seen = [], set()
+    for article in raw_articles():
+        lead = " ".join(article.lead.split()[:lead_words])
+        if article.title.lower() in seen or lead.lower() in seen:
+            continue
+        seen.update((article.title.lower(), lead.lower()))
+        examples.append({"prompt": lead, "response": article.title, "topic": article.topic, "source": article.key})
     return examples
 
 
