@@ -32,7 +32,7 @@ from smartfed.experiments.report_runs import (  # noqa: F401 (the names report u
     REPORT_IGNORED, Run, attach_baselines, config_identity, find_runs, load_run,
     method_label, separate_configurations,
 )
-from smartfed.experiments.report_statistics import STATISTICS_FILE, run_statistics, statistics_markdown
+from smartfed.experiments.report_statistics import STATISTICS_FILE, interval_text, run_statistics
 from smartfed.experiments.selection import ReportError, mean_std  # noqa: F401
 from smartfed.federated.run_dir import EXPERT_USAGE_FILE
 
@@ -194,7 +194,7 @@ def markdown_report(runs, plots, selections=(), configurations=None, statistics=
                 "MB at reach", "target met"], check_rows) if check_rows
         else "No task and seed has both a FedIT and a SmartFed run.",
         *(["", verdict] if (verdict := _verdict_markdown(checks, configurations or {})) else []),
-        *(["", statistics_markdown(statistics)] if statistics is not None else []),
+        *(["", _statistics_markdown(statistics)] if statistics is not None else []),
         "", "## Plots", "",
     ]
     parts += [f"![{name}]({name})" for name in plots]
@@ -300,6 +300,29 @@ def selection_markdown(selections, configurations=None):
                   f"Rule: {CONFIGURATION_RULE}.", "",
                   _table(["task", "method", "seeds scored", "val acc of each entry's chosen rate", "chosen"], rows)]
     return "\n".join(parts)
+
+
+def _statistics_markdown(record):
+    """The intervals section of report.md (smartfed.experiments.report_statistics)."""
+    if not record["rows"]:
+        return ("## Intervals and paired tests\n\nNo run kept per-item results (`evaluation_items.json`, written by "
+                "`smartfed evaluate`), so no interval is given.")
+    rows = []
+    for row in record["rows"]:
+        versus = row.get("versus_reference")
+        rows.append([row["task"], row["method"], row["metric"], len(row["seeds"]), row["items"],
+                     interval_text(row["all"]), interval_text(row.get("seen")), interval_text(row.get("unseen")),
+                     "-" if versus is None else interval_text(versus["difference"]),
+                     "-" if versus is None else f"{versus['p_value']:.4f}", "-" if versus is None else versus["verdict"]])
+    lines = ["## Intervals and paired tests", "",
+             f"Mean over seeds and test items with its {record['level']:.0%} bootstrap interval (items and seeds "
+             "resampled); seen / unseen: the items under a template the federation trained on / one that neither the "
+             "pool nor the federation saw. Versus FedIT: the paired difference on the seeds both ran (same items), its "
+             "interval, the sign-flip p-value, and the verdict the interval supports.", "",
+             _table(["task", "method", "metric", "seeds", "items", "mean [95% CI]", "seen", "unseen", "vs FedIT", "p",
+                     "verdict"], rows)]
+    lines += [f"- not compared: {reason}" for reason in record["skipped"]]
+    return "\n".join(lines)
 
 
 def _edge_cell(selection):

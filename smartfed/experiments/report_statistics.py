@@ -91,27 +91,6 @@ def run_statistics(runs, *, reference=REFERENCE, resamples=st.RESAMPLES):
     return {"rows": rows, "skipped": skipped, "level": st.LEVEL, "resamples": resamples}
 
 
-def _cell(entry):
+def interval_text(entry):
+    """An interval of a statistics record as the report shows it; "-" when there is none."""
     return "-" if entry is None else st.Interval(**entry).text()
-
-
-def statistics_markdown(record):
-    if not record["rows"]:
-        return ("## Intervals and paired tests\n\nNo run kept per-item results (`evaluation_items.json`, written by "
-                "`smartfed evaluate`), so no interval is given.")
-    lines = ["## Intervals and paired tests", "",
-             f"Mean over seeds and test items with its {record['level']:.0%} bootstrap interval (items and seeds "
-             "resampled); seen / unseen: the items under a template the federation trained on / one that neither the "
-             "pool nor the federation saw. Versus FedIT: the paired difference on the seeds both ran (same items), its "
-             "interval, the sign-flip p-value, and the verdict the interval supports.", "",
-             "| task | method | metric | seeds | items | mean [95% CI] | seen | unseen | vs FedIT | p | verdict |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for row in record["rows"]:
-        versus = row.get("versus_reference")
-        lines.append("| " + " | ".join(str(cell) for cell in [
-            row["task"], row["method"], row["metric"], len(row["seeds"]), row["items"], _cell(row["all"]),
-            _cell(row.get("seen")), _cell(row.get("unseen")),
-            "-" if versus is None else st.Interval(**versus["difference"]).text(),
-            "-" if versus is None else f"{versus['p_value']:.4f}", "-" if versus is None else versus["verdict"]]) + " |")
-    lines += [f"- not compared: {reason}" for reason in record["skipped"]]
-    return "\n".join(lines)
