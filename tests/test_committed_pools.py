@@ -1,6 +1,7 @@
 """The committed public pools (pools/, docs/experiment.md "v2: evidence that holds") are the files
-their manifests describe, and pools/public_v1 holds the very adapters the committed v1 runs were
-trained on: the pool fingerprint each run recorded is that of the committed copies. Reads
+their manifests describe, and they hold the very adapters the committed runs were trained on
+(v1 runs: pools/public_v1; v2 runs: pools/public_v2): the pool fingerprint each run recorded is
+that of the committed copies. Reads
 safetensors only (no base model), so it runs everywhere CI does."""
 
 import hashlib
@@ -83,8 +84,8 @@ def test_the_v2_provenance_names_templates_training_data_and_code():
 
 
 def committed_runs():
-    """(run folder, its pool folder names, the pool fingerprint its final state recorded) of every
-    committed run trained on the v1 public pool."""
+    """(run folder, its pool paths as its config names them, the pool fingerprint its final state
+    recorded) of every committed run trained on a public pool."""
     runs = []
     for config_path in sorted(RESULTS.glob("**/config.json")):
         run = config_path.parent
@@ -98,15 +99,24 @@ def committed_runs():
             recorded = json.loads((run / "checkpoint" / "state.json").read_text())["extra"]["pool_fingerprint"]
         else:
             continue  # a grid run that kept no state
-        runs.append((run, tuple(Path(path).name for path in paths), recorded))
+        runs.append((run, tuple(paths), recorded))
     return runs
 
 
-def test_every_committed_v1_run_was_trained_on_the_committed_v1_pool():
+def committed_copy(paths):
+    """The committed adapters behind a run's pool paths: a v2 run names pools/public_v2 itself;
+    a v1 run names where its pool was built (build/public_pool/...), committed as pools/public_v1."""
+    if all(path.startswith("pools/") for path in paths):
+        return [ROOT / path for path in paths]
+    return [POOLS / "public_v1" / Path(path).name for path in paths]
+
+
+def test_every_committed_run_was_trained_on_a_committed_pool():
     runs = committed_runs()
     assert len(runs) >= 40
+    assert any(all(path.startswith("pools/public_v2/") for path in paths) for _, paths, _ in runs)
     fingerprints = {}
-    for run, names, recorded in runs:
-        if names not in fingerprints:
-            fingerprints[names] = LoRAPool.from_pretrained([POOLS / "public_v1" / name for name in names]).fingerprint
-        assert fingerprints[names] == recorded, run.relative_to(RESULTS)
+    for run, paths, recorded in runs:
+        if paths not in fingerprints:
+            fingerprints[paths] = LoRAPool.from_pretrained(committed_copy(paths)).fingerprint
+        assert fingerprints[paths] == recorded, run.relative_to(RESULTS)

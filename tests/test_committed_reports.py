@@ -15,7 +15,7 @@ EXPERIMENTS = sorted(path.parent for path in RESULTS.glob("experiment_*/report")
 
 def test_every_committed_experiment_has_a_report():
     assert [path.name for path in EXPERIMENTS] == ["experiment_demo", "experiment_large_pool",
-                                                   "experiment_paper_small", "experiment_protocol"]
+                                                   "experiment_paper_small", "experiment_protocol", "experiment_v2"]
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS, ids=lambda path: path.name)

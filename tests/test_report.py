@@ -21,7 +21,7 @@ def write_run(root, name, *, method, seed, accuracies, bytes_per_round, router="
     (folder / "text_task.json").write_text(json.dumps({"name": task, **({"baselines": baselines} if baselines else {})}))
     lines = []
     for index, accuracy in enumerate(accuracies, start=1):
-        record = {"round": index, "status": "completed", "accuracy": accuracy, "loss": 1.0 - accuracy,
+        record = {"round": index, "status": "completed", "accuracy": accuracy, "loss": None if accuracy is None else 1.0 - accuracy,
                   "total_bytes_up": index * bytes_per_round, "total_bytes_down": index * bytes_per_round,
                   "bytes_up": bytes_per_round, "wall_s": 2.0, "client_compute_s": {"0": 1.0 * index, "1": 3.0}}
         if quotas is not None:
@@ -52,6 +52,47 @@ def test_target_check_against_fedit(runs_root):
     assert checks[0]["fedit_bytes"] == 12000 and checks[0]["rounds_ok"] and checks[0]["bytes_ok"]
     assert checks[1]["reached_round"] is None and not checks[1]["rounds_ok"]
     assert checks[0]["method"] == "smartfed_expert_space"
+
+
+def test_the_target_check_says_whether_the_accuracy_at_a_third_of_the_rounds_is_beyond_noise(tmp_path):
+    """The accuracy at the last test round within a third of FedIT's rounds minus FedIT's final,
+    with the unpaired normal interval over the test items: a gap of 0.1 is noise over 50 items
+    and beyond it over 2,000; a round the test split skipped (null accuracy) is not a test round."""
+    for items in (50, 2000):
+        root = tmp_path / str(items)
+        for name, method, accuracies in (("fedit", "fedit", [0.3, 0.5, 0.6, 0.7, 0.75, 0.8]),
+                                         ("smartfed", "smartfed", [0.85, 0.9, None, 0.7, None, 0.95])):
+            folder = write_run(root, name, method=method, seed=0, accuracies=accuracies, bytes_per_round=10)
+            (folder / "text_task.json").write_text(json.dumps({"name": "bbc_news", "eval_examples": items}))
+        (check,) = report.target_checks(report.find_runs([root]))
+        difference = check["difference_at_third"]
+        assert check["third_round"] == 2 and difference["mean"] == pytest.approx(0.1)
+        half_width = 1.959964 * ((0.9 * 0.1 + 0.8 * 0.2) / items) ** 0.5
+        assert difference["low"] == pytest.approx(0.1 - half_width, rel=1e-5)
+        assert difference["high"] == pytest.approx(0.1 + half_width, rel=1e-5)
+        assert check["at_third"] == ("above FedIT's final" if items == 2000 else "no conclusion")
+        assert check["interval"] == "unpaired"
+
+
+def test_the_accuracy_at_a_third_is_compared_item_by_item_when_both_rounds_recorded_their_items(tmp_path):
+    """Rounds that recorded ``test_correct`` are compared by a paired bootstrap over the items:
+    40 items, the run right on 4 more of them than FedIT and on the same others."""
+    fedit_items, run_items = "1" * 20 + "0" * 20, "1" * 24 + "0" * 16
+    for name, method, accuracies, items, at in (("fedit", "fedit", [0.3, 0.4, 0.5], fedit_items, 3),
+                                                ("smartfed", "smartfed", [0.6, 0.6, 0.6], run_items, 1)):
+        folder = write_run(tmp_path, name, method=method, seed=0, accuracies=accuracies, bytes_per_round=10)
+        (folder / "text_task.json").write_text(json.dumps({"name": "bbc_news", "eval_examples": 40}))
+        records = [json.loads(line) for line in (folder / METRICS_FILE).read_text().splitlines()]
+        for record in records:
+            if record["round"] == at and record["status"] == "completed":
+                record["test_correct"] = items
+        (folder / METRICS_FILE).write_text("".join(json.dumps(record) + "\n" for record in records))
+    (check,) = report.target_checks(report.find_runs([tmp_path]))
+    assert check["interval"] == "paired" and check["third_round"] == 1
+    difference = check["difference_at_third"]
+    assert difference["mean"] == pytest.approx(0.1) and difference["items"] == 40
+    assert 0 < difference["low"] < 0.1 < difference["high"] <= 0.2
+    assert check["at_third"] == "above FedIT's final"
 
 
 def test_failed_rounds_are_skipped(runs_root):

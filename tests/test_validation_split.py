@@ -9,12 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from smartfed.cli import main
 from smartfed.config import ConfigError, config_fingerprint, config_from_dict
 from smartfed.experiments.assets import task_layout
 from smartfed.experiments.report import load_run, markdown_report
 from smartfed.experiments.runs import federated_data
+from smartfed.experiments.selection import validation_score
 from smartfed.federated.data import Examples
 from smartfed.tasks.text_task import TextTask
 
@@ -126,6 +128,34 @@ def test_the_report_shows_the_final_validation_accuracy(validated_run):
     table = markdown_report([load_run(run_dir / "metrics.jsonl")], [])
     assert "| final acc | final val acc | best acc |" in table
     assert f"| {records[-1]['accuracy']:.3f} | {records[-1]['val_accuracy']:.3f} |" in table
+
+
+def test_a_round_the_test_split_skips_trains_the_same_and_keeps_its_validation_score(validated_run, tmp_path,
+                                                                                     cache_dir):
+    """``federation.test_every_rounds``: the test split is scored at rounds divisible by it and at the
+    last; validation every round. Training is unchanged, and the report and the rate selection read
+    the validation scores of the skipped rounds too."""
+    every_round_dir, every_round = validated_run
+    sparse = train_run(tmp_path / "sparse", cache_dir, "task.validation_fraction=0.25",
+                       "federation.test_every_rounds=5")
+    assert [record["accuracy"] for record in sparse][0] is None and sparse[0]["loss"] is None
+    assert sparse[-1]["round"] == 2 and sparse[-1]["accuracy"] == every_round[-1]["accuracy"]
+    # A test round records each test item's result; the others none.
+    assert "test_correct" not in sparse[0] and sparse[-1]["test_correct"] == every_round[-1]["test_correct"]
+    assert len(sparse[-1]["test_correct"]) == 32
+    assert sparse[-1]["test_correct"].count("1") / 32 == sparse[-1]["accuracy"]
+    scored = ("val_accuracy", "val_loss", "train_loss", "total_bytes_up", "total_bytes_down")
+    assert [[record[key] for key in scored] for record in sparse] == [[record[key] for key in scored]
+                                                                      for record in every_round]
+    trained = load_file(every_round_dir / "final_state.safetensors")
+    assert torch.equal(torch.cat([t.flatten() for t in trained.values()]),
+                       torch.cat([t.flatten() for t in load_file(tmp_path / "sparse" / "final_state.safetensors").values()]))
+    run = load_run(tmp_path / "sparse" / "metrics.jsonl")
+    assert run.rounds == [2] and [record["round"] for record in run.validation_records] == [1, 2]
+    # The time and client compute of the round without a test score count all the same.
+    assert run.wall_seconds == sparse[0]["wall_s"] + sparse[1]["wall_s"]
+    assert len(run.client_step_seconds) == sum(len(record["client_compute_s"]) for record in sparse) > 4
+    assert validation_score(run) == validation_score(load_run(every_round_dir / "metrics.jsonl"))
 
 
 @pytest.mark.parametrize("value, message", [

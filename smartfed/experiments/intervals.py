@@ -142,3 +142,18 @@ def normal_half_width(proportion, items, level=LEVEL):
 
     z = NormalDist().inv_cdf(0.5 + level / 2)
     return z * math.sqrt(proportion * (1 - proportion) / items)
+
+
+def unpaired_difference(proportion, items, reference, reference_items, level=LEVEL) -> Interval:
+    """``proportion - reference`` of two accuracies over ``items`` and ``reference_items`` items,
+    with the normal-approximation interval of a difference of independent proportions. Where the
+    per-item results of one side are not kept (a round before the last), this is the interval
+    that can be had; on the same items it is wider than the paired one, so it errs towards "no
+    conclusion"."""
+    from statistics import NormalDist
+
+    z = NormalDist().inv_cdf(0.5 + level / 2)
+    spread = math.sqrt(proportion * (1 - proportion) / items + reference * (1 - reference) / reference_items)
+    difference = proportion - reference
+    return Interval(mean=difference, low=difference - z * spread, high=difference + z * spread, seeds=1,
+                    items=min(items, reference_items), level=level)

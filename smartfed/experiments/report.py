@@ -28,6 +28,9 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+
+from smartfed.experiments.intervals import NO_CONCLUSION, bootstrap_interval, unpaired_difference
 from smartfed.experiments.report_runs import (  # noqa: F401 (the names report users import from here)
     REPORT_IGNORED, Run, attach_baselines, config_identity, find_runs, load_run,
     method_label, separate_configurations,
@@ -42,6 +45,13 @@ BASELINES_NOTE = ("Base model acc: the frozen base model without any adapter, sc
 LOSS_NOTE = ("Loss is the cross-entropy of the answer token over the model's whole vocabulary at the answer "
              "position, so with a vocabulary of V tokens it stays near log V while accuracy, the argmax over the "
              "task's label tokens only, rises.")
+THIRD_NOTE = ("Round at a third: the run's last test round within a third of FedIT's rounds; its accuracy minus "
+              "FedIT's final, with a 95% interval over the test items and what the interval supports. Paired "
+              "(a bootstrap over items of the per-item differences) where both rounds recorded their per-item "
+              "results; otherwise unpaired (the normal approximation for two independent proportions, wider than "
+              "a paired interval on the same items).")
+THIRD_COLUMNS = ["round at a third", "acc there - FedIT final [95% CI]", "beyond noise"]
+ABOVE, BELOW = "above FedIT's final", "below FedIT's final"
 TRADEOFF_PLOT = "accuracy_vs_bytes_mean.png"
 USAGE_PLOT = "expert_usage_final.png"
 
@@ -77,8 +87,47 @@ def target_checks(runs, *, reference="fedit"):
             "reached_bytes": reached[1] if reached else None,
             "rounds_ok": bool(reached and reached[0] <= rounds / 3),
             "bytes_ok": bool(reached and reached[1] <= 0.5 * total),
+            **_at_a_third(run, base),
         })
     return checks
+
+
+def _item_results(record):
+    """The 0/1 per-item test results a round recorded (``test_correct``), or None when it has
+    none or they are not a string of 0s and 1s."""
+    recorded = record.get("test_correct")
+    if not isinstance(recorded, str) or not recorded or set(recorded) - {"0", "1"}:
+        return None
+    return np.frombuffer(recorded.encode("ascii"), dtype=np.uint8).astype(np.float64) - ord("0")
+
+
+def _at_a_third(run, base):
+    """The run's accuracy at its last test round within a third of FedIT's rounds, minus FedIT's
+    final accuracy, with its 95% interval and what the interval supports: is the target's
+    accuracy reached beyond noise? Paired over the test items when both rounds recorded their
+    per-item results, else the unpaired normal approximation over the items counted."""
+    early = [record for record in run.records if record["round"] <= base.rounds[-1] / 3]
+    none = {"third_round": None, "difference_at_third": None, "interval": None, "at_third": None}
+    if not early:
+        return none
+    items, reference_items = _item_results(early[-1]), _item_results(base.records[-1])
+    if items is not None and reference_items is not None and items.shape == reference_items.shape:
+        difference, kind = bootstrap_interval(items - reference_items), "paired"
+    elif run.test_items and base.test_items:
+        difference = unpaired_difference(early[-1]["accuracy"], run.test_items, base.accuracy[-1], base.test_items)
+        kind = "unpaired"
+    else:
+        return none
+    verdict = ABOVE if difference.low > 0 else BELOW if difference.high < 0 else NO_CONCLUSION
+    return {"third_round": early[-1]["round"], "difference_at_third": difference.as_dict(), "interval": kind,
+            "at_third": verdict}
+
+
+def _third_cells(check):
+    difference = check["difference_at_third"]
+    if difference is None:
+        return ["-", "-", "-"]
+    return [check["third_round"], f"{interval_text(difference)} ({check['interval']})", check["at_third"]]
 
 
 def target_met(check):
@@ -143,7 +192,7 @@ def markdown_report(runs, plots, selections=(), configurations=None, statistics=
            if with_validation else []),
          *(_baseline_cells(run) if with_baselines else []),
          f"{max(run.accuracy):.3f}", _megabytes(run.records[-1]["total_bytes_up"]),
-         _megabytes(run.cumulative_bytes[-1]), f"{sum(r.get('wall_s', 0.0) for r in run.records):.0f}"]
+         _megabytes(run.cumulative_bytes[-1]), f"{run.wall_seconds:.0f}"]
         for run in sorted(runs, key=lambda r: (r.task, r.method, r.seed))
     ]
     groups = {}
@@ -165,11 +214,12 @@ def markdown_report(runs, plots, selections=(), configurations=None, statistics=
                            _megabytes(bytes_mean), _megabytes(per_round), reached_rounds, reached_megabytes,
                            f"{_median(steps):.2f}" if steps else "-"])
     checks = target_checks(runs)
+    with_thirds = any(check["difference_at_third"] is not None for check in checks)
     check_rows = [
         [c["task"], c["seed"], c["method"], f"{c['fedit_final_accuracy']:.3f}", c["fedit_rounds"],
          _megabytes(c["fedit_bytes"]), c["reached_round"] if c["reached_round"] is not None else "not reached",
          _megabytes(c["reached_bytes"]) if c["reached_bytes"] is not None else "-",
-         "yes" if target_met(c) else "no"]
+         "yes" if target_met(c) else "no", *_third_cells(c)]
         for c in checks
     ]
     parts = [
@@ -190,8 +240,9 @@ def markdown_report(runs, plots, selections=(), configurations=None, statistics=
                 *(BASELINE_COLUMNS if with_baselines else []), "best acc", "MB up+down", "MB per round",
                 "round reached FedIT final", "MB at reach", "client step s"], group_rows),
         "", "## Target (docs/design.md §8): reach FedIT's final accuracy in <= 1/3 of its rounds with <= 1/2 of its bytes", "",
+        *([THIRD_NOTE, ""] if with_thirds else []),
         _table(["task", "seed", "method", "FedIT final acc", "FedIT rounds", "FedIT MB", "round reached",
-                "MB at reach", "target met"], check_rows) if check_rows
+                "MB at reach", "target met", *(THIRD_COLUMNS if with_thirds else [])], check_rows) if check_rows
         else "No task and seed has both a FedIT and a SmartFed run.",
         *(["", verdict] if (verdict := _verdict_markdown(checks, configurations or {})) else []),
         *(["", _statistics_markdown(statistics)] if statistics is not None else []),
@@ -216,7 +267,7 @@ def markdown_report(runs, plots, selections=(), configurations=None, statistics=
         parts += ["", "## Expert usage by source adapter (final routers, every token of the evaluation prompts)", "",
                   _table(["task", "method", "seed", "round", "prompts", "share of top-k selections",
                           "share of gate mass"], usage_rows)]
-    elif not any("expert_usage" in r for run in runs for r in run.records):
+    elif not any("expert_usage" in r for run in runs for r in run.completed):
         parts += ["", "Expert usage by source adapter: not recorded for these runs."]
     return "\n".join(parts) + "\n"
 
@@ -349,6 +400,11 @@ def _verdict_markdown(checks, configurations):
     met = [check for check in pairs if target_met(check)]
     lines = [f"The configuration chosen on validation per task ({', '.join(f'{task}: {entry}' for task, (entry, _) in verdicts.items())}) "
              f"meets the target in {len(met)} of {len(pairs)} (task, seed) pairs."]
+    judged = [check["at_third"] for check in pairs if check["at_third"] is not None]
+    if judged:
+        lines[0] += (f" At a third of FedIT's rounds its accuracy is above FedIT's final beyond noise in "
+                     f"{judged.count(ABOVE)} of {len(judged)} pairs, below it in {judged.count(BELOW)}, and "
+                     f"within noise (the interval holds zero) in {judged.count(NO_CONCLUSION)}.")
     for check in pairs:
         if target_met(check):
             continue
@@ -406,10 +462,10 @@ def write_report(run_paths, output_dir, *, baselines=None):
     for run in runs:
         # A file task's name holds a "/" (its folder and file): not in a file name.
         label = f"{run.task}_{run.method}_seed{run.seed}_{run.path.name}".replace("/", "-")
-        if any(r.get("quotas") for r in run.records):
+        if any(r.get("quotas") for r in run.completed):
             plots.append(f"quotas_{label}.png")
             plot_quotas(run, output / plots[-1])
-        if any(r.get("expert_usage") for r in run.records):
+        if any(r.get("expert_usage") for r in run.completed):
             plots.append(f"expert_usage_{label}.png")
             plot_expert_usage(run, output / plots[-1])
     statistics = run_statistics(runs)

@@ -57,9 +57,8 @@ def plot_validation(selections, path):
     for selection in selections:
         by_round = {}
         for run in selection.chosen.runs:
-            for record in run.records:
-                if "val_accuracy" in record:
-                    by_round.setdefault(record["round"], []).append(record["val_accuracy"])
+            for record in run.validation_records:
+                by_round.setdefault(record["round"], []).append(record["val_accuracy"])
         seeds = len(selection.chosen.runs)
         rounds = [round_ for round_, scores in sorted(by_round.items()) if len(scores) == seeds]
         lines = panels.setdefault(selection.task, (f"{selection.task}: chosen learning rates, mean over seeds", {}))[1]
@@ -96,7 +95,7 @@ def plot_quotas(run, path):
     plt = _pyplot()
     import numpy as np
 
-    records = [r for r in run.records if r.get("quotas")]
+    records = [r for r in run.completed if r.get("quotas")]
     modules = sorted(records[0]["quotas"], key=_natural_key)
     grid = np.array([[r["quotas"].get(m, 0) for r in records] for m in modules], dtype=float)
     figure, axis = plt.subplots(figsize=(max(4, 0.5 * len(records) + 3), max(3, 0.14 * len(modules) + 1.5)))
@@ -115,7 +114,7 @@ def plot_expert_usage(run, path):
     """Bar chart of the share of expert activations per source adapter, by round."""
     plt = _pyplot()
 
-    records = [r for r in run.records if r.get("expert_usage")]
+    records = [r for r in run.completed if r.get("expert_usage")]
     adapters = sorted({name for r in records for name in r["expert_usage"]})
     figure, axis = plt.subplots(figsize=(6, 4))
     bottom = [0.0] * len(records)

@@ -22,11 +22,15 @@ class Run:
     method: str  # method label: the method, with the router form for SmartFed
     seed: int
     base_method: str = ""  # the method the run trained (config "method"): smartfed for every router form
-    records: list = field(default_factory=list)  # completed rounds, in order
+    records: list = field(default_factory=list)  # completed rounds scored on the test split, in order
+    # Every completed round, in order: also those federation.test_every_rounds did not score on
+    # the test split (their time, client compute and validation scores count).
+    completed: list = field(default_factory=list)
     local_steps: int = 1  # optimizer steps per client and round, to turn client compute into step time
     chosen_lr: Optional[float] = None  # a run of an lr_grid entry: its rate, chosen on validation
     identity: dict = field(default_factory=dict)  # its config's non-default values minus REPORT_IGNORED
     baselines: Optional[dict] = None  # base_accuracy, majority_accuracy on the evaluation split
+    test_items: Optional[int] = None  # examples in the evaluation split, when text_task.json says
     task_options: dict = field(default_factory=dict)
 
     @property
@@ -38,13 +42,22 @@ class Run:
         return [r["accuracy"] for r in self.records]
 
     @property
+    def validation_records(self):
+        """The completed rounds scored on the validation split."""
+        return [r for r in self.completed if r.get("val_accuracy") is not None]
+
+    @property
+    def wall_seconds(self):
+        return sum(r.get("wall_s", 0.0) for r in self.completed)
+
+    @property
     def cumulative_bytes(self):
         return [r["total_bytes_up"] + r["total_bytes_down"] for r in self.records]
 
     @property
     def client_step_seconds(self):
         """Seconds per local step of every (round, client), or [] when not recorded."""
-        return [seconds / self.local_steps for r in self.records
+        return [seconds / self.local_steps for r in self.completed
                 for seconds in (r.get("client_compute_s") or {}).values()]
 
 
@@ -61,7 +74,7 @@ def method_label(config):
 def load_run(metrics_path):
     metrics_path = Path(metrics_path)
     folder = metrics_path.parent
-    records = []
+    records, completed = [], []
     for number, line in enumerate(metrics_path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
@@ -69,8 +82,12 @@ def load_run(metrics_path):
             record = json.loads(line)
         except json.JSONDecodeError as error:
             raise ReportError(f"{metrics_path}:{number} is not JSON ({error})") from error
-        # A round the clients scored, when none of them could, has no accuracy to report.
-        if record.get("status", "completed") == "completed" and record.get("accuracy", 0) is not None:
+        if record.get("status", "completed") != "completed":
+            continue
+        completed.append(record)
+        # A round the clients scored when none of them could, or one the test split skipped
+        # (federation.test_every_rounds), has no accuracy to report.
+        if record.get("accuracy", 0) is not None:
             records.append(record)
     if not records:
         raise ReportError(f"{metrics_path} holds no completed round")
@@ -78,6 +95,7 @@ def load_run(metrics_path):
         if key not in records[0]:
             raise ReportError(f"{metrics_path}: records lack {key!r}; is this a smartfed train metrics file?")
     records.sort(key=lambda r: r["round"])
+    completed.sort(key=lambda r: r["round"])
     config = json.loads((folder / CONFIG_FILE).read_text()) if (folder / CONFIG_FILE).is_file() else {}
     task_file = folder / TEXT_TASK_FILE
     summary = json.loads(task_file.read_text()) if task_file.is_file() else {}
@@ -85,8 +103,10 @@ def load_run(metrics_path):
     method = method_label(config) if config else records[0].get("method", "unknown")
     local_steps = int((config.get("federation") or {}).get("local_steps", 1))
     return Run(path=folder, task=task, method=method, seed=int(config.get("seed", 0)), records=records,
+               completed=completed,
                local_steps=local_steps, base_method=config.get("method", records[0].get("method", "unknown")),
                identity=config_identity(config), baselines=summary.get("baselines"),
+               test_items=summary.get("eval_examples"),
                task_options=summary.get("options", (config.get("task") or {}).get("options") or {}))
 
 

@@ -165,7 +165,7 @@ class Configuration:
 
 def validation_score(run):
     """Mean ``val_accuracy`` over the last LAST_ROUNDS rounds of ``run`` that were scored on validation."""
-    scores = [record["val_accuracy"] for record in run.records if "val_accuracy" in record]
+    scores = [record["val_accuracy"] for record in run.validation_records]
     if not scores:
         raise ReportError(f"{run.path} has no val_accuracy in its metrics: choosing a learning rate on validation "
                          f"needs a sweep run with task.validation_fraction > 0")

@@ -143,3 +143,9 @@ class GenerationSettings:
         if self.every_rounds == 0:
             return False
         return round_index is None or round_index % self.every_rounds == 0
+
+
+def is_test_round(round_index, every_rounds, last_round):
+    """Score the test split at ``round_index``: every ``every_rounds`` rounds and at the last one
+    (None: a standalone evaluation, which always does)."""
+    return round_index is None or round_index % every_rounds == 0 or round_index >= last_round

@@ -44,6 +44,8 @@ from smartfed.federated.messages import (
     state_to_record,
     wire_size,
 )
+from smartfed.federated.data import InstructionExamples
+from smartfed.federated.evaluation import is_test_round
 from smartfed.federated.nodes import NodeMap, last_line
 from smartfed.federated.robust import combine_importance
 from smartfed.federated.screening import check_scores, check_values, screen_replies
@@ -58,6 +60,9 @@ from smartfed.federated.server import (
 )
 
 ATTEMPT = "attempt"
+# Per-item test results are recorded in each test round's metrics (one character per item) up to
+# this many items.
+MAX_RECORDED_ITEMS = 20_000
 
 
 class RoundFailed(RuntimeError):
@@ -338,13 +343,26 @@ class SmartFedStrategy(Strategy):
         """Loss and accuracy of the global state on the held-out examples, with what the task's
         shape adds (instruction: perplexity and, at the rounds it asks for, generated-answer
         scores) and, with a validation split, ``val_loss`` / ``val_accuracy``; None when the
-        server holds no held-out examples."""
+        server holds no held-out examples. Loss and accuracy are None at a round that
+        ``federation.test_every_rounds`` skips (validation is scored every round). A
+        classification's test round also records ``test_correct``, each test item's 0/1 result
+        in order (what a paired comparison of two rounds needs; smartfed report)."""
         if self.evaluation is None:
             return None
-        batch_size = self.config.federation.eval_batch_size
-        scores = self.trainer.evaluate(self.state.global_state, self.state.quotas, self.evaluation,
-                                       batch_size=batch_size, round_index=round_index)
-        result = {key: value for key, value in scores.items() if key != "num_examples"}
+        federation = self.config.federation
+        batch_size = federation.eval_batch_size
+        if is_test_round(round_index, federation.test_every_rounds, federation.rounds):
+            # A classification's per-item results come with the same forward passes; an
+            # instruction's would mean generating an answer to every example.
+            items = (not isinstance(self.evaluation, InstructionExamples)
+                     and len(self.evaluation) <= MAX_RECORDED_ITEMS)
+            scores = self.trainer.evaluate(self.state.global_state, self.state.quotas, self.evaluation,
+                                           batch_size=batch_size, round_index=round_index, items=items)
+            result = {key: value for key, value in scores.items() if key not in ("num_examples", "items")}
+            if items:
+                result["test_correct"] = "".join(str(int(value)) for value in scores["items"]["correct"])
+        else:
+            result = {"loss": None, "accuracy": None}
         if self.validation is not None:
             scores = self.trainer.evaluate(self.state.global_state, self.state.quotas, self.validation,
                                            batch_size=batch_size)
