@@ -38,6 +38,8 @@ REFUSED_CONFIG_FIELDS = {
     "use_qalora": (bool, "QALoRA feeds lora_A a group-pooled input, not x", "false"),
     "use_bdlora": (bool, "BD-LoRA stores block-diagonal lora_A/lora_B blocks, not LoRA factors", "null"),
     "arrow_config": (lambda value: value is not None, "Arrow routes among its adapters with its own router", "null"),
+    "astra_config": (lambda value: value is not None,
+                     "Astra builds the adapter layers its own way from a preprocessed base model", "null"),
     "kasa_config": (lambda value: value is not None,
                     "KaSA truncates the base weight and scales the rank by a learned diagonal", "null"),
     "megatron_config": (lambda value: value is not None,

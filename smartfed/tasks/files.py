@@ -11,6 +11,7 @@ reaches a hub (the packaged json / csv / parquet builders read local files only)
 
 import codecs
 import hashlib
+import logging
 import tempfile
 from pathlib import Path
 
@@ -82,27 +83,60 @@ def content_hash(path: Path, format_name) -> str:
 def _load(path: Path, format_name):
     import datasets
 
-    # One short line per problem: datasets' progress bars and warnings would drown it.
+    # One short line per problem: datasets' progress bars and warnings would drown it, and the
+    # errors it logs itself (some versions log a parse error before raising) become its reason.
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
-    with tempfile.TemporaryDirectory(prefix="smartfed-datasets-") as scratch:
-        try:
-            if format_name == "arrow":
-                loaded = datasets.load_from_disk(str(path), keep_in_memory=True)
-            else:
-                reader = {"jsonl": datasets.Dataset.from_json, "csv": datasets.Dataset.from_csv,
-                          "parquet": datasets.Dataset.from_parquet}[format_name]
-                loaded = reader(str(path), cache_dir=scratch, keep_in_memory=True)
-        except (FileNotFoundError, ValueError, TypeError, OSError, KeyError, StopIteration) as error:
-            raise DatasetError(f"{path}: not a readable {format_name} dataset ({_first_line(error)})") from None
-        except Exception as error:  # pyarrow and pandas parse errors have no common base class
-            if type(error).__module__.split(".")[0] not in ("pyarrow", "pandas", "datasets", "json"):
-                raise
-            raise DatasetError(f"{path}: not a readable {format_name} dataset ({_first_line(error)})") from None
+    logged = _Collected()
+    library_logger = logging.getLogger("datasets")
+    handlers, propagate = library_logger.handlers[:], library_logger.propagate
+    for handler in handlers:
+        library_logger.removeHandler(handler)
+    library_logger.addHandler(logged)
+    library_logger.propagate = False
+    try:
+        with tempfile.TemporaryDirectory(prefix="smartfed-datasets-") as scratch:
+            try:
+                if format_name == "arrow":
+                    loaded = datasets.load_from_disk(str(path), keep_in_memory=True)
+                else:
+                    reader = {"jsonl": datasets.Dataset.from_json, "csv": datasets.Dataset.from_csv,
+                              "parquet": datasets.Dataset.from_parquet}[format_name]
+                    loaded = reader(str(path), cache_dir=scratch, keep_in_memory=True)
+            except (FileNotFoundError, ValueError, TypeError, OSError, KeyError, StopIteration) as error:
+                raise DatasetError(f"{path}: not a readable {format_name} dataset ({logged.reason(error)})") from None
+            except Exception as error:  # pyarrow and pandas parse errors have no common base class
+                if type(error).__module__.split(".")[0] not in ("pyarrow", "pandas", "datasets", "json"):
+                    raise
+                raise DatasetError(f"{path}: not a readable {format_name} dataset ({logged.reason(error)})") from None
+    finally:
+        library_logger.removeHandler(logged)
+        for handler in handlers:
+            library_logger.addHandler(handler)
+        library_logger.propagate = propagate
     if isinstance(loaded, datasets.DatasetDict):
         raise DatasetError(f"{path}: holds the splits {sorted(loaded)}, not one dataset: name one split's folder "
                            f"(e.g. {path / sorted(loaded)[0]})")
     return loaded
+
+
+class _Collected(logging.Handler):
+    """The messages datasets logs while it reads a file, kept instead of printed."""
+
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+    def reason(self, error):
+        """The cause datasets logged (its text after "with error <class ...>: "), else the error's first line."""
+        if self.messages:
+            text = self.messages[-1].split(">: ", 1)[-1].strip().splitlines()
+            if text:
+                return text[0][:200]
+        return _first_line(error)
 
 
 def _first_line(error):
