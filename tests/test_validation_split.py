@@ -138,7 +138,7 @@ def test_a_round_the_test_split_skips_trains_the_same_and_keeps_its_validation_s
     every_round_dir, every_round = validated_run
     sparse = train_run(tmp_path / "sparse", cache_dir, "task.validation_fraction=0.25",
                        "federation.test_every_rounds=5")
-    assert [record["accuracy"] for record in sparse][0] is None and sparse[0]["loss"] is None
+    assert sparse[0]["accuracy"] is None and sparse[0]["loss"] is None
     assert sparse[-1]["round"] == 2 and sparse[-1]["accuracy"] == every_round[-1]["accuracy"]
     # A test round records each test item's result; the others none.
     assert "test_correct" not in sparse[0] and sparse[-1]["test_correct"] == every_round[-1]["test_correct"]

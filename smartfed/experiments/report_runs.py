@@ -22,7 +22,6 @@ class Run:
     method: str  # method label: the method, with the router form for SmartFed
     seed: int
     base_method: str = ""  # the method the run trained (config "method"): smartfed for every router form
-    records: list = field(default_factory=list)  # completed rounds scored on the test split, in order
     # Every completed round, in order: also those federation.test_every_rounds did not score on
     # the test split (their time, client compute and validation scores count).
     completed: list = field(default_factory=list)
@@ -40,6 +39,11 @@ class Run:
     @property
     def accuracy(self):
         return [r["accuracy"] for r in self.records]
+
+    @property
+    def records(self):
+        """The completed rounds with a test score."""
+        return with_test_scores(self.completed)
 
     @property
     def validation_records(self):
@@ -61,6 +65,12 @@ class Run:
                 for seconds in (r.get("client_compute_s") or {}).values()]
 
 
+def with_test_scores(records):
+    """``records`` with a test score: a round the clients scored when none of them could, or one
+    the test split skipped (federation.test_every_rounds), has no accuracy to report."""
+    return [r for r in records if r.get("accuracy", 0) is not None]
+
+
 def method_label(config):
     if config.get("label"):
         return config["label"]
@@ -74,7 +84,7 @@ def method_label(config):
 def load_run(metrics_path):
     metrics_path = Path(metrics_path)
     folder = metrics_path.parent
-    records, completed = [], []
+    completed = []
     for number, line in enumerate(metrics_path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
@@ -82,28 +92,23 @@ def load_run(metrics_path):
             record = json.loads(line)
         except json.JSONDecodeError as error:
             raise ReportError(f"{metrics_path}:{number} is not JSON ({error})") from error
-        if record.get("status", "completed") != "completed":
-            continue
-        completed.append(record)
-        # A round the clients scored when none of them could, or one the test split skipped
-        # (federation.test_every_rounds), has no accuracy to report.
-        if record.get("accuracy", 0) is not None:
-            records.append(record)
+        if record.get("status", "completed") == "completed":
+            completed.append(record)
+    records = with_test_scores(completed)
     if not records:
         raise ReportError(f"{metrics_path} holds no completed round")
     for key in ("round", "accuracy", "total_bytes_up", "total_bytes_down"):
         if key not in records[0]:
             raise ReportError(f"{metrics_path}: records lack {key!r}; is this a smartfed train metrics file?")
-    records.sort(key=lambda r: r["round"])
     completed.sort(key=lambda r: r["round"])
+    records = with_test_scores(completed)
     config = json.loads((folder / CONFIG_FILE).read_text()) if (folder / CONFIG_FILE).is_file() else {}
     task_file = folder / TEXT_TASK_FILE
     summary = json.loads(task_file.read_text()) if task_file.is_file() else {}
     task = summary.get("name") or _task_name(config.get("task") or {})
     method = method_label(config) if config else records[0].get("method", "unknown")
     local_steps = int((config.get("federation") or {}).get("local_steps", 1))
-    return Run(path=folder, task=task, method=method, seed=int(config.get("seed", 0)), records=records,
-               completed=completed,
+    return Run(path=folder, task=task, method=method, seed=int(config.get("seed", 0)), completed=completed,
                local_steps=local_steps, base_method=config.get("method", records[0].get("method", "unknown")),
                identity=config_identity(config), baselines=summary.get("baselines"),
                test_items=summary.get("eval_examples"),
