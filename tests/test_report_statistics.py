@@ -1,5 +1,6 @@
-"""``smartfed report`` reads each run's per-item results: intervals, seen / unseen templates, and
-the paired test against FedIT, with "no conclusion" where the interval holds zero."""
+"""``smartfed report`` reads each run's per-item results: intervals, seen / unseen templates, the
+paired test against FedIT, with "no conclusion" where the interval holds zero, and SmartFed's forms
+against adapter mixture beside the bytes each sent."""
 
 import json
 
@@ -13,13 +14,13 @@ from smartfed.federated.run_dir import EVALUATION_ITEMS_FILE, METRICS_FILE
 ITEMS = 400
 
 
-def write_scored_run(root, method, seed, correct, *, seen=None, task="bbc_topic"):
+def write_scored_run(root, method, seed, correct, *, seen=None, task="bbc_topic", base_method=None, sent=20):
     folder = root / task / method / f"seed{seed}"
     folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps({"method": method, "seed": seed}))
+    (folder / "config.json").write_text(json.dumps({"method": base_method or method, "label": method, "seed": seed}))
     (folder / "text_task.json").write_text(json.dumps({"name": task}))
     record = {"round": 1, "status": "completed", "accuracy": float(np.mean(correct)), "loss": 1.0,
-              "total_bytes_up": 10, "total_bytes_down": 10}
+              "total_bytes_up": sent // 2, "total_bytes_down": sent - sent // 2}
     (folder / METRICS_FILE).write_text(json.dumps(record) + "\n")
     items = {"split": "test", "round": 1, "metric": "correct", "correct": [int(c) for c in correct],
              "prediction": [0] * len(correct), "item": [f"a{i // 2}" for i in range(len(correct))],
@@ -86,3 +87,34 @@ def test_runs_without_items_get_no_interval(tmp_path):
     (folder / EVALUATION_ITEMS_FILE).unlink()
     text = report.write_report([tmp_path / "runs"], tmp_path / "out").read_text()
     assert "No run kept per-item results" in text
+
+
+def test_smartfed_forms_are_paired_against_whole_adapters_beside_their_bytes(tmp_path):
+    rng = np.random.default_rng(1)
+    for seed in (0, 1):
+        mixture = (rng.random(ITEMS) < 0.6).astype(int)
+        write_scored_run(tmp_path / "runs", "adapter_mixture", seed, mixture, sent=3_000_000)
+        worse = mixture.copy()
+        worse[np.flatnonzero(mixture)[:50]] = 0
+        write_scored_run(tmp_path / "runs", "smartfed_projected_72", seed, worse, base_method="smartfed",
+                         sent=1_000_000 + seed)
+        write_scored_run(tmp_path / "runs", "ffa_lora", seed, mixture, sent=4_000_000)
+    record = run_statistics(report.find_runs([tmp_path / "runs"]), resamples=1000)
+    rows = {row["method"]: row for row in record["rows"]}
+    versus = rows["smartfed_projected_72"]["versus_whole_adapters"]
+    assert versus["reference"] == "adapter_mixture" and versus["seeds"] == [0, 1]
+    assert versus["verdict"] == "worse" and versus["difference"]["mean"] == pytest.approx(-50 / ITEMS)
+    assert rows["smartfed_projected_72"]["bytes_up_down"] == pytest.approx(1_000_000.5)
+    # Only rank-wise forms are compared with whole adapters; nothing here is compared with FedIT (none ran).
+    assert all("versus_whole_adapters" not in rows[name] for name in ("ffa_lora", "adapter_mixture"))
+    assert all("versus_reference" not in row for row in rows.values())
+    text = report.write_report([tmp_path / "runs"], tmp_path / "out").read_text()
+    section = text.split("## Rank-wise experts against whole adapters", 1)[1]
+    assert "| bbc_topic | smartfed_projected_72 | correct | 2 | 1.000 | 3.000 |" in section
+    assert "| worse |" in section and "ffa_lora" not in section
+
+
+def test_no_whole_adapter_section_without_both_kinds(tmp_path):
+    scored_runs(tmp_path / "runs")
+    text = report.write_report([tmp_path / "runs"], tmp_path / "out").read_text()
+    assert "Rank-wise experts against whole adapters" not in text

@@ -345,3 +345,21 @@ def test_extend_grids_runs_the_named_rate_for_that_task_and_entry_only(text_swee
     selection.write_text("not json")
     with pytest.raises(ConfigError, match="--extend-grids: is not a selection.json of smartfed report"):
         grid_extensions(selection)
+
+
+def test_extend_grids_finds_a_file_task_by_its_sweep_folder(text_sweep, tmp_path):
+    # A report names a task from files by its train file ("bbc_topic/train"); the sweep by its key.
+    text_sweep["sweep"]["tasks"] = {"bbc_topic": {}}
+    paths = [f"results/runs/bbc_topic/fedit@lr=0.003/seed{seed}" for seed in (0, 1)]
+    selection = tmp_path / "selection.json"
+    selection.write_text(json.dumps({"selections": [{"task": "bbc_topic/train", "method": "fedit", "extend_with": 0.001,
+                                                     "candidates": [{"lr": 0.003, "paths": paths}]}]}))
+    extra = grid_extensions(selection)
+    assert extra == {("bbc_topic", "fedit"): [0.001]}
+    plan = plan_runs(text_sweep, tmp_path / "runs", seeds=[0], methods=["fedit@lr=0.001"], source="sweep.yaml",
+                     extra_rates=extra)
+    assert [str(relative) for relative, *_ in plan] == ["bbc_topic/fedit@lr=0.001/seed0"]
+    with pytest.raises(ConfigError) as caught:
+        plan_runs(text_sweep, tmp_path / "runs", source="sweep.yaml", extra_rates={("bbc_topic/train", "fedit"): [0.001]})
+    assert str(caught.value) == ("sweep.yaml: --extend-grids: names task(s) ['bbc_topic/train'] that this sweep does "
+                                 "not have; it has ['bbc_topic']")

@@ -21,7 +21,8 @@ chosen on validation (smartfed.experiments.selection): ``selection.json`` and ``
 record every rate's validation numbers, ``validation_accuracy_chosen.png`` plots the chosen
 rates' validation accuracy per round, and every other table and plot shows only the chosen runs,
 under the entry's name. Runs that kept per-item results get 95% intervals and paired tests
-against FedIT (smartfed.experiments.report_statistics; ``statistics.json``).
+against FedIT, and SmartFed's forms against adapter mixture
+(smartfed.experiments.report_statistics; ``statistics.json``).
 """
 
 import json
@@ -35,7 +36,7 @@ from smartfed.experiments.report_runs import (  # noqa: F401 (the names report u
     REPORT_IGNORED, Run, attach_baselines, config_identity, find_runs, load_run,
     method_label, separate_configurations,
 )
-from smartfed.experiments.report_statistics import STATISTICS_FILE, interval_text, run_statistics
+from smartfed.experiments.report_statistics import STATISTICS_FILE, WHOLE_ADAPTERS, interval_text, run_statistics
 from smartfed.experiments.selection import ReportError, mean_std  # noqa: F401
 from smartfed.federated.run_dir import EXPERT_USAGE_FILE
 
@@ -373,7 +374,27 @@ def _statistics_markdown(record):
              _table(["task", "method", "metric", "seeds", "items", "mean [95% CI]", "seen", "unseen", "vs FedIT", "p",
                      "verdict"], rows)]
     lines += [f"- not compared: {reason}" for reason in record["skipped"]]
-    return "\n".join(lines)
+    return "\n".join(lines + _whole_adapters_markdown(record["rows"]))
+
+
+def _whole_adapters_markdown(rows):
+    """The rank-wise against adapter-level section: each SmartFed form paired against adapter
+    mixture, beside the bytes each sent; nothing when no run of both kept per-item results."""
+    mixture = {(row["task"], row["metric"]): row for row in rows if row["method"] == WHOLE_ADAPTERS}
+    compared = [row for row in rows if "versus_whole_adapters" in row]
+    if not compared:
+        return []
+    table = [[row["task"], row["method"], row["metric"], len(row["versus_whole_adapters"]["seeds"]),
+              _megabytes(row["bytes_up_down"]), _megabytes(mixture[row["task"], row["metric"]]["bytes_up_down"]),
+              interval_text(row["versus_whole_adapters"]["difference"]),
+              f"{row['versus_whole_adapters']['p_value']:.4f}", row["versus_whole_adapters"]["verdict"]]
+             for row in compared]
+    return ["", "## Rank-wise experts against whole adapters", "",
+            "Each SmartFed form against adapter-level mixture (a learned gate over the same pool's whole adapters), "
+            "paired on the seeds both ran: the comparison that tests rank-wise experts. MB: bytes up + down over "
+            "a whole run, mean over seeds; a difference at fewer bytes is the stronger claim.", "",
+            _table(["task", "SmartFed form", "metric", "seeds", "MB", "adapter mixture MB", "difference [95% CI]",
+                    "p", "verdict"], table)]
 
 
 def _edge_cell(selection):

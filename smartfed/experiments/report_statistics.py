@@ -6,7 +6,9 @@ rows form a [seeds, items] matrix (smartfed.experiments.intervals): its mean wit
 bootstrap interval over seeds and items, the same on the items shown under a template the
 federation trained on (seen) and under one neither the pool nor the federation saw (unseen), and
 the paired difference against FedIT on the seeds both ran, with its interval, sign-flip p-value
-and verdict ("no conclusion" whenever the interval holds zero).
+and verdict ("no conclusion" whenever the interval holds zero). Every SmartFed form is also paired
+against adapter-level mixture: rank-wise experts against whole adapters, the comparison that tests
+the paper's idea, beside the bytes each sent.
 """
 
 import json
@@ -17,6 +19,8 @@ from smartfed.federated.run_dir import EVALUATION_ITEMS_FILE
 METRICS = ("correct", "exact_match", "f1", "rouge_l")
 STATISTICS_FILE = "statistics.json"
 REFERENCE = "fedit"
+WHOLE_ADAPTERS = "adapter_mixture"
+RANK_WISE = "smartfed"  # the method every SmartFed form trains (config "method")
 
 
 def read_items(run):
@@ -58,36 +62,53 @@ def _group(records, metric, seeds, resamples):
     return entry, by_seed
 
 
+def _versus(row, by_key, reference, resamples):
+    """The paired difference of ``row``'s method against ``reference`` on the seeds both ran, or
+    None when they share no seed scored on the same items."""
+    base = by_key.get((row["task"], reference, row["metric"]))
+    if row["method"] == reference or base is None:
+        return None
+    own = by_key[(row["task"], row["method"], row["metric"])]
+    common = sorted(set(own) & set(base))
+    if not common or not _same_items([own[common[0]], base[common[0]]]):
+        return None
+    paired = st.paired_difference(_matrix([own[s] for s in common], row["metric"]),
+                                  _matrix([base[s] for s in common], row["metric"]), resamples=resamples)
+    return {"reference": reference, "seeds": common, **paired.as_dict()}
+
+
 def run_statistics(runs, *, reference=REFERENCE, resamples=st.RESAMPLES):
-    """{"rows": [...], "skipped": [...]} for ``runs`` (the headline runs of a report)."""
-    groups = {}
+    """{"rows": [...], "skipped": [...]} for ``runs`` (the headline runs of a report). Each row
+    carries the bytes (up + down, whole run) its seeds sent, their mean."""
+    groups, base_methods = {}, {}
     for run in runs:
         record = read_items(run)
         if record is not None:
-            groups.setdefault((run.task, run.method), []).append((run.seed, record))
+            last = run.completed[-1]
+            groups.setdefault((run.task, run.method), []).append(
+                (run.seed, record, last["total_bytes_up"] + last["total_bytes_down"]))
+            base_methods[run.task, run.method] = run.base_method
     rows, skipped, by_key = [], [], {}
     for (task, method), members in sorted(groups.items()):
         members.sort(key=lambda member: member[0])
-        seeds, records = [seed for seed, _ in members], [record for _, record in members]
+        seeds, records = [member[0] for member in members], [member[1] for member in members]
         if not _same_items(records):
             skipped.append(f"{task} {method}: its seeds scored different items")
             continue
+        sent = sum(member[2] for member in members) / len(members)
         for metric in METRICS:
             if metric in records[0]:
                 entry, by_seed = _group(records, metric, seeds, resamples)
                 by_key[(task, method, metric)] = by_seed
-                rows.append({"task": task, "method": method, "metric": metric, **entry})
+                rows.append({"task": task, "method": method, "metric": metric, "bytes_up_down": sent, **entry})
     for row in rows:
-        base = by_key.get((row["task"], reference, row["metric"]))
-        if row["method"] == reference or base is None:
-            continue
-        own = by_key[(row["task"], row["method"], row["metric"])]
-        common = sorted(set(own) & set(base))
-        if not common or not _same_items([own[common[0]], base[common[0]]]):
-            continue
-        paired = st.paired_difference(_matrix([own[s] for s in common], row["metric"]),
-                                      _matrix([base[s] for s in common], row["metric"]), resamples=resamples)
-        row["versus_reference"] = {"reference": reference, "seeds": common, **paired.as_dict()}
+        versus = _versus(row, by_key, reference, resamples)
+        if versus is not None:
+            row["versus_reference"] = versus
+        if base_methods[row["task"], row["method"]] == RANK_WISE:
+            versus = _versus(row, by_key, WHOLE_ADAPTERS, resamples)
+            if versus is not None:
+                row["versus_whole_adapters"] = versus
     return {"rows": rows, "skipped": skipped, "level": st.LEVEL, "resamples": resamples}
 
 

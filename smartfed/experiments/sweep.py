@@ -115,6 +115,12 @@ def sweep_runs(data, *, source=None, extra_rates=None):
     sweep = validate(SweepConfig, data, source=source)
     grid = sweep.sweep
     extra_rates = extra_rates or {}
+    unknown = sorted({task for task, _ in extra_rates} - set(grid.tasks))
+    if unknown:
+        from smartfed.config import ConfigError
+
+        raise ConfigError(f"names task(s) {unknown} that this sweep does not have; it has {sorted(grid.tasks)}",
+                          key="--extend-grids", source=source)
 
     def methods(task):
         """(family, run name, the entry's values for that run, per_task) of every run of ``task``."""
@@ -189,9 +195,19 @@ def _require_text_task(config):
                           "files, for smartfed sweep; smartfed train runs the synthetic task", key="task.name")
 
 
+def _sweep_task(entry):
+    """The sweep's name for the task of a ``selection.json`` entry: the folder its candidate runs
+    sit in (a sweep lays runs out as <task>/<entry>/seed<n>), which for a task from files differs
+    from the name the report gives it (the train file's folder and stem); the report's name when
+    no run path is recorded."""
+    folders = {Path(path).parts[-3] for candidate in entry.get("candidates") or ()
+               for path in candidate.get("paths") or () if len(Path(path).parts) >= 3}
+    return folders.pop() if len(folders) == 1 else entry["task"]
+
+
 def grid_extensions(path):
-    """{(task, entry): [rate]} of every choice at a grid edge in a report's ``selection.json``; a
-    ConfigError for a file that is not one."""
+    """{(sweep task, entry): [rate]} of every choice at a grid edge in a report's
+    ``selection.json``; a ConfigError for a file that is not one."""
     import json
 
     from smartfed.config import ConfigError
@@ -199,7 +215,7 @@ def grid_extensions(path):
     try:
         record = json.loads(Path(path).read_text(encoding="utf-8"))
         selections = record["selections"]
-        return {(entry["task"], entry["method"]): [float(entry["extend_with"])] for entry in selections
+        return {(_sweep_task(entry), entry["method"]): [float(entry["extend_with"])] for entry in selections
                 if entry.get("extend_with") is not None}
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ConfigError(f"is not a selection.json of smartfed report ({type(error).__name__}: {error})",
