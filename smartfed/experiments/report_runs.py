@@ -101,7 +101,6 @@ def load_run(metrics_path):
         if key not in records[0]:
             raise ReportError(f"{metrics_path}: records lack {key!r}; is this a smartfed train metrics file?")
     completed.sort(key=lambda r: r["round"])
-    records = with_test_scores(completed)
     config = json.loads((folder / CONFIG_FILE).read_text()) if (folder / CONFIG_FILE).is_file() else {}
     task_file = folder / TEXT_TASK_FILE
     summary = json.loads(task_file.read_text()) if task_file.is_file() else {}

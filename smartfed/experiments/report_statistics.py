@@ -84,18 +84,15 @@ def run_statistics(runs, *, reference=REFERENCE, resamples=st.RESAMPLES):
     for run in runs:
         record = read_items(run)
         if record is not None:
-            last = run.completed[-1]
-            groups.setdefault((run.task, run.method), []).append(
-                (run.seed, record, last["total_bytes_up"] + last["total_bytes_down"]))
+            groups.setdefault((run.task, run.method), []).append((run.seed, record, run.cumulative_bytes[-1]))
             base_methods[run.task, run.method] = run.base_method
     rows, skipped, by_key = [], [], {}
     for (task, method), members in sorted(groups.items()):
-        members.sort(key=lambda member: member[0])
-        seeds, records = [member[0] for member in members], [member[1] for member in members]
+        seeds, records, totals = (list(column) for column in zip(*sorted(members, key=lambda member: member[0])))
         if not _same_items(records):
             skipped.append(f"{task} {method}: its seeds scored different items")
             continue
-        sent = sum(member[2] for member in members) / len(members)
+        sent = sum(totals) / len(totals)
         for metric in METRICS:
             if metric in records[0]:
                 entry, by_seed = _group(records, metric, seeds, resamples)
