@@ -1,6 +1,6 @@
 """``smartfed report`` reads each run's per-item results: intervals, seen / unseen templates, the
-paired test against FedIT, with "no conclusion" where the interval holds zero, and SmartFed's forms
-against adapter mixture beside the bytes each sent."""
+paired test against FedIT, with "no conclusion" where the interval holds zero, SmartFed's forms
+against adapter mixture beside the bytes each sent, and each EEQA form against its uniform quota."""
 
 import json
 
@@ -14,10 +14,12 @@ from smartfed.federated.run_dir import EVALUATION_ITEMS_FILE, METRICS_FILE
 ITEMS = 400
 
 
-def write_scored_run(root, method, seed, correct, *, seen=None, task="bbc_topic", base_method=None, sent=20):
+def write_scored_run(root, method, seed, correct, *, seen=None, task="bbc_topic", base_method=None, sent=20,
+                     settings=None):
     folder = root / task / method / f"seed{seed}"
     folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps({"method": base_method or method, "label": method, "seed": seed}))
+    config = {"method": base_method or method, "label": method, "seed": seed, **(settings or {})}
+    (folder / "config.json").write_text(json.dumps(config))
     (folder / "text_task.json").write_text(json.dumps({"name": task}))
     record = {"round": 1, "status": "completed", "accuracy": float(np.mean(correct)), "loss": 1.0,
               "total_bytes_up": sent // 2, "total_bytes_down": sent - sent // 2}
@@ -117,4 +119,31 @@ def test_smartfed_forms_are_paired_against_whole_adapters_beside_their_bytes(tmp
 def test_no_whole_adapter_section_without_both_kinds(tmp_path):
     scored_runs(tmp_path / "runs")
     text = report.write_report([tmp_path / "runs"], tmp_path / "out").read_text()
-    assert "Rank-wise experts against whole adapters" not in text
+    assert "Rank-wise experts against whole adapters" not in text and "EEQA against a uniform quota" not in text
+
+
+def test_an_eeqa_form_is_paired_against_its_uniform_quota_entry_only(tmp_path):
+    rng = np.random.default_rng(2)
+    projected = {"more": {"router": "projected", "router_dim": 32}}
+    for seed in (0, 1):
+        eeqa = (rng.random(ITEMS) < 0.6).astype(int)
+        write_scored_run(tmp_path / "runs", "smartfed", seed, eeqa, base_method="smartfed",
+                         settings={"more": {"router": "expert_space"}})
+        uniform = eeqa.copy()
+        uniform[np.flatnonzero(eeqa)[:40]] = 0
+        # The same form with EEQA off, at the rate chosen for it: the counterpart, 40 items worse.
+        write_scored_run(tmp_path / "runs", "smartfed_uniform_quota", seed, uniform, base_method="smartfed",
+                         settings={"more": {"router": "expert_space"}, "eeqa": {"enabled": False},
+                                   "federation": {"lr": 0.003}})
+        # Another router form: not the uniform quota's counterpart.
+        write_scored_run(tmp_path / "runs", "smartfed_projected", seed, eeqa, base_method="smartfed", settings=projected)
+    rows = {row["method"]: row for row in run_statistics(report.find_runs([tmp_path / "runs"]), resamples=1000)["rows"]}
+    versus = rows["smartfed"]["versus_uniform_quota"]
+    assert versus["reference"] == "smartfed_uniform_quota" and versus["seeds"] == [0, 1]
+    assert versus["verdict"] == "better" and versus["difference"]["mean"] == pytest.approx(40 / ITEMS)
+    assert all("versus_uniform_quota" not in rows[name] for name in ("smartfed_projected", "smartfed_uniform_quota"))
+    text = report.write_report([tmp_path / "runs"], tmp_path / "out").read_text()
+    section = text.split("## EEQA against a uniform quota", 1)[1]
+    assert "| bbc_topic | smartfed | smartfed_uniform_quota | correct | 2 |" in section and "| better |" in section
+    assert "smartfed_projected" not in section
+

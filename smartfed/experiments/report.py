@@ -374,7 +374,7 @@ def _statistics_markdown(record):
              _table(["task", "method", "metric", "seeds", "items", "mean [95% CI]", "seen", "unseen", "vs FedIT", "p",
                      "verdict"], rows)]
     lines += [f"- not compared: {reason}" for reason in record["skipped"]]
-    return "\n".join(lines + _whole_adapters_markdown(record["rows"]))
+    return "\n".join(lines + _whole_adapters_markdown(record["rows"]) + _uniform_quota_markdown(record["rows"]))
 
 
 def _whole_adapters_markdown(rows):
@@ -395,6 +395,23 @@ def _whole_adapters_markdown(rows):
             "a whole run, mean over seeds; a difference at fewer bytes is the stronger claim.", "",
             _table(["task", "SmartFed form", "metric", "seeds", "MB", "adapter mixture MB", "difference [95% CI]",
                     "p", "verdict"], table)]
+
+
+def _uniform_quota_markdown(rows):
+    """The EEQA section: each SmartFed form with EEQA paired against its uniform-quota entry;
+    nothing when no such pair kept per-item results."""
+    compared = [row for row in rows if "versus_uniform_quota" in row]
+    if not compared:
+        return []
+    table = [[row["task"], row["method"], row["versus_uniform_quota"]["reference"], row["metric"],
+              len(row["versus_uniform_quota"]["seeds"]), interval_text(row["versus_uniform_quota"]["difference"]),
+              f"{row['versus_uniform_quota']['p_value']:.4f}", row["versus_uniform_quota"]["verdict"]]
+             for row in compared]
+    return ["", "## EEQA against a uniform quota", "",
+            "Each SmartFed form with EEQA against the same form with EEQA off, every matrix keeping the same "
+            "top-k (the same total budget), each at the rate chosen for it, paired on the seeds both ran.", "",
+            _table(["task", "SmartFed form (EEQA)", "uniform quota", "metric", "seeds", "difference [95% CI]", "p",
+                    "verdict"], table)]
 
 
 def _edge_cell(selection):

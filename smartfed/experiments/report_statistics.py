@@ -8,7 +8,8 @@ federation trained on (seen) and under one neither the pool nor the federation s
 the paired difference against FedIT on the seeds both ran, with its interval, sign-flip p-value
 and verdict ("no conclusion" whenever the interval holds zero). Every SmartFed form is also paired
 against adapter-level mixture: rank-wise experts against whole adapters, the comparison that tests
-the paper's idea, beside the bytes each sent.
+the paper's idea, beside the bytes each sent; and every SmartFed form with EEQA against the same
+form with a uniform quota (its sweep entry equal but for ``eeqa.enabled`` and the rate it chose).
 """
 
 import json
@@ -21,6 +22,9 @@ STATISTICS_FILE = "statistics.json"
 REFERENCE = "fedit"
 WHOLE_ADAPTERS = "adapter_mixture"
 RANK_WISE = "smartfed"  # the method every SmartFed form trains (config "method")
+# What may set a uniform-quota entry apart from the EEQA form it ablates: the switch and the rate
+# chosen for each on validation.
+QUOTA_ABLATION_KEYS = ("eeqa.enabled", "federation.lr")
 
 
 def read_items(run):
@@ -80,12 +84,15 @@ def _versus(row, by_key, reference, resamples):
 def run_statistics(runs, *, reference=REFERENCE, resamples=st.RESAMPLES):
     """{"rows": [...], "skipped": [...]} for ``runs`` (the headline runs of a report). Each row
     carries the bytes (up + down, whole run) its seeds sent, their mean."""
-    groups, base_methods = {}, {}
+    groups, base_methods, identities = {}, {}, {}
     for run in runs:
         record = read_items(run)
         if record is not None:
             groups.setdefault((run.task, run.method), []).append((run.seed, record, run.cumulative_bytes[-1]))
             base_methods[run.task, run.method] = run.base_method
+            identities[run.task, run.method] = run.identity
+    uniform_quota = _uniform_quota_counterparts(
+        {key: identity for key, identity in identities.items() if base_methods[key] == RANK_WISE})
     rows, skipped, by_key = [], [], {}
     for (task, method), members in sorted(groups.items()):
         seeds, records, totals = (list(column) for column in zip(*sorted(members, key=lambda member: member[0])))
@@ -106,7 +113,30 @@ def run_statistics(runs, *, reference=REFERENCE, resamples=st.RESAMPLES):
             versus = _versus(row, by_key, WHOLE_ADAPTERS, resamples)
             if versus is not None:
                 row["versus_whole_adapters"] = versus
+        counterpart = uniform_quota.get((row["task"], row["method"]))
+        if counterpart is not None:
+            versus = _versus(row, by_key, counterpart, resamples)
+            if versus is not None:
+                row["versus_uniform_quota"] = versus
     return {"rows": rows, "skipped": skipped, "level": st.LEVEL, "resamples": resamples}
+
+
+def _uniform_quota_counterparts(identities):
+    """{(task, EEQA form): its uniform-quota entry} among the rank-wise ``identities`` ({(task,
+    method): config identity}): the entry with ``eeqa.enabled`` false whose identity is otherwise
+    the form's, up to the rate each chose."""
+    def without_ablation(identity):
+        return json.dumps({key: value for key, value in identity.items() if key not in QUOTA_ABLATION_KEYS},
+                          sort_keys=True, default=str)
+
+    uniform = {(task, without_ablation(identity)): method for (task, method), identity in identities.items()
+               if identity.get("eeqa.enabled") is False}
+    pairs = {}
+    for (task, method), identity in identities.items():
+        counterpart = uniform.get((task, without_ablation(identity)))
+        if identity.get("eeqa.enabled") is not False and counterpart is not None:
+            pairs[task, method] = counterpart
+    return pairs
 
 
 def interval_text(entry):
