@@ -6,7 +6,7 @@ import pytest
 
 from smartfed.cli import main
 from smartfed.experiments import report
-from smartfed.federated.run_dir import EXPERT_USAGE_FILE, METRICS_FILE
+from smartfed.federated.run_dir import EVALUATION_ITEMS_FILE, EXPERT_USAGE_FILE, METRICS_FILE
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -93,6 +93,26 @@ def test_the_accuracy_at_a_third_is_compared_item_by_item_when_both_rounds_recor
     assert difference["mean"] == pytest.approx(0.1) and difference["items"] == 40
     assert 0 < difference["low"] < 0.1 < difference["high"] <= 0.2
     assert check["at_third"] == "above FedIT's final"
+
+
+@pytest.mark.parametrize("rescored_round, interval", [(3, "paired"), (2, "unpaired")])
+def test_fedits_final_items_may_come_from_the_rescore_of_its_final_state(tmp_path, rescored_round, interval):
+    """A FedIT run that predates per-round item results is paired through ``evaluation_items.json``
+    (``smartfed evaluate`` on its final state) when that scored its last round, and only then."""
+    for name, method, accuracies in (("fedit", "fedit", [0.3, 0.4, 0.5]), ("smartfed", "smartfed", [0.6, 0.6, 0.6])):
+        folder = write_run(tmp_path, name, method=method, seed=0, accuracies=accuracies, bytes_per_round=10)
+        (folder / "text_task.json").write_text(json.dumps({"name": "bbc_news", "eval_examples": 40}))
+        records = [json.loads(line) for line in (folder / METRICS_FILE).read_text().splitlines()]
+        if method == "smartfed":
+            records[0]["test_correct"] = "1" * 24 + "0" * 16
+            (folder / METRICS_FILE).write_text("".join(json.dumps(record) + "\n" for record in records))
+        else:
+            rescore = {"split": "test", "round": rescored_round, "metric": "correct", "correct": [1] * 20 + [0] * 20}
+            (folder / EVALUATION_ITEMS_FILE).write_text(json.dumps(rescore))
+    (check,) = report.target_checks(report.find_runs([tmp_path]))
+    assert check["interval"] == interval and check["difference_at_third"]["mean"] == pytest.approx(0.1)
+    if interval == "paired":
+        assert check["difference_at_third"]["items"] == 40 and check["at_third"] == "above FedIT's final"
 
 
 def test_failed_rounds_are_skipped(runs_root):

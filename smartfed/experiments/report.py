@@ -36,7 +36,9 @@ from smartfed.experiments.report_runs import (  # noqa: F401 (the names report u
     REPORT_IGNORED, Run, attach_baselines, config_identity, find_runs, load_run,
     method_label, separate_configurations,
 )
-from smartfed.experiments.report_statistics import STATISTICS_FILE, WHOLE_ADAPTERS, interval_text, run_statistics
+from smartfed.experiments.report_statistics import (
+    STATISTICS_FILE, WHOLE_ADAPTERS, interval_text, read_items, run_statistics,
+)
 from smartfed.experiments.selection import ReportError, mean_std  # noqa: F401
 from smartfed.federated.run_dir import EXPERT_USAGE_FILE
 
@@ -48,8 +50,8 @@ LOSS_NOTE = ("Loss is the cross-entropy of the answer token over the model's who
              "task's label tokens only, rises.")
 THIRD_NOTE = ("Round at a third: the run's last test round within a third of FedIT's rounds; its accuracy minus "
               "FedIT's final, with a 95% interval over the test items and what the interval supports. Paired "
-              "(a bootstrap over items of the per-item differences) where both rounds recorded their per-item "
-              "results; otherwise unpaired (the normal approximation for two independent proportions, wider than "
+              "(a bootstrap over items of the per-item differences) where both rounds' per-item results exist "
+              "(recorded by the round, or for FedIT's final by the re-score of its final state); otherwise unpaired (the normal approximation for two independent proportions, wider than "
               "a paired interval on the same items).")
 THIRD_COLUMNS = ["round at a third", "acc there - FedIT final [95% CI]", "beyond noise"]
 ABOVE, BELOW = "above FedIT's final", "below FedIT's final"
@@ -102,16 +104,29 @@ def _item_results(record):
     return np.frombuffer(recorded.encode("ascii"), dtype=np.uint8).astype(np.float64) - ord("0")
 
 
+def _final_item_results(run):
+    """The 0/1 per-item test results of ``run``'s last round: recorded by the round itself, or by
+    ``smartfed evaluate`` re-scoring the final state of that same round (``evaluation_items.json``,
+    the same items in the same order), or None."""
+    recorded = _item_results(run.records[-1])
+    if recorded is not None:
+        return recorded
+    rescored = read_items(run)
+    if rescored is None or rescored.get("round") != run.rounds[-1] or rescored.get("metric") != "correct":
+        return None
+    return np.asarray(rescored["correct"], dtype=np.float64)
+
+
 def _at_a_third(run, base):
     """The run's accuracy at its last test round within a third of FedIT's rounds, minus FedIT's
     final accuracy, with its 95% interval and what the interval supports: is the target's
-    accuracy reached beyond noise? Paired over the test items when both rounds recorded their
-    per-item results, else the unpaired normal approximation over the items counted."""
+    accuracy reached beyond noise? Paired over the test items when both rounds' per-item results
+    exist, else the unpaired normal approximation over the items counted."""
     early = [record for record in run.records if record["round"] <= base.rounds[-1] / 3]
     none = {"third_round": None, "difference_at_third": None, "interval": None, "at_third": None}
     if not early:
         return none
-    items, reference_items = _item_results(early[-1]), _item_results(base.records[-1])
+    items, reference_items = _item_results(early[-1]), _final_item_results(base)
     if items is not None and reference_items is not None and items.shape == reference_items.shape:
         difference, kind = bootstrap_interval(items - reference_items), "paired"
     elif run.test_items and base.test_items:
