@@ -120,4 +120,3 @@ def test_the_v2_run_rescores_exactly_with_avx2_kernels(smollm2, tmp_path, reques
     items = json.loads(output.with_suffix(".items.json").read_text())
     committed = json.loads((run / "evaluation_items.json").read_text())
     assert (items["prediction"], items["correct"]) == (committed["prediction"], committed["correct"])
-

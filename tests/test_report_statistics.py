@@ -146,4 +146,3 @@ def test_an_eeqa_form_is_paired_against_its_uniform_quota_entry_only(tmp_path):
     section = text.split("## EEQA against a uniform quota", 1)[1]
     assert "| bbc_topic | smartfed | smartfed_uniform_quota | correct | 2 |" in section and "| better |" in section
     assert "smartfed_projected" not in section
-

@@ -51,7 +51,8 @@ LOSS_NOTE = ("Loss is the cross-entropy of the answer token over the model's who
 THIRD_NOTE = ("Round at a third: the run's last test round within a third of FedIT's rounds; its accuracy minus "
               "FedIT's final, with a 95% interval over the test items and what the interval supports. Paired "
               "(a bootstrap over items of the per-item differences) where both rounds' per-item results exist "
-              "(recorded by the round, or for FedIT's final by the re-score of its final state); otherwise unpaired (the normal approximation for two independent proportions, wider than "
+              "(recorded by the round, or for FedIT's final by the re-score of its final state); otherwise "
+              "unpaired (the normal approximation for two independent proportions, wider than "
               "a paired interval on the same items).")
 THIRD_COLUMNS = ["round at a third", "acc there - FedIT final [95% CI]", "beyond noise"]
 ABOVE, BELOW = "above FedIT's final", "below FedIT's final"
@@ -392,6 +393,11 @@ def _statistics_markdown(record):
     return "\n".join(lines + _whole_adapters_markdown(record["rows"]) + _uniform_quota_markdown(record["rows"]))
 
 
+def _paired_cells(versus):
+    """The difference with its interval, the p-value and the verdict of a paired comparison."""
+    return [interval_text(versus["difference"]), f"{versus['p_value']:.4f}", versus["verdict"]]
+
+
 def _whole_adapters_markdown(rows):
     """The rank-wise against adapter-level section: each SmartFed form paired against adapter
     mixture, beside the bytes each sent; nothing when no run of both kept per-item results."""
@@ -401,9 +407,7 @@ def _whole_adapters_markdown(rows):
         return []
     table = [[row["task"], row["method"], row["metric"], len(row["versus_whole_adapters"]["seeds"]),
               _megabytes(row["bytes_up_down"]), _megabytes(mixture[row["task"], row["metric"]]["bytes_up_down"]),
-              interval_text(row["versus_whole_adapters"]["difference"]),
-              f"{row['versus_whole_adapters']['p_value']:.4f}", row["versus_whole_adapters"]["verdict"]]
-             for row in compared]
+              *_paired_cells(row["versus_whole_adapters"])] for row in compared]
     return ["", "## Rank-wise experts against whole adapters", "",
             "Each SmartFed form against adapter-level mixture (a learned gate over the same pool's whole adapters), "
             "paired on the seeds both ran: the comparison that tests rank-wise experts. MB: bytes up + down over "
@@ -419,8 +423,7 @@ def _uniform_quota_markdown(rows):
     if not compared:
         return []
     table = [[row["task"], row["method"], row["versus_uniform_quota"]["reference"], row["metric"],
-              len(row["versus_uniform_quota"]["seeds"]), interval_text(row["versus_uniform_quota"]["difference"]),
-              f"{row['versus_uniform_quota']['p_value']:.4f}", row["versus_uniform_quota"]["verdict"]]
+              len(row["versus_uniform_quota"]["seeds"]), *_paired_cells(row["versus_uniform_quota"])]
              for row in compared]
     return ["", "## EEQA against a uniform quota", "",
             "Each SmartFed form with EEQA against the same form with EEQA off, every matrix keeping the same "

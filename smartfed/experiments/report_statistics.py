@@ -106,18 +106,16 @@ def run_statistics(runs, *, reference=REFERENCE, resamples=st.RESAMPLES):
                 by_key[(task, method, metric)] = by_seed
                 rows.append({"task": task, "method": method, "metric": metric, "bytes_up_down": sent, **entry})
     for row in rows:
-        versus = _versus(row, by_key, reference, resamples)
-        if versus is not None:
-            row["versus_reference"] = versus
-        if base_methods[row["task"], row["method"]] == RANK_WISE:
-            versus = _versus(row, by_key, WHOLE_ADAPTERS, resamples)
+        key = (row["task"], row["method"])
+        references = {"versus_reference": reference}
+        if base_methods[key] == RANK_WISE:
+            references["versus_whole_adapters"] = WHOLE_ADAPTERS
+        if key in uniform_quota:
+            references["versus_uniform_quota"] = uniform_quota[key]
+        for name, other in references.items():
+            versus = _versus(row, by_key, other, resamples)
             if versus is not None:
-                row["versus_whole_adapters"] = versus
-        counterpart = uniform_quota.get((row["task"], row["method"]))
-        if counterpart is not None:
-            versus = _versus(row, by_key, counterpart, resamples)
-            if versus is not None:
-                row["versus_uniform_quota"] = versus
+                row[name] = versus
     return {"rows": rows, "skipped": skipped, "level": st.LEVEL, "resamples": resamples}
 
 
