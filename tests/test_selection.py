@@ -355,10 +355,30 @@ def test_extend_grids_finds_a_file_task_by_its_sweep_folder(text_sweep, tmp_path
     selection.write_text(json.dumps({"selections": [{"task": "bbc_topic/train", "method": "fedit", "extend_with": 0.001,
                                                      "candidates": [{"lr": 0.003, "paths": paths}]}]}))
     extra = grid_extensions(selection)
-    assert extra == {("bbc_topic", "fedit"): [0.001]}
+    assert extra == {("bbc_topic", "fedit"): [0.003, 0.001]}
     plan = plan_runs(text_sweep, tmp_path / "runs", seeds=[0], methods=["fedit@lr=0.001"], source="sweep.yaml",
                      extra_rates=extra)
     assert [str(relative) for relative, *_ in plan] == ["bbc_topic/fedit@lr=0.001/seed0"]
+
+
+def test_extend_grids_keeps_a_rate_an_earlier_extension_ran(text_sweep, tmp_path):
+    # 0.001 ran after an earlier report named it and won; the next report names no extension, yet its
+    # choice must still run on another seed.
+    text_sweep["sweep"]["tasks"] = {"bbc_topic": {}}
+    candidates = [{"lr": lr, "paths": [f"results/runs/bbc_topic/fedit@lr={lr}/seed0"]} for lr in (0.003, 0.001, 0.0003)]
+    selection = tmp_path / "selection.json"
+    selection.write_text(json.dumps({"selections": [{"task": "bbc_topic/train", "method": "fedit", "chosen_lr": 0.001,
+                                                     "extend_with": None, "candidates": candidates}]}))
+    extra = grid_extensions(selection)
+    assert extra == {("bbc_topic", "fedit"): [0.0003, 0.001, 0.003]}
+    plan = plan_runs(text_sweep, tmp_path / "runs", seeds=[1], methods=["fedit"], source="sweep.yaml",
+                     extra_rates=extra)
+    assert [str(relative) for relative, *_ in plan] == [
+        "bbc_topic/fedit@lr=0.003/seed1", "bbc_topic/fedit@lr=0.01/seed1", "bbc_topic/fedit@lr=0.0003/seed1",
+        "bbc_topic/fedit@lr=0.001/seed1"]
+    with pytest.raises(ConfigError, match=r"--methods: \['fedit@lr=0.0001'\] not in this sweep"):
+        plan_runs(text_sweep, tmp_path / "runs", seeds=[1], methods=["fedit@lr=0.0001"], source="sweep.yaml",
+                  extra_rates=extra)
     with pytest.raises(ConfigError) as caught:
         plan_runs(text_sweep, tmp_path / "runs", source="sweep.yaml", extra_rates={("bbc_topic/train", "fedit"): [0.001]})
     assert str(caught.value) == ("sweep.yaml: --extend-grids: names task(s) ['bbc_topic/train'] that this sweep does "

@@ -38,8 +38,8 @@ def configure_parser(parser):
                         help="skip the per-item evaluation after each run (evaluation_items.json, which the "
                              "intervals of smartfed report need)")
     parser.add_argument("--extend-grids", default=None, metavar="SELECTION_JSON",
-                        help="add the rate smartfed report named for every choice at a grid edge (its "
-                             "selection.json) to that entry's lr_grid on that task")
+                        help="add to each entry's lr_grid on each task the rates smartfed report saw run there "
+                             "(its selection.json) and the rate it named beyond a choice at a grid edge")
 
 
 def run_text_experiment(config, output_dir, *, progress=True, device="cpu", resume=False, resume_changes=None,
@@ -206,17 +206,23 @@ def _sweep_task(entry):
 
 
 def grid_extensions(path):
-    """{(sweep task, entry): [rate]} of every choice at a grid edge in a report's
-    ``selection.json``; a ConfigError for a file that is not one."""
+    """{(sweep task, entry): [rate, ...]} from a report's ``selection.json``: the rates its runs
+    ran (so a rate an earlier extension added stays runnable, e.g. its choice on a further seed)
+    and, for a choice at a grid edge, the rate beyond it; a ConfigError for a file that is not one."""
     import json
 
     from smartfed.config import ConfigError
 
     try:
         record = json.loads(Path(path).read_text(encoding="utf-8"))
-        selections = record["selections"]
-        return {(_sweep_task(entry), entry["method"]): [float(entry["extend_with"])] for entry in selections
-                if entry.get("extend_with") is not None}
+        extensions = {}
+        for entry in record["selections"]:
+            rates = sorted({float(candidate["lr"]) for candidate in entry.get("candidates") or ()})
+            if entry.get("extend_with") is not None:
+                rates.append(float(entry["extend_with"]))
+            if rates:
+                extensions[(_sweep_task(entry), entry["method"])] = rates
+        return extensions
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ConfigError(f"is not a selection.json of smartfed report ({type(error).__name__}: {error})",
                           key="--extend-grids", source=str(path)) from None
