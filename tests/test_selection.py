@@ -359,6 +359,10 @@ def test_extend_grids_finds_a_file_task_by_its_sweep_folder(text_sweep, tmp_path
     plan = plan_runs(text_sweep, tmp_path / "runs", seeds=[0], methods=["fedit@lr=0.001"], source="sweep.yaml",
                      extra_rates=extra)
     assert [str(relative) for relative, *_ in plan] == ["bbc_topic/fedit@lr=0.001/seed0"]
+    with pytest.raises(ConfigError) as caught:
+        plan_runs(text_sweep, tmp_path / "runs", source="sweep.yaml", extra_rates={("bbc_topic/train", "fedit"): [0.001]})
+    assert str(caught.value) == ("sweep.yaml: --extend-grids: names task(s) ['bbc_topic/train'] that this sweep does "
+                                 "not have; it has ['bbc_topic']")
 
 
 def test_extend_grids_keeps_a_rate_an_earlier_extension_ran(text_sweep, tmp_path):
@@ -379,7 +383,3 @@ def test_extend_grids_keeps_a_rate_an_earlier_extension_ran(text_sweep, tmp_path
     with pytest.raises(ConfigError, match=r"--methods: \['fedit@lr=0.0001'\] not in this sweep"):
         plan_runs(text_sweep, tmp_path / "runs", seeds=[1], methods=["fedit@lr=0.0001"], source="sweep.yaml",
                   extra_rates=extra)
-    with pytest.raises(ConfigError) as caught:
-        plan_runs(text_sweep, tmp_path / "runs", source="sweep.yaml", extra_rates={("bbc_topic/train", "fedit"): [0.001]})
-    assert str(caught.value) == ("sweep.yaml: --extend-grids: names task(s) ['bbc_topic/train'] that this sweep does "
-                                 "not have; it has ['bbc_topic']")

@@ -16,7 +16,8 @@ A chosen rate at the edge of its grid (the lowest or the highest rate tried) may
 one: :func:`grid_edge` flags it, :func:`extended_rate` names the next rate beyond it (one grid
 step further, rounded to one significant digit), and ``smartfed sweep --extend-grids
 selection.json`` runs that rate for exactly those (task, entry) pairs (and keeps every rate the
-report saw run on its grid), so the grid grows until its choice is interior. A choice made on fewer than ``MIN_SELECTION_SEEDS`` seeds is flagged too.
+report saw run on its grid), so the grid grows until its choice is interior. A choice made on
+fewer than ``MIN_SELECTION_SEEDS`` seeds is flagged too.
 """
 
 import math
